@@ -1,0 +1,30 @@
+"""sparkmim: SparK masked image modeling pre-training for any convolutional network."""
+
+from .decoder import Densify, LightDecoder
+from .encoder import FeatureSpec, SparseEncoder
+from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
+from .masking import MaskPyramid, grid_size, num_visible, random_visible
+from .model import Reconstruction, SparK, SparKOutput
+from .sparse import SparseMode, SparseSemanticsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparK",
+    "SparKOutput",
+    "Reconstruction",
+    "SparseEncoder",
+    "FeatureSpec",
+    "LightDecoder",
+    "Densify",
+    "MaskPyramid",
+    "SparseMode",
+    "SparseSemanticsError",
+    "grid_size",
+    "num_visible",
+    "random_visible",
+    "patchify",
+    "unpatchify",
+    "normalize_patches",
+    "masked_patch_loss",
+]

@@ -1,0 +1,348 @@
+"""SparseEncoder: any convnet, unmodified, as a hierarchical sparse encoder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .masking import MaskPyramid, grid_size
+from .sparse import SparseMode, SparseSemanticsError
+
+__all__ = ["SparseEncoder", "FeatureSpec"]
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last feature module so the rest of the model (its head) is skipped."""
+
+
+class FeatureSpec:
+    """Where one feature map comes from: module name, stride and channel count."""
+
+    def __init__(self, module: str, stride: int, channels: int):
+        self.module, self.stride, self.channels = module, stride, channels
+
+    def __repr__(self) -> str:
+        return f"FeatureSpec(module={self.module!r}, stride={self.stride}, channels={self.channels})"
+
+
+def _first_conv_in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def _pick_tensor(out, size: tuple[int, int] | None = None):
+    """A module's output as one feature map: the tensor itself, or the element of a list/tuple
+    (multi-branch stages such as HRNet's) with the wanted spatial size."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        for t in out:
+            if isinstance(t, Tensor) and t.dim() == 4 and (size is None or tuple(t.shape[-2:]) == size):
+                return t
+    return None
+
+
+class _CaptureHook:
+    """Forward hook of a feature module: records its output while its encoder is encoding.
+
+    A small object rather than a closure, so that ``copy.deepcopy`` of an encoder yields hooks
+    that report to the copy."""
+
+    def __init__(self, owner: SparseEncoder, name: str):
+        self.owner, self.name = owner, name
+
+    def __call__(self, module, args, out):
+        owner = self.owner
+        if owner._capture is None:
+            return None
+        t = _pick_tensor(out, owner._sizes[self.name])
+        if t is None:
+            raise RuntimeError(f"feature module '{self.name}' did not return a 4-D feature map")
+        owner._capture[self.name] = t
+        if self.name == owner._stop_at:
+            raise _StopForward
+        return None
+
+
+class SparseEncoder(nn.Module):
+    """Wrap a convolutional network so that ``enc(x, visible)`` encodes only visible patches.
+
+    Args:
+        model: any ``nn.Module`` producing 2-D feature maps. It is used as is: no layer is
+            replaced or edited, so ``enc.model.state_dict()`` has exactly the original keys.
+        feature_modules: names of the submodules whose outputs are the hierarchical features.
+            Default: read from timm's ``feature_info`` when present, else found by a probe
+            forward (for each stride 4, 8, 16, 32, ... the last module with that stride).
+        sparse: ``False`` gives the paper's "zero-out" ablation: the dense convnet runs on the
+            masked image.
+        in_chans: input channels; default read from the first convolution.
+        probe_size: image side used to discover strides (must be a multiple of the total stride).
+        min_stride: feature maps finer than this stride are not used (the paper uses 4..32).
+        check: run a sparse probe forward at build time, so an unsupported layer is reported
+            now, with its module path, instead of during training.
+
+    ``enc(x, visible)`` takes images ``(B, C, H, W)`` and a bool mask ``(B, 1, H/P, W/P)``
+    (``True`` = visible; or a :class:`MaskPyramid`) and returns the feature maps at
+    ``enc.strides`` (ascending), zero at masked sites. ``enc(x)`` runs the original dense model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_modules: Sequence[str] | None = None,
+        *,
+        sparse: bool = True,
+        in_chans: int | None = None,
+        probe_size: int = 128,
+        min_stride: int = 4,
+        check: bool = True,
+    ):
+        super().__init__()
+        self.model = model
+        self.sparse = sparse
+        self.in_chans = in_chans or _first_conv_in_chans(model)
+        self._capture: dict[str, Tensor] | None = None
+        self._stop_at: str | None = None
+        specs = self._discover(feature_modules, probe_size, min_stride)
+        self.features: list[FeatureSpec] = specs
+        self.strides = tuple(s.stride for s in specs)
+        self.channels = tuple(s.channels for s in specs)
+        self.patch_size = self.strides[-1]
+        for s in specs:
+            if s.stride & (s.stride - 1):
+                raise ValueError(f"feature '{s.module}' has stride {s.stride}, which is not a power of 2")
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._hooks = [self.model.get_submodule(s.module).register_forward_hook(_CaptureHook(self, s.module))
+                       for s in specs]
+        if check:
+            self.check()
+
+    # -- construction helpers ------------------------------------------------------------------
+    @classmethod
+    def from_timm(cls, name: str, *, pretrained: bool = False, encoder_kwargs: dict | None = None,
+                  **timm_kwargs) -> SparseEncoder:
+        """Build ``timm.create_model(name, num_classes=0, **timm_kwargs)`` and wrap it."""
+        from .backbones import create_timm
+
+        return cls(create_timm(name, pretrained=pretrained, **timm_kwargs), **(encoder_kwargs or {}))
+
+    @classmethod
+    def from_torchvision(cls, name: str, *, encoder_kwargs: dict | None = None, **tv_kwargs) -> SparseEncoder:
+        """Build a torchvision classification model (classifier removed) and wrap it."""
+        from .backbones import create_torchvision
+
+        return cls(create_torchvision(name, **tv_kwargs), **(encoder_kwargs or {}))
+
+    def _run(self, x: Tensor) -> list[Tensor]:
+        fn = getattr(self.model, "forward_features", None) or self.model
+        self._sizes = {s.module: (x.shape[-2] // s.stride, x.shape[-1] // s.stride) for s in self.features}
+        self._capture = {}
+        try:
+            fn(x)
+        except _StopForward:
+            pass
+        finally:
+            captured, self._capture = self._capture, None
+        missing = [s.module for s in self.features if s.module not in captured]
+        if missing:
+            raise RuntimeError(f"feature modules {missing} were not run by the model's forward")
+        return [captured[s.module] for s in self.features]
+
+    @torch.no_grad()
+    def _discover(self, names, probe_size: int, min_stride: int) -> list[FeatureSpec]:
+        model = self.model
+        if names is None:
+            info = getattr(model, "feature_info", None)
+            if isinstance(info, list) and info and isinstance(info[0], dict) and "module" in info[0]:
+                by_stride = {}
+                for d in info:
+                    if d["reduction"] >= min_stride:
+                        by_stride[d["reduction"]] = d["module"]
+                names = [by_stride[k] for k in sorted(by_stride)]
+                try:
+                    for n in names:
+                        model.get_submodule(n)
+                except AttributeError:  # names of timm's features_only wrapper, not of this model
+                    names = None
+        # One dense probe forward records the output size of candidate modules and the order in
+        # which they finish, for stride discovery and to know where the forward may stop.
+        candidates = dict(model.named_modules()) if names is None else {n: model.get_submodule(n) for n in names}
+        candidates.pop("", None)
+        seen: dict[str, tuple[int, ...]] = {}
+        order: list[str] = []
+
+        def recorder(name):
+            def hook(module, args, out):
+                t = _pick_tensor(out)
+                if t is not None:
+                    seen[name] = (tuple(t.shape), out if isinstance(out, (list, tuple)) else None)
+                    if name in order:
+                        order.remove(name)
+                    order.append(name)
+
+            return hook
+
+        handles = [m.register_forward_hook(recorder(n)) for n, m in candidates.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            x = torch.zeros(1, self.in_chans, probe_size, probe_size, **_param_kwargs(model))
+            (getattr(model, "forward_features", None) or model)(x)
+        except Exception as e:
+            raise RuntimeError(
+                f"a probe forward of {type(model).__name__} on a {probe_size}x{probe_size} input with "
+                f"{self.in_chans} channels failed: {e}"
+            ) from e
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+
+        def stride_of(name):
+            shape, multi = seen[name]
+            if multi is not None:  # multi-branch stage: take its finest new branch per stride below
+                return None
+            if len(shape) != 4 or shape[-2] <= 1 or shape[-2] != shape[-1] or probe_size % shape[-1]:
+                return None
+            return probe_size // shape[-1]
+
+        specs: list[FeatureSpec] = []
+        if names is not None:
+            expected = None
+            for n in names:
+                if n not in seen:
+                    raise ValueError(f"feature module '{n}' produced no 4-D feature map in a probe forward")
+                shape, multi = seen[n]
+                if multi is not None:
+                    # a stage returning several resolutions: the i-th listed module gives stride 4 * 2**i
+                    expected = min_stride if expected is None else expected * 2
+                    t = next((t for t in multi if t.dim() == 4 and probe_size // t.shape[-1] == expected), None)
+                    if t is None:
+                        raise ValueError(f"feature module '{n}' has no output at stride {expected}")
+                    specs.append(FeatureSpec(n, expected, t.shape[1]))
+                    continue
+                s = stride_of(n)
+                if s is None:
+                    raise ValueError(f"feature module '{n}' output {shape} is not a square map of a {probe_size}px probe")
+                expected = s
+                specs.append(FeatureSpec(n, s, shape[1]))
+        else:
+            by_stride: dict[int, str] = {}
+            for n in order:  # later modules override earlier ones at the same stride
+                s = stride_of(n)
+                if s is not None and s >= min_stride:
+                    by_stride[s] = n
+            if not by_stride:
+                raise ValueError(f"no module of {type(model).__name__} produced a feature map with stride >= {min_stride}")
+            top = max(by_stride)
+            specs = [FeatureSpec(by_stride[s], s, seen[by_stride[s]][0][1]) for s in sorted(by_stride)
+                     if top % s == 0]
+        specs.sort(key=lambda s: s.stride)
+        if len({s.stride for s in specs}) != len(specs):
+            raise ValueError(f"feature modules must have distinct strides, got {specs}")
+        finish = {n: i for i, n in enumerate(order)}
+        self._stop_at = max((s.module for s in specs), key=lambda n: finish.get(n, -1))
+        return specs
+
+    @torch.no_grad()
+    def check(self) -> None:
+        """Run one sparse forward in training mode on a small non-square input and restore all
+        state afterwards; raises :class:`SparseSemanticsError` naming the first unsupported layer."""
+        p = self.patch_size
+        kw = _param_kwargs(self.model)
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        modes = {m: m.training for m in self.model.modules()}
+        path: list[tuple[str, str]] = []
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def push(m, args):
+            path.append((names[m], type(m).__name__))
+
+        def pop(m, args, out):
+            path.pop()
+
+        handles = []
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(push))
+            handles.append(m.register_forward_hook(pop, always_call=True))
+        try:
+            self.model.train()
+            last_error = None
+            for gh, gw in ((2, 3), (2, 2)):
+                x = torch.randn(2, self.in_chans, gh * p, gw * p, generator=torch.Generator().manual_seed(0)).to(**kw)
+                visible = torch.zeros(2, 1, gh, gw, dtype=torch.bool, device=x.device)
+                visible[0, 0, 0, 0] = visible[0, 0, 1, 1] = visible[1, 0, 0, 1] = visible[1, 0, 1, 0] = True
+                masks = MaskPyramid(visible, keep=2)
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        feats = self._encode(x, masks, path)
+                except SparseSemanticsError:
+                    raise
+                except Exception as e:  # e.g. a model that only accepts square inputs
+                    last_error = e
+                    path.clear()
+                    continue
+                for f, s in zip(feats, self.features):
+                    if masks.factor(*f.shape[-2:]) != p // s.stride:
+                        raise SparseSemanticsError(
+                            f"feature '{s.module}' has size {tuple(f.shape[-2:])} for a {tuple(x.shape[-2:])} input; "
+                            f"expected stride {s.stride}"
+                        )
+                return
+            raise RuntimeError(f"sparse probe forward of {type(self.model).__name__} failed: {last_error}") from last_error
+        finally:
+            for h in handles:
+                h.remove()
+            for m, t in modes.items():
+                m.training = t
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _encode(self, x: Tensor, masks: MaskPyramid, path=None) -> list[Tensor]:
+        full = masks.at(self.patch_size)
+        x = torch.where(full, x, 0.0)
+        if not self.sparse:
+            return self._run(x)
+        with SparseMode(masks, path):
+            feats = self._run(x)
+        return [torch.where(masks.at(self.patch_size // s), f, 0.0) for f, s in zip(feats, self.strides)]
+
+    def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
+        """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides``."""
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if visible is None:
+            return self._run(x)
+        grid = grid_size(x.shape[-2], x.shape[-1], self.patch_size)
+        masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
+        if (masks.h, masks.w) != grid or masks.batch != x.shape[0]:
+            raise ValueError(
+                f"mask of grid {masks.batch}x{masks.h}x{masks.w} does not match images {tuple(x.shape)} "
+                f"with patch size {self.patch_size} (expected {x.shape[0]}x{grid[0]}x{grid[1]})"
+            )
+        return self._encode(x, masks)
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}"
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.strides)
+
+    @property
+    def depth(self) -> int:
+        """Number of 2x upsampling steps from the coarsest feature map to the input resolution."""
+        return round(math.log2(self.patch_size))
+
+
+def _param_kwargs(model: nn.Module) -> dict:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        return {}
+    return {"device": p.device, "dtype": p.dtype}

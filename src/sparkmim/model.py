@@ -1,0 +1,184 @@
+"""SparK: sparse encoder + hierarchical densify + light decoder + masked loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import Densify, LightDecoder
+from .encoder import SparseEncoder
+from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
+from .masking import MaskPyramid, grid_size, num_visible, random_visible
+
+__all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
+
+
+@dataclass
+class SparKOutput:
+    """Result of one SparK forward pass.
+
+    Attributes:
+        loss: scalar reconstruction loss.
+        visible: ``(B, 1, H / P, W / P)`` bool mask, True = visible patch.
+        prediction: ``(B, C, H, W)`` decoder output, in per-patch normalised pixel space.
+    """
+
+    loss: Tensor
+    visible: Tensor
+    prediction: Tensor
+
+
+@dataclass
+class Reconstruction:
+    """Images for visualisation, all ``(B, C, H, W)`` in the input's (normalised) pixel space."""
+
+    input: Tensor
+    masked: Tensor
+    reconstruction: Tensor  # prediction de-normalised per patch, pasted over the visible patches
+    prediction: Tensor  # prediction de-normalised per patch everywhere
+    visible: Tensor
+
+
+def default_densify_norm(encoder: SparseEncoder) -> str:
+    """'bn' for BatchNorm backbones, 'ln' for LayerNorm backbones (BatchNorm wins if both)."""
+    modules = list(encoder.model.modules())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        return "bn"
+    if any(isinstance(m, nn.LayerNorm) for m in modules):
+        return "ln"
+    return "bn"
+
+
+class SparK(nn.Module):
+    """Sparse masked modeling with hierarchy around a :class:`SparseEncoder`.
+
+    Args:
+        encoder: the sparse encoder (any convnet).
+        mask_ratio: fraction of patches masked per image (exact count per sample).
+        decoder_width: width of the decoder's first block, halved per block.
+        densify_norm: 'bn', 'ln', 'none' or 'auto' (by the encoder's norm layers).
+        hierarchical: False decodes from the coarsest feature map only (ablation).
+        sparse: False runs the encoder densely on the zeroed image (the "zero-out" ablation).
+        pos_embed: add fixed 2-D sine-cosine position embeddings to densified maps (ablation).
+        loss_on: 'masked' (paper) or 'all' patches (ablation).
+        norm_pix_eps: epsilon in the per-patch target normalisation.
+        mask_token_std: std of the truncated-normal mask token initialisation.
+
+    ``out = model(images)`` draws masks, encodes, decodes and returns :class:`SparKOutput`;
+    ``model(images, visible=mask)`` uses the given mask.
+    """
+
+    def __init__(
+        self,
+        encoder: SparseEncoder,
+        *,
+        mask_ratio: float = 0.6,
+        decoder_width: int = 768,
+        densify_norm: str = "auto",
+        hierarchical: bool = True,
+        sparse: bool = True,
+        pos_embed: bool = False,
+        loss_on: str = "masked",
+        norm_pix_eps: float = 1e-6,
+        mask_token_std: float = 0.02,
+    ):
+        super().__init__()
+        if loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
+        num_visible(4, mask_ratio)  # validates the ratio
+        self.encoder = encoder
+        encoder.sparse = sparse
+        self.mask_ratio = mask_ratio
+        self.patch_size = encoder.patch_size
+        self.in_chans = encoder.in_chans
+        self.hierarchical = hierarchical
+        self.loss_on = loss_on
+        self.norm_pix_eps = norm_pix_eps
+        self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
+        depth = LightDecoder.depth_for(self.patch_size)
+        self.decoder = LightDecoder(decoder_width, depth, out_channels=self.in_chans)
+        # one densify per used scale, coarsest first; level i of the decoder sits at stride P / 2**i
+        scales = list(zip(encoder.strides, encoder.channels))[::-1]
+        if not hierarchical:
+            scales = scales[:1]
+        self.levels = [depth - round(math.log2(s)) for s, _ in scales]
+        self.densify = nn.ModuleList(
+            Densify(c, self.decoder.widths[lvl], coarsest=(lvl == 0), norm=self.densify_norm,
+                    token_std=mask_token_std, pos_embed=pos_embed)
+            for (s, c), lvl in zip(scales, self.levels)
+        )
+        for d in self.densify:
+            if isinstance(d.proj, nn.Conv2d):
+                nn.init.trunc_normal_(d.proj.weight, std=0.02)
+                nn.init.zeros_(d.proj.bias)
+
+    # -- stages ------------------------------------------------------------------------------
+    def grid(self, images: Tensor) -> tuple[int, int]:
+        return grid_size(images.shape[-2], images.shape[-1], self.patch_size)
+
+    def random_masks(self, images: Tensor, generator: torch.Generator | None = None) -> MaskPyramid:
+        grid = self.grid(images)
+        visible = random_visible(images.shape[0], grid, self.mask_ratio, generator=generator,
+                                 device=images.device if generator is None else None)
+        if visible.device != images.device:
+            visible = visible.to(images.device)
+        return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], self.mask_ratio))
+
+    def forward_encoder(self, images: Tensor, masks: MaskPyramid) -> list[Tensor]:
+        """Sparse features, coarsest first: ``[(B, C_i, H / s_i, W / s_i)]``."""
+        return self.encoder(images, masks)[::-1]
+
+    def forward_densify(self, features: list[Tensor], masks: MaskPyramid) -> list[Tensor | None]:
+        """Decoder inputs per level (None where no feature map feeds that level)."""
+        inputs: list[Tensor | None] = [None] * len(self.decoder.blocks)
+        for feature, densify, level in zip(features, self.densify, self.levels):
+            inputs[level] = densify(feature, masks, 1 << level)
+        return inputs
+
+    def forward_decoder(self, inputs: list[Tensor | None]) -> Tensor:
+        """``(B, C, H, W)`` prediction in per-patch normalised pixel space."""
+        return self.decoder(inputs)
+
+    def forward_loss(self, images: Tensor, prediction: Tensor, visible: Tensor) -> Tensor:
+        return masked_patch_loss(prediction, images, visible, self.patch_size, eps=self.norm_pix_eps,
+                                 masked_only=self.loss_on == "masked")
+
+    def _masks(self, images: Tensor, visible, generator) -> MaskPyramid:
+        if visible is None:
+            return self.random_masks(images, generator)
+        masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
+        if (masks.h, masks.w) != self.grid(images):
+            raise ValueError(f"mask grid {masks.h}x{masks.w} does not match the input grid {self.grid(images)}")
+        return masks
+
+    def forward(self, images: Tensor, visible: Tensor | MaskPyramid | None = None,
+                generator: torch.Generator | None = None) -> SparKOutput:
+        masks = self._masks(images, visible, generator)
+        features = self.forward_encoder(images, masks)
+        prediction = self.forward_decoder(self.forward_densify(features, masks))
+        loss = self.forward_loss(images, prediction, masks.visible)
+        return SparKOutput(loss=loss, visible=masks.visible, prediction=prediction)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, visible: Tensor | MaskPyramid | None = None,
+                    generator: torch.Generator | None = None) -> Reconstruction:
+        """Input, masked input and reconstruction for visualisation (the model's mode is kept)."""
+        out = self(images, visible, generator)
+        p, grid, c = self.patch_size, self.grid(images), images.shape[1]
+        _, mean, std = normalize_patches(patchify(images, p), self.norm_pix_eps)
+        pred = unpatchify(patchify(out.prediction, p) * std + mean, p, grid, c)
+        full = out.visible.repeat_interleave(p, 2).repeat_interleave(p, 3)
+        return Reconstruction(
+            input=images,
+            masked=torch.where(full, images, 0.0),
+            reconstruction=torch.where(full, images, pred),
+            prediction=pred,
+            visible=out.visible,
+        )
+
+    def encoder_state_dict(self) -> dict[str, Tensor]:
+        """The encoder's weights with the original model's keys (what export writes)."""
+        return self.encoder.model.state_dict()
