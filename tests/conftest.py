@@ -4,6 +4,7 @@ import torch
 P = 32  # total stride of every zoo model
 
 # (timm name, family) -- small variants of each family, built from scratch
+TIMM_ZOO_SLOW = {"vgg11", "mobileone_s0", "xception41"}  # run with -m slow (about 25-35 s each)
 TIMM_ZOO = [
     ("resnet18", "ResNet"),
     ("resnet26d", "ResNet-D"),
@@ -41,7 +42,7 @@ TIMM_ZOO = [
     ("hgnetv2_b0", "HGNetV2"),
 ]
 
-TORCHVISION_ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
+TORCHVISION_ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vgg11"]
 
 
 @pytest.fixture(autouse=True)

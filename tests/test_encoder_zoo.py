@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 
-from conftest import P, TIMM_ZOO, TORCHVISION_ZOO
+from conftest import TIMM_ZOO, TIMM_ZOO_SLOW, TORCHVISION_ZOO, P
 from sparkmim import MaskPyramid, SparseEncoder, random_visible
 from sparkmim.backbones import create_timm, create_torchvision
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
 
-ZOO = [pytest.param(("timm", n), id=f"timm-{n}") for n, _ in TIMM_ZOO] + [
+ZOO = [pytest.param(("timm", n), id=f"timm-{n}", marks=[pytest.mark.slow] if n in TIMM_ZOO_SLOW else [])
+       for n, _ in TIMM_ZOO] + [
     pytest.param(("torchvision", n), id=f"tv-{n}") for n in TORCHVISION_ZOO
 ]
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -45,8 +46,20 @@ def masks_for(batch=2, grid=(2, 3), seed=0):
 
 
 def fresh(enc):
-    """An independent copy (weights, buffers and hooks) of an encoder."""
+    """An independent copy (weights, buffers and hooks) of an encoder; the global RNG is reset so
+    stochastic layers (stochastic depth in torchvision models) draw the same numbers each run."""
+    torch.manual_seed(1234)
     return copy.deepcopy(enc)
+
+
+def assert_grads_close(actual, expected, rel=1e-10):
+    """Gradients agree to ``rel`` in norm, per parameter tensor. (Single entries that are sums of
+    large cancelling terms may differ more in relative terms, from summation order alone.)"""
+    assert actual.keys() == expected.keys() and len(expected) > 0
+    for k in expected:
+        err = (actual[k] - expected[k]).norm()
+        scale = expected[k].norm()
+        assert err <= rel * scale + 1e-10, f"grad {k}: relative error {float(err / scale):.2e}"
 
 
 def buffers(enc):
@@ -80,9 +93,7 @@ def test_p2_dense_equivalence(zoo, train):
     (fd, gd, bd), (fs, gs, bs) = results
     for a, b in zip(fd, fs):
         torch.testing.assert_close(b, a, **TOL)
-    assert gd.keys() == gs.keys() and len(gd) > 0
-    for k in gd:
-        torch.testing.assert_close(gs[k], gd[k], **TOL, msg=lambda m, k=k: f"grad {k}: {m}")
+    assert_grads_close(gs, gd)
     for k in bd:
         torch.testing.assert_close(bs[k], bd[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
@@ -116,14 +127,15 @@ def test_isolation_sparse_not_zero_out(zoo):
     alone (cropped, dense), in training mode with batch statistics, including the running
     statistics. Zero-out masking fails this (masked zeros are convolved into the patch)."""
     kind, name, enc = zoo
-    x = images(seed=3)
-    v = torch.zeros(2, 1, 2, 3, dtype=torch.bool)
-    where = [(0, 2), (1, 1)]
+    where = [(0, 2), (1, 1), (0, 0), (1, 2), (0, 1), (1, 0)]  # batch statistics over 6 sites at stride 32
+    x = images(batch=len(where), seed=3)
+    v = torch.zeros(len(where), 1, 2, 3, dtype=torch.bool)
     for b, (i, j) in enumerate(where):
         v[b, 0, i, j] = True
     crops = torch.stack([x[b, :, i * P:(i + 1) * P, j * P:(j + 1) * P] for b, (i, j) in enumerate(where)])
-    e_sparse, e_dense = fresh(enc).train(), fresh(enc).train()
+    e_sparse = fresh(enc).train()
     sparse = e_sparse(x, MaskPyramid(v, keep=1))
+    e_dense = fresh(enc).train()
     dense = e_dense(crops)
     for s, fs, fd in zip(enc.strides, sparse, dense):
         f = P // s
@@ -154,5 +166,6 @@ def test_p3_weight_identity_and_strict_export(zoo, tmp_path):
 
 
 def test_timm_zoo_covers_enough_families():
-    assert len(TIMM_ZOO) >= 20 and len({fam.split(" ")[0] for _, fam in TIMM_ZOO}) >= 12
+    default = [(n, fam) for n, fam in TIMM_ZOO if n not in TIMM_ZOO_SLOW]  # what every CI run checks
+    assert len(default) >= 20 and len({fam.split(" ")[0] for _, fam in default}) >= 12
     assert all(timm.is_model(n) for n, _ in TIMM_ZOO)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["patchify", "unpatchify", "normalize_patches", "masked_patch_loss"]

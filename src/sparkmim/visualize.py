@@ -1,0 +1,45 @@
+"""Reconstruction grids: one row per image, columns input | masked | reconstruction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .model import Reconstruction
+
+__all__ = ["reconstruction_grid", "save_reconstruction_grid"]
+
+
+def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> torch.Tensor:
+    """A ``(3, H', W')`` image in [0, 1] (grayscale inputs are shown as gray, more than 3
+    channels by their first 3)."""
+    from torchvision.utils import make_grid
+
+    n = min(max_images, rec.input.shape[0])
+    c = rec.input.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def show(x):
+        x = x[:n].float().cpu()
+        if m.shape[1] == x.shape[1]:
+            x = x * s + m
+        x = x.clamp(0, 1)
+        return x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
+
+    masked = show(rec.input)
+    full = rec.visible[:n].cpu().repeat_interleave(rec.input.shape[2] // rec.visible.shape[2], 2)
+    full = full.repeat_interleave(rec.input.shape[3] // rec.visible.shape[3], 3)
+    masked = torch.where(full, masked, torch.full_like(masked, 0.5))  # masked patches in gray
+    rows = torch.stack([show(rec.input), masked, show(rec.reconstruction)], dim=1).flatten(0, 1)
+    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+
+
+def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8) -> Path:
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(reconstruction_grid(rec, mean, std, max_images), path)
+    return path

@@ -1,0 +1,178 @@
+"""SparK model: parameter counts, faithfulness to the paper's formulation (P4), ablations, channels."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparkmim import MaskPyramid, SparK, SparseEncoder, random_visible
+
+
+def tiny(name="resnet18", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    model_kw = {k: kw.pop(k) for k in list(kw) if k in ("in_chans",)}
+    enc = SparseEncoder.from_timm(name, **model_kw)
+    kw.setdefault("decoder_width", 128)
+    return SparK(enc, **kw).to(dtype)
+
+
+def masks(batch, grid, seed=0):
+    v = random_visible(batch, grid, 0.6, generator=torch.Generator().manual_seed(seed))
+    return MaskPyramid(v, keep=int(v[0].sum()))
+
+
+def test_parameter_count_matches_reference_resnet50():
+    model = SparK(SparseEncoder.from_timm("resnet50"))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 52_921_835  # 52.92 M, the reference set-up's figure
+    assert sum(p.numel() for p in model.encoder.parameters()) == 23_508_032
+    assert model.densify_norm == "bn" and len(model.decoder.blocks) == 5
+    assert model.decoder.widths == [768, 384, 192, 96, 48, 24]
+
+
+def test_convnext_defaults():
+    model = SparK(SparseEncoder.from_timm("convnext_atto"))
+    assert model.densify_norm == "ln"
+    assert isinstance(model.densify[0].proj, torch.nn.Conv2d) and model.densify[0].proj.kernel_size == (1, 1)
+    assert model.densify[1].proj.kernel_size == (3, 3)
+
+
+# -- P4: the paper's formulation written out independently ------------------------------------------
+def _bn_train(x, w, b, eps):
+    return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
+def reference_loss(model: SparK, images, visible):
+    """Section 3 densify + appendix A decoder + section 3.3 loss, from the model's parameters."""
+    P = model.patch_size
+    feats = model.encoder(images, visible)[::-1]  # coarsest first
+    x = None
+    cur = visible.clone()
+    for i, blk in enumerate(model.decoder.blocks):
+        if i < len(feats):
+            f, d = feats[i], model.densify[i]
+            # sparse BN: statistics of the visible sites only
+            vis = cur.expand(-1, f.shape[1], -1, -1)
+            rows = f.permute(0, 2, 3, 1)[cur[:, 0]]  # (N_visible, C)
+            mean, var = rows.mean(0), rows.var(0, unbiased=False)
+            normed = (f - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + d.norm.eps)
+            normed = normed * d.norm.weight[None, :, None, None] + d.norm.bias[None, :, None, None]
+            dense = torch.where(vis, normed, d.mask_token.expand_as(normed))
+            proj = dense if isinstance(d.proj, torch.nn.Identity) else F.conv2d(
+                dense, d.proj.weight, d.proj.bias, padding=d.proj.padding)
+            x = proj if x is None else x + proj
+        up, c1, n1, _, c2, n2 = blk.up, *blk.conv
+        x = F.conv_transpose2d(x, up.weight, up.bias, stride=2, padding=1)
+        x = F.relu6(_bn_train(F.conv2d(x, c1.weight, padding=1), n1.weight, n1.bias, n1.eps))
+        x = _bn_train(F.conv2d(x, c2.weight, padding=1), n2.weight, n2.bias, n2.eps)
+        cur = cur.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    pred = F.conv2d(x, model.decoder.head.weight, model.decoder.head.bias)
+    # per-patch normalised target, L2 per patch, mean over masked patches (unfold: C-major order)
+    t = F.unfold(images, P, stride=P)  # (B, C*P*P, L)
+    t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((F.unfold(pred, P, stride=P) - t) ** 2).mean(1)  # (B, L)
+    masked = ~visible.flatten(1)
+    return per_patch[masked].mean()
+
+
+def test_p4_loss_and_gradients_match_the_paper_formulation():
+    model = tiny().train()
+    images = torch.randn(3, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    m = masks(3, (2, 3), seed=2)
+    grads = []
+    losses = []
+    for fn in (lambda: reference_loss(model, images, m.visible), lambda: model(images, m).loss):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-8, atol=1e-10, msg=lambda s, k=k: f"{k}: {s}")
+
+
+# -- ablation switches ----------------------------------------------------------------------------
+def test_single_scale_uses_only_the_coarsest_map():
+    h, s = tiny(), tiny(hierarchical=False)
+    assert len(s.densify) == 1 and s.levels == [0]
+    assert sum(p.numel() for p in s.parameters()) < sum(p.numel() for p in h.parameters())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    m = masks(2, (2, 2))
+    inputs = s.forward_densify(s.forward_encoder(x, m), m)
+    assert inputs[0] is not None and all(t is None for t in inputs[1:])
+    assert torch.isfinite(s(x, m).loss)
+
+
+def test_zero_out_ablation_is_dense_on_the_masked_image():
+    model = tiny(sparse=False)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    m = masks(2, (2, 3))
+    dense = model.encoder(x, m)
+    plain = model.encoder(torch.where(m.at(32), x, 0.0))  # the original model on the zeroed image
+    for a, b in zip(dense, plain):
+        assert torch.equal(a, b)
+    assert (dense[0].abs() * ~m.at(8)).sum() > 0  # masked regions are not kept empty
+    assert torch.isfinite(model(x, m).loss)
+
+
+def test_pos_embed_and_loss_on_all():
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    m = masks(2, (2, 2))
+    base = tiny().train()  # batch statistics: decoder activations of unit scale
+    torch.nn.init.normal_(base.decoder.head.weight)  # a prediction far from zero, so losses differ
+    ape = tiny(pos_embed=True).train()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ape.load_state_dict(state)
+    assert not torch.allclose(base(x, m).prediction, ape(x, m).prediction)
+    everywhere = tiny(loss_on="all").train()
+    everywhere.load_state_dict(state)
+    base.load_state_dict(state)
+    b, a = base(x, m), everywhere(x, m)
+    torch.testing.assert_close(a.prediction, b.prediction)
+    t = F.unfold(x, 32, stride=32)
+    t = (t - t.mean(1, keepdim=True)) / (t.var(1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((F.unfold(a.prediction, 32, stride=32) - t) ** 2).mean(1)
+    torch.testing.assert_close(a.loss, per_patch.mean())
+    torch.testing.assert_close(b.loss, per_patch[~m.visible.flatten(1)].mean())
+    assert not torch.allclose(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("chans", [1, 5])
+def test_any_channel_count(chans):
+    model = tiny(in_chans=chans, dtype=torch.float32)
+    x = torch.randn(2, chans, 64, 96)
+    out = model(x)
+    assert out.prediction.shape == x.shape
+    out.loss.backward()
+    assert model.encoder.model.conv1.weight.grad is not None
+
+
+def test_reconstruct_pastes_prediction_over_masked_patches():
+    model = tiny(dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 64, 96)
+    m = masks(2, (2, 3))
+    r = model.reconstruct(x, m)
+    full = m.at(32).expand_as(x)
+    assert torch.equal(r.reconstruction[full], x[full])
+    assert torch.equal(r.reconstruction[~full], r.prediction[~full])
+    assert torch.equal(r.masked[~full], torch.zeros_like(x[~full]))
+
+
+def test_random_masks_follow_the_generator_and_ratio():
+    model = tiny(dtype=torch.float32)
+    x = torch.randn(4, 3, 96, 128)
+    a = model(x, generator=torch.Generator().manual_seed(5)).visible
+    b = model(x, generator=torch.Generator().manual_seed(5)).visible
+    assert torch.equal(a, b) and a.shape == (4, 1, 3, 4)
+    assert (a.flatten(1).sum(1) == round(12 * 0.4)).all()
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny(dtype=torch.float32)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
+        model(torch.randn(2, 3, 70, 64))
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\)"):
+        model(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="loss_on"):
+        SparK(model.encoder, loss_on="visible")

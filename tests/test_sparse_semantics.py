@@ -1,0 +1,175 @@
+"""Layer-level sparse semantics, checked against hand computations on small custom models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparkmim import MaskPyramid, SparseEncoder, SparseSemanticsError
+
+P = 8
+
+
+class Tiny(nn.Module):
+    """stem (stride 2) -> stage a (stride 4) -> stage b (stride 8); configurable middle layer."""
+
+    def __init__(self, middle: nn.Module | None = None, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), norm(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), norm(8), nn.ReLU(), middle or nn.Identity())
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), norm(16))
+
+    def forward(self, x):
+        return self.b(self.a(self.stem(x)))
+
+
+def encoder(model, **kw):
+    return SparseEncoder(model.double(), ["a", "b"], probe_size=32, **kw)
+
+
+def batch(seed=0, b=2, grid=(2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, grid[0] * P, grid[1] * P, generator=g, dtype=torch.float64)
+    v = torch.zeros(b, 1, *grid, dtype=torch.bool)
+    v[0, 0, 0, 0] = v[0, 0, 1, 2] = v[1, 0, 0, 1] = v[1, 0, 1, 1] = True
+    return x, MaskPyramid(v, keep=2)
+
+
+def capture_input(module):
+    seen = {}
+    module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
+    return seen
+
+
+def test_feature_modules_and_strides_for_a_custom_model():
+    enc = encoder(Tiny())
+    assert enc.strides == (4, 8) and enc.channels == (8, 16) and enc.patch_size == 8
+
+
+def test_batch_norm_statistics_from_visible_sites_only():
+    enc = encoder(Tiny()).train()
+    bn = enc.model.a[1]
+    seen = capture_input(bn)
+    x, m = batch()
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    out = enc(x, m)[0]
+    inp = seen["x"]  # conv output, already zero at masked sites
+    vis = m.at(2)[:, 0]
+    rows = inp.permute(0, 2, 3, 1)[vis]  # (N_visible, C)
+    mean, var_b, var_u = rows.mean(0), rows.var(0, unbiased=False), rows.var(0)
+    torch.testing.assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * mean)
+    torch.testing.assert_close(bn.running_var, 0.9 * rv0 + 0.1 * var_u)
+    # stage output = relu(bn(x)) at visible sites, recomputed by hand
+    expected = F.relu((inp - mean[:, None, None]) / torch.sqrt(var_b[:, None, None] + bn.eps) * bn.weight[:, None, None]
+                      + bn.bias[:, None, None])
+    torch.testing.assert_close(out.permute(0, 2, 3, 1)[vis], expected.permute(0, 2, 3, 1)[vis])
+    assert out.permute(0, 2, 3, 1)[~vis].abs().sum() == 0
+
+
+def test_group_norm_statistics_per_sample_over_visible_sites():
+    enc = encoder(Tiny(norm=lambda c: nn.GroupNorm(2, c))).train()
+    gn = enc.model.a[1]
+    seen = capture_input(gn)
+    x, m = batch()
+    out = enc(x, m)[0]
+    inp, vis = seen["x"], m.at(2)[:, 0]
+    for b in range(2):
+        for g in range(2):
+            vals = inp[b, 4 * g:4 * g + 4].permute(1, 2, 0)[vis[b]]  # (N_visible_b, 4)
+            mu, var = vals.mean(), vals.var(unbiased=False)
+            want = F.relu((vals - mu) / torch.sqrt(var + gn.eps) * gn.weight[4 * g:4 * g + 4] + gn.bias[4 * g:4 * g + 4])
+            torch.testing.assert_close(out[b, 4 * g:4 * g + 4].permute(1, 2, 0)[vis[b]], want)
+
+
+class SE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def test_global_pooling_in_blocks_averages_visible_sites_only():
+    enc = encoder(Tiny(middle=SE(8))).eval()
+    se = enc.model.a[3]
+    seen = capture_input(se)
+    gate = {}
+    se.fc.register_forward_hook(lambda mod, a, o: gate.__setitem__("in", a[0].detach().clone()))
+    x, m = batch()
+    enc(x, m)
+    vis = m.at(2)
+    expected = (seen["x"] * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True)
+    torch.testing.assert_close(gate["in"], expected)
+
+
+def test_max_pooling_ignores_masked_sites():
+    model = Tiny(middle=nn.MaxPool2d(3, 1, 1))
+    enc = encoder(model).eval()
+    seen = capture_input(enc.model.a[3])
+    out = {}
+    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", o.detach().clone()))
+    x, m = batch()
+    enc(x, m)
+    vis = m.at(2)
+    shifted = torch.where(vis, seen["x"] - 100.0, 0.0)  # all visible values negative
+    expected = F.max_pool2d(shifted.masked_fill(~vis, float("-inf")), 3, 1, 1) + 100.0
+    torch.testing.assert_close(torch.where(vis, out["y"], 0.0),
+                               torch.where(vis, expected, 0.0))
+    assert out["y"].masked_select(~vis).abs().sum() == 0
+
+
+class Attention(nn.Module):
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2)
+        a = torch.softmax(t.transpose(1, 2) @ t, dim=-1)
+        return (t @ a).view(b, c, h, w)
+
+
+class Rolled(nn.Module):
+    def forward(self, x):
+        return torch.roll(x, 1, dims=3)
+
+
+@pytest.mark.parametrize("layer,what", [(Attention(), "flatten"), (Rolled(), "roll")])
+def test_unsupported_layers_fail_at_build_time_with_the_module_path(layer, what):
+    with pytest.raises(SparseSemanticsError, match=rf"{what}.*in module 'a\.3' \({type(layer).__name__}\)"):
+        encoder(Tiny(middle=layer))
+
+
+def test_the_wrapped_model_still_works_on_its_own_and_copies_are_independent():
+    model = Tiny().double().eval()
+    reference = copy.deepcopy(model)
+    enc = encoder(model).eval()
+    x, m = batch()
+    torch.testing.assert_close(model(x), reference(x))  # hooks are inert outside the encoder
+    twin = copy.deepcopy(enc)
+    a, b = enc(x, m), twin(x, m)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert enc.model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_build_leaves_weights_buffers_and_modes_untouched():
+    model = Tiny().double()
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_()
+    before = copy.deepcopy(model.state_dict())
+    model.eval()
+    encoder(model)
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_torch_compile_matches_eager():
+    enc = encoder(Tiny(middle=SE(8))).train()
+    x, m = batch()
+    eager = copy.deepcopy(enc)
+    compiled = torch.compile(enc, backend="eager")
+    for a, b in zip(eager(x, m), compiled(x, m)):
+        torch.testing.assert_close(a, b)
