@@ -176,3 +176,16 @@ def test_bad_inputs_are_clear_errors():
         model(torch.randn(2, 1, 64, 64))
     with pytest.raises(ValueError, match="loss_on"):
         SparK(model.encoder, loss_on="visible")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnextv2_atto"])
+def test_bf16_autocast_runs_the_sparse_layers(name):
+    model = tiny(name, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 96)
+    m = masks(2, (2, 3))
+    ref = model(x, m).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, m)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.item()) < 0.05
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

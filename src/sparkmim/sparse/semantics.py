@@ -59,7 +59,7 @@ def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, 
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, idx)
     out_rows = F.batch_norm(rows, running_mean, running_var, weight, bias, training,
                             0.1 if momentum is None else momentum, eps)
-    out = x.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
+    out = out_rows.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
