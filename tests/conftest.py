@@ -4,7 +4,9 @@ import torch
 P = 32  # total stride of every zoo model
 
 # (timm name, family) -- small variants of each family, built from scratch
-TIMM_ZOO_SLOW = {"vgg11", "mobileone_s0", "xception41"}  # run with -m slow (about 25-35 s each)
+# run with -m slow (heavier, or families already covered by the default set)
+TIMM_ZOO_SLOW = {"vgg11", "mobileone_s0", "xception41", "ghostnetv2_100", "inception_next_tiny", "poolformer_s12",
+                 "repvit_m1", "mobilenetv4_conv_small", "resnet50_gn", "regnetz_b16", "fastvit_t8"}
 TIMM_ZOO = [
     ("resnet18", "ResNet"),
     ("resnet26d", "ResNet-D"),
@@ -40,6 +42,15 @@ TIMM_ZOO = [
     ("lcnet_050", "LCNet"),
     ("xception41", "Xception"),
     ("hgnetv2_b0", "HGNetV2"),
+    ("resnetblur18", "ResNet with BlurPool"),
+    ("ghostnetv2_100", "GhostNetV2 (DFC attention)"),
+    ("inception_next_tiny", "InceptionNeXt"),
+    ("poolformer_s12", "PoolFormer"),
+    ("repvit_m1", "RepViT"),
+    ("mobilenetv4_conv_small", "MobileNetV4"),
+    ("resnet50_gn", "ResNet with GroupNorm"),
+    ("regnetz_b16", "RegNetZ"),
+    ("fastvit_t8", "FastViT (RepMixer)"),
 ]
 
 TORCHVISION_ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vgg11"]
