@@ -21,6 +21,7 @@ ZOO = [pytest.param(("timm", n), id=f"timm-{n}", marks=[pytest.mark.slow] if n i
     pytest.param(("torchvision", n), id=f"tv-{n}") for n in TORCHVISION_ZOO
 ]
 TOL = dict(rtol=1e-9, atol=1e-9)
+REFLECT_PADDED = {"resnetblur18"}  # BlurPool pads by reflection
 
 
 def build(kind, name):
@@ -127,6 +128,9 @@ def test_isolation_sparse_not_zero_out(zoo):
     alone (cropped, dense), in training mode with batch statistics, including the running
     statistics. Zero-out masking fails this (masked zeros are convolved into the patch)."""
     kind, name, enc = zoo
+    if name in REFLECT_PADDED:
+        pytest.skip("reflect padding reads the crop's own pixels at its border, where the sparse encoder "
+                    "reads absent (zero) neighbours: the crop is not a valid reference for this model")
     where = [(0, 2), (1, 1), (0, 0), (1, 2), (0, 1), (1, 0)]  # batch statistics over 6 sites at stride 32
     x = images(batch=len(where), seed=3)
     v = torch.zeros(len(where), 1, 2, 3, dtype=torch.bool)

@@ -6,7 +6,62 @@ import difflib
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_backbone", "strip_classifier"]
+__all__ = ["create_timm", "create_torchvision", "create_backbone", "strip_classifier", "TESTED_TIMM",
+           "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
+
+# Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
+# weight loading (tests/test_encoder_zoo.py): (timm name, family). Other sizes of a family share its layers.
+# run with -m slow (heavier, or families already covered by the default set)
+TESTED_TIMM_SLOW = {"vgg11", "mobileone_s0", "xception41", "ghostnetv2_100", "inception_next_tiny", "poolformer_s12",
+                 "repvit_m1", "mobilenetv4_conv_small", "resnet50_gn", "regnetz_b16", "fastvit_t8"}
+TESTED_TIMM = [
+    ("resnet18", "ResNet"),
+    ("resnet26d", "ResNet-D"),
+    ("resnext26ts", "ResNeXt"),
+    ("seresnext26d_32x4d", "SE-ResNeXt"),
+    ("ecaresnet26t", "ECA-ResNet"),
+    ("skresnet18", "Selective-kernel ResNet"),
+    ("res2net50_14w_8s", "Res2Net"),
+    ("resnest14d", "ResNeSt"),
+    ("regnetx_002", "RegNetX"),
+    ("regnety_002", "RegNetY (SE)"),
+    ("efficientnet_b0", "EfficientNet"),
+    ("tf_efficientnet_b0", "EfficientNet, TF 'same' padding"),
+    ("tf_efficientnetv2_b0", "EfficientNetV2, TF 'same' padding"),
+    ("mobilenetv2_050", "MobileNetV2"),
+    ("mobilenetv3_small_050", "MobileNetV3"),
+    ("ghostnet_050", "GhostNet"),
+    ("densenet121", "DenseNet"),
+    ("dla34", "DLA"),
+    ("dpn68", "DPN"),
+    ("cs3darknet_s", "CSPNet / DarkNet"),
+    ("convnext_atto", "ConvNeXt"),
+    ("convnextv2_atto", "ConvNeXt-V2 (GRN)"),
+    ("vgg11", "VGG"),
+    ("repvgg_a0", "RepVGG"),
+    ("mobileone_s0", "MobileOne"),
+    ("hrnet_w18_small", "HRNet"),
+    ("nf_resnet26", "NFNet-style (ScaledStdConv)"),
+    ("resnetv2_50x1_bit", "ResNetV2 BiT (GroupNorm + StdConv)"),
+    ("mixnet_s", "MixNet"),
+    ("ese_vovnet19b_dw", "VoVNet"),
+    ("rexnet_100", "ReXNet"),
+    ("lcnet_050", "LCNet"),
+    ("xception41", "Xception"),
+    ("hgnetv2_b0", "HGNetV2"),
+    ("resnetblur18", "ResNet with BlurPool"),
+    ("ghostnetv2_100", "GhostNetV2 (DFC attention)"),
+    ("inception_next_tiny", "InceptionNeXt"),
+    ("poolformer_s12", "PoolFormer"),
+    ("repvit_m1", "RepViT"),
+    ("mobilenetv4_conv_small", "MobileNetV4"),
+    ("resnet50_gn", "ResNet with GroupNorm"),
+    ("regnetz_b16", "RegNetZ"),
+    ("fastvit_t8", "FastViT (RepMixer)"),
+]
+
+TESTED_TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vgg11"]
+
 
 
 def create_timm(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -42,18 +97,14 @@ def create_torchvision(name: str, **kwargs) -> nn.Module:
     return strip_classifier(torchvision.models.get_model(name, **kwargs))
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
+def create_backbone(name: str, in_chans: int = 3, **kwargs) -> nn.Module:
     """``timm:NAME``, ``torchvision:NAME``, or a bare name (timm first, then torchvision)."""
-    if name.startswith("timm:"):
-        return create_timm(name[5:], **kwargs)
-    if name.startswith("torchvision:"):
-        return create_torchvision(name[12:], **kwargs)
     import timm
-
-    if timm.is_model(name):
-        return create_timm(name, **kwargs)
     import torchvision
 
-    if name in torchvision.models.list_models(module=torchvision.models):
-        return create_torchvision(name, **kwargs)
-    return create_timm(name, **kwargs)  # raises with suggestions
+    if name.startswith("torchvision:") or (not name.startswith("timm:") and not timm.is_model(name)
+                                           and name in torchvision.models.list_models(module=torchvision.models)):
+        if in_chans != 3:
+            raise ValueError(f"torchvision model {name} takes 3 input channels; use a timm model for in_chans={in_chans}")
+        return create_torchvision(name.removeprefix("torchvision:"), **kwargs)
+    return create_timm(name.removeprefix("timm:"), in_chans=in_chans, **kwargs)

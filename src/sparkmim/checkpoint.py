@@ -10,7 +10,7 @@ from torch import Tensor, nn
 __all__ = ["save_encoder_weights", "load_encoder_weights", "KeyMismatchError", "key_report"]
 
 
-class KeyMismatchError(RuntimeError):
+class KeyMismatchError(ValueError):
     """Weights whose keys or shapes do not match the target model."""
 
 
@@ -79,3 +79,59 @@ def load_encoder_weights(model: nn.Module, path_or_state, *, strict: bool = True
     else:
         model.load_state_dict({k: state[k] for k in report["matched"]}, strict=False)
     return report
+
+
+class CheckpointManager:
+    """Training checkpoints in a run directory: ``checkpoint-<step>.pth``, written atomically
+    (temporary file, flush, fsync, rename), the newest ``keep_last`` kept. Each holds plain data
+    (tensors, numbers, strings, the resolved config) and loads with ``weights_only=True``."""
+
+    PATTERN = "checkpoint-*.pth"
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+
+    def paths(self) -> list[Path]:
+        def step_of(p: Path) -> int:
+            try:
+                return int(p.stem.split("-")[1])
+            except (IndexError, ValueError):
+                return -1
+
+        return sorted((p for p in self.run_dir.glob(self.PATTERN) if step_of(p) >= 0), key=step_of)
+
+    def latest(self) -> Path | None:
+        paths = self.paths()
+        return paths[-1] if paths else None
+
+    def save(self, state: dict, step: int) -> Path:
+        import os
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / f"checkpoint-{step:08d}.pth"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        for old in self.paths()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, cfg=None) -> dict:
+        """Load a checkpoint; with ``cfg``, refuse one whose architecture settings differ."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if cfg is not None:
+            saved = state.get("config", {})
+            diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"
+                    for k in cfg.ARCHITECTURE if k in saved and saved[k] != getattr(cfg, k)]
+            if diff:
+                raise ValueError(f"cannot resume from {path}: the configuration changed ({'; '.join(diff)}); "
+                                 f"resume with the original settings or start a new run directory")
+        return state

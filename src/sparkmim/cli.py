@@ -1,103 +1,170 @@
-"""Command-line interface: ``sparkmim demo`` (the pre-training CLI grows here)."""
+"""Command line: ``sparkmim pretrain | demo | export | reconstruct | models``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+RECIPES = Path(__file__).parent / "configs"
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _recipe(name_or_path: str | None) -> str | None:
+    """A YAML path, or the name of a built-in recipe (``sparkmim/configs/NAME.yaml``)."""
+    if name_or_path is None or Path(name_or_path).is_file():
+        return name_or_path
+    builtin = RECIPES / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return str(builtin)
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name_or_path} is neither a file nor a built-in recipe ({names})")
+
+
+def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
+    from .config import config_from_args
+    from .engine import pretrain
+
+    args.config = _recipe(args.config or recipe)
+    cfg = config_from_args(args)
+    summary = pretrain(cfg)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointManager, key_report, load_encoder_weights, save_encoder_weights
+    from .config import PretrainConfig
+    from .engine import build_model
+
+    src = Path(args.run)
+    ckpt = CheckpointManager(src).latest() if src.is_dir() else src
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint-*.pth in {src}")
+    state = CheckpointManager.load(ckpt)
+    cfg = PretrainConfig(**{**state["config"], "init": None})
+    prefix = "encoder.model."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    model = build_model(cfg)
+    backbone = model.encoder.model
+    load_encoder_weights(backbone, weights, strict=True)
+    fmt = args.format
+    out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    save_encoder_weights(backbone, out)
+    fresh = build_model(cfg).encoder.model  # a freshly built original model: the file must load strictly
+    report = key_report(fresh, weights)
+    load_encoder_weights(fresh, out, strict=True)
+    print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
+                      "matched": len(report["matched"]), "missing": report["missing"],
+                      "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
+                      "strict_load": "ok"}), flush=True)
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
     import torch
-    from timm.optim import Lamb
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD, DemoPhotos
-    from .encoder import SparseEncoder
-    from .model import SparK
+    from .checkpoint import CheckpointManager
+    from .config import PretrainConfig
+    from .data import default_stats, load_image
+    from .engine import build_model
+    from .masking import random_visible
     from .visualize import save_reconstruction_grid
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = DemoPhotos(size=args.size, length=args.steps * args.batch_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
-    model = SparK(SparseEncoder.from_timm(args.model), decoder_width=args.decoder_width, mask_ratio=args.mask_ratio)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "mask_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "mask_token" in n]
-    opt = Lamb([{"params": decay, "weight_decay": 0.04}, {"params": no_decay, "weight_decay": 0.0}],
-               lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 10)
-    print(json.dumps({"event": "start", "model": args.model, "params_m": round(n_params / 1e6, 2),
-                      "images": len(data.images), "size": args.size, "batch": args.batch_size,
-                      "steps": args.steps, "strides": model.encoder.strides}), flush=True)
-    fixed = torch.stack([data[i] for i in range(min(8, len(data)))])
-    fixed_mask = torch.Generator().manual_seed(1)
+    src = Path(args.checkpoint)
+    ckpt = CheckpointManager(src).latest() if src.is_dir() else src
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint-*.pth in {src}")
+    state = CheckpointManager.load(ckpt)
+    cfg = PretrainConfig(**{**state["config"], "init": None})
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
     model.eval()
-    save_reconstruction_grid(model.reconstruct(fixed, generator=fixed_mask), out_dir / "reconstruction_start.png",
-                             IMAGENET_MEAN, IMAGENET_STD)
-    model.train()
-    losses, t0 = [], time.perf_counter()
-    for step, images in enumerate(loader):
-        lr = args.lr * (step + 1) / warmup if step < warmup else \
-            args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = model(images)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        losses.append(out.loss.item())
-        if step % args.log_every == 0 or step == args.steps - 1:
-            elapsed = time.perf_counter() - t0
-            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "lr": float(f"{lr:.3g}"),
-                              "img_per_s": round((step + 1) * args.batch_size / elapsed, 1)}), flush=True)
-    model.eval()
-    fixed_mask = torch.Generator().manual_seed(1)
-    png = save_reconstruction_grid(model.reconstruct(fixed, generator=fixed_mask), out_dir / "reconstruction_end.png",
-                                   IMAGENET_MEAN, IMAGENET_STD)
-    k = max(1, len(losses) // 10)
-    summary = {"event": "done", "steps": len(losses), "loss_first": round(sum(losses[:k]) / k, 4),
-               "loss_last": round(sum(losses[-k:]) / k, 4), "seconds": round(time.perf_counter() - t0, 1),
-               "reconstructions": str(png)}
-    print(json.dumps(summary), flush=True)
+    size = args.size or cfg.input_size
+    mean, std = default_stats(cfg.in_chans)
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                     v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    images = torch.stack([tf(load_image(p, cfg.in_chans)) for p in args.images])
+    g = torch.Generator().manual_seed(args.seed)
+    visible = random_visible(images.shape[0], model.grid(images), args.mask_ratio or cfg.mask_ratio, generator=g)
+    path = save_reconstruction_grid(model.reconstruct(images, visible=visible), args.out, mean, std,
+                                    max_images=len(args.images))
+    print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(path)}))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .backbones import TESTED_TIMM, TESTED_TORCHVISION
+
+    for name, family in TESTED_TIMM:
+        if not args.filter or args.filter in name or args.filter.lower() in family.lower():
+            print(f"timm:{name:28s} {family}")
+    for name in TESTED_TORCHVISION:
+        if not args.filter or args.filter in name:
+            print(f"torchvision:{name}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="sparkmim", description="SparK masked image modeling for any convnet.")
     parser.add_argument("--version", action="version", version=f"sparkmim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="pre-train briefly on the built-in demo photos and print the loss",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--model", default="resnet18", help="timm model name")
-    demo.add_argument("--size", type=int, default=96, help="crop size (multiple of the total stride)")
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (LAMB)")
-    demo.add_argument("--decoder-width", type=int, default=384)
-    demo.add_argument("--mask-ratio", type=float, default=0.6)
-    demo.add_argument("--workers", type=int, default=0)
-    demo.add_argument("--log-every", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo", help="folder for the reconstruction PNGs")
-    demo.set_defaults(func=_demo)
+
+    p = sub.add_parser("pretrain", help="pre-train an encoder on a folder of images",
+                       description="Pre-train with SparK. Options come from the defaults (the paper's), then "
+                                   "--config YAML (a path or a built-in recipe: demo, resnet50, convnext_small, "
+                                   "one_gpu), then these flags.")
+    add_config_arguments(p)
+    p.set_defaults(func=_pretrain)
+
+    d = sub.add_parser("demo", help="short pre-training on the built-in demo photos (the 'demo' recipe)",
+                       description="The 'demo' recipe: ResNet-18 at 96 px on the demo photographs, a few minutes "
+                                   "on a laptop CPU. Any pretrain flag overrides it.")
+    add_config_arguments(d)
+    d.set_defaults(func=lambda a: _pretrain(a, recipe="demo"))
+
+    e = sub.add_parser("export", help="write the encoder weights of a run or checkpoint with the original keys")
+    e.add_argument("run", help="run directory (newest checkpoint) or checkpoint file")
+    e.add_argument("--out", help="output file (default: RUN/encoder.safetensors)")
+    e.add_argument("--format", choices=["safetensors", "pth"], default="safetensors")
+    e.set_defaults(func=_export)
+
+    r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images")
+    r.add_argument("checkpoint", help="run directory or checkpoint file")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--out", default="reconstruction.png")
+    r.add_argument("--size", type=int, help="square size (default: the run's input size)")
+    r.add_argument("--mask-ratio", type=float, help="default: the run's")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_reconstruct)
+
+    m = sub.add_parser("models", help="list the backbones tested with sparkmim")
+    m.add_argument("--filter", help="substring of the name or family")
+    m.set_defaults(func=_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .config import ConfigError
+    from .engine import NonFiniteLossError
+    from .sparse import SparseSemanticsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, SparseSemanticsError, NonFiniteLossError) as e:
+        print(f"sparkmim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparkmim {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "demo_photo_paths", "pretrain_transform", "DemoPhotos"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
+    "list_images", "load_image", "ImageFiles", "EpochSampler", "collate", "default_stats", "compute_stats",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 # real photographs shipped inside scikit-image (synthetic test patterns are left out)
 _DEMO_NAMES = [
@@ -48,20 +60,144 @@ def pretrain_transform(size: int | tuple[int, int], mean=IMAGENET_MEAN, std=IMAG
     ])
 
 
-class DemoPhotos(Dataset):
-    """``length`` random augmented crops of the demo photographs (RGB or grayscale)."""
+def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet statistics for RGB; for other channel counts mean 0.5 and std 0.25 per channel."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if channels == 4:
+        return IMAGENET_MEAN + (0.5,), IMAGENET_STD + (0.25,)
+    return (0.5,) * channels, (0.25,) * channels
 
-    def __init__(self, size: int | tuple[int, int] = 96, length: int = 512, channels: int = 3, transform=None):
-        mode = {1: "L", 3: "RGB"}.get(channels)
-        if mode is None:
-            raise ValueError(f"the demo photos are RGB or grayscale (channels 3 or 1), got {channels}")
-        self.images = [Image.open(p).convert(mode) for p in demo_photo_paths()]
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.25,))
-        self.transform = transform or pretrain_transform(size, mean, std)
-        self.length = length
+
+def list_images(source: str | Path) -> list[Path]:
+    """All image files under a folder (recursively, sorted; class sub-folders are just folders),
+    or the paths listed in a text file (one per line, relative to the file's folder; # comments)."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+        return paths
+    if source.is_file():
+        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        if not paths:
+            raise FileNotFoundError(f"the file list {source} names no images")
+        return paths
+    raise FileNotFoundError(f"data path {source} does not exist: give an image folder or a text file of paths")
+
+
+def load_image(path: str | Path, channels: int = 3) -> Image.Image:
+    """Open any Pillow-readable image as 8-bit L, RGB or RGBA: palette, CMYK, LA, 16-bit and float
+    images are converted (high-bit-depth images are scaled by their type's range)."""
+    mode = _MODES.get(channels)
+    if mode is None:
+        raise ValueError(f"image files can be read as 1, 3 or 4 channels, not {channels}")
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(im).astype(np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            if im.mode == "F":
+                top = max(float(arr.max()), 1e-12) if arr.max() > 1.0 else 1.0
+            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode != mode:
+            if mode == "L" and im.mode in ("RGBA", "LA"):
+                im = im.convert("RGB")
+            im = im.convert(mode)
+        return im
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ImageFiles(Dataset):
+    """Augmented crops of image files. Indexed by ``(seed, epoch, index)`` keys from
+    :class:`EpochSampler`, so each sample's augmentation depends only on its key, whatever
+    worker computes it: data order and augmentation resume exactly.
+
+    An unreadable file is replaced by the next readable one (so batches keep their size) and
+    counted: each item is ``(image, number_of_unreadable_files_skipped)``.
+    """
+
+    def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 16):
+        self.paths = list(paths)
+        self.transform = transform
+        self.channels = channels
+        self.max_skips = max_skips
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.images[i % len(self.images)])
+    def __getitem__(self, key):
+        seed, epoch, index = key if isinstance(key, tuple) else (0, 0, key)
+        bad = 0
+        for k in range(self.max_skips + 1):
+            path = self.paths[(index + k) % len(self.paths)]
+            try:
+                image = load_image(path, self.channels)
+            except Exception as e:  # corrupt, truncated, unsupported: skip, never crash a long run
+                bad += 1
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed_for(seed, epoch, index))
+                return self.transform(image), bad
+        raise RuntimeError(f"{self.max_skips + 1} consecutive unreadable images from {self.paths[index]}; check the data")
+
+
+class EpochSampler(Sampler):
+    """Yields ``(seed, epoch, index)`` keys: a seeded permutation per epoch, split over ranks,
+    truncated to whole batches; ``start`` skips what a resumed run already consumed."""
+
+    def __init__(self, length: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.length, self.batch_size, self.seed, self.rank, self.world = length, batch_size, seed, rank, world
+        self.epoch, self.start = 0, 0
+        if self.batches_per_epoch() < 1:
+            raise ValueError(f"{length} images are fewer than one batch of {batch_size} x {world} device(s); "
+                             f"use a smaller batch size or more images")
+
+    def batches_per_epoch(self) -> int:
+        return self.length // (self.batch_size * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch * self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.batch_size - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, -1))
+        order = torch.randperm(self.length, generator=g)
+        n = self.batches_per_epoch() * self.batch_size * self.world
+        mine = order[:n][self.rank::self.world].tolist()
+        for i in mine[self.start:]:
+            yield self.seed, self.epoch, i
+
+
+def collate(items):
+    images = torch.stack([im for im, _ in items])
+    return images, sum(b for _, b in items)
+
+
+def compute_stats(paths: list[Path], channels: int, limit: int = 500, size: int = 64):
+    """Per-channel mean and std of up to ``limit`` images (resized to ``size``), in [0, 1] units."""
+    total, total_sq, n = np.zeros(channels), np.zeros(channels), 0
+    for p in paths[:: max(1, len(paths) // limit)][:limit]:
+        try:
+            arr = np.asarray(load_image(p, channels).resize((size, size)), dtype=np.float64) / 255.0
+        except Exception:
+            continue
+        arr = arr.reshape(-1, channels)
+        total += arr.sum(0)
+        total_sq += (arr**2).sum(0)
+        n += arr.shape[0]
+    if n == 0:
+        raise RuntimeError("no readable image to compute normalisation statistics from")
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -1,0 +1,344 @@
+"""Pre-training engine: model and optimiser set-up, schedules, the training loop (no argparse here)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import create_backbone
+from .checkpoint import CheckpointManager, load_encoder_weights
+from .config import ConfigError, PretrainConfig
+from .data import (
+    EpochSampler,
+    ImageFiles,
+    collate,
+    compute_stats,
+    default_stats,
+    demo_photo_paths,
+    list_images,
+    pretrain_transform,
+)
+from .encoder import SparseEncoder
+from .masking import MaskPyramid, num_visible, random_visible
+from .model import SparK
+from .visualize import save_reconstruction_grid
+
+__all__ = ["build_model", "param_groups", "Schedule", "resolve_device", "resolve_precision", "pretrain",
+           "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without overwriting good checkpoints."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return name
+
+
+def build_model(cfg: PretrainConfig) -> SparK:
+    """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK."""
+    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
+    if cfg.init:
+        report = load_encoder_weights(backbone, cfg.init, strict=True)
+        print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
+    encoder = SparseEncoder(backbone, in_chans=cfg.in_chans)
+    if cfg.input_size % encoder.patch_size:
+        raise ConfigError(f"input_size {cfg.input_size} is not a multiple of {cfg.model}'s total stride "
+                          f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")
+    return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
+                 hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weights of convolutions and linear layers only: not on biases, norm
+    parameters, mask tokens (any parameter with fewer than 2 dims, or named mask_token)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+
+
+@dataclass
+class Schedule:
+    """Per-optimiser-step lr (linear warm-up, then cosine) and weight decay (cosine)."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    warmup_start_ratio: float = 0.005
+    final_lr_ratio: float = 0.001
+    wd: float = 0.04
+    wd_end: float = 0.2
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            a = self.warmup_start_ratio
+            return self.peak_lr * (a + (1 - a) * step / self.warmup_steps)
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        end = self.peak_lr * self.final_lr_ratio
+        return end + (self.peak_lr - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def weight_decay(self, step: int) -> float:
+        t = min(1.0, step / max(1, self.total_steps))
+        return self.wd_end + (self.wd - self.wd_end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class _Metrics:
+    """JSON lines in the run directory, and TensorBoard when available."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=2)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _data(cfg: PretrainConfig):
+    if cfg.data:
+        paths = list_images(cfg.data)
+    else:
+        photos = demo_photo_paths()
+        paths = [photos[i % len(photos)] for i in range(cfg.demo_length)]
+    if cfg.norm_stats == "data":
+        mean, std = compute_stats(paths, cfg.in_chans)
+    else:
+        mean, std = default_stats(cfg.in_chans)
+    transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
+    return ImageFiles(paths, transform, cfg.in_chans), mean, std
+
+
+def _step_masks(model: SparK, images: torch.Tensor, seed: int, step: int, micro: int) -> MaskPyramid:
+    """Masks as a pure function of (seed, step, micro-batch): identical after a resume."""
+    grid = model.grid(images)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + micro)
+    visible = random_visible(images.shape[0], grid, model.mask_ratio, generator=g).to(images.device, non_blocking=True)
+    return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], model.mask_ratio))
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pre-training job; returns the final summary."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    dataset, mean, std = _data(cfg)
+    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(f"an epoch of {sampler.batches_per_epoch()} batches is shorter than accum_steps={cfg.accum_steps}")
+    model = build_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    effective_batch = cfg.batch_size * cfg.accum_steps
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * effective_batch / 256
+    if cfg.betas == "auto":
+        betas = (0.9, 0.999) if model.densify_norm == "ln" else (0.9, 0.95)
+    else:
+        betas = tuple(float(v) for v in cfg.betas.split(","))
+    from timm.optim import Lamb
+
+    optimizer = Lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+    schedule = Schedule(peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
+                        cfg.warmup_start_ratio, cfg.final_lr_ratio, cfg.weight_decay, cfg.weight_decay_end)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    forward = torch.compile(model) if cfg.compile else model
+
+    ckpts = CheckpointManager(run_dir, cfg.keep_last)
+    start_epoch, start_batch, step, images_seen, bad_total, first_loss = 0, 0, 0, 0, 0, None
+    if cfg.resume:
+        path = ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None:
+            print(json.dumps({"event": "resume", "note": f"no checkpoint in {run_dir}; starting fresh"}), flush=True)
+        else:
+            state = ckpts.load(path, cfg)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+            images_seen, bad_total, first_loss = state["images_seen"], state["bad_images"], state["first_loss"]
+            print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": start_epoch, "step": step}), flush=True)
+    (run_dir / "config.yaml").write_text(_yaml(cfg))
+
+    loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                                         drop_last=True, **loader_kw)
+    metrics = _Metrics(run_dir, cfg.tensorboard)
+    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in range(min(8, len(dataset)))])
+
+    def visualise(tag: str, epoch: int):
+        model.eval()
+        g = torch.Generator().manual_seed(cfg.seed)
+        rec = model.reconstruct(vis_images.to(device), visible=random_visible(
+            vis_images.shape[0], model.grid(vis_images), model.mask_ratio, generator=g).to(device))
+        model.train()
+        path = save_reconstruction_grid(rec, run_dir / "reconstructions" / f"{tag}.png", mean, std)
+        from .visualize import reconstruction_grid
+
+        metrics.image("reconstruction", reconstruction_grid(rec, mean, std), step)
+        return path
+
+    total_steps = cfg.epochs * steps_per_epoch
+    started = time.perf_counter()
+    print(json.dumps({"event": "start", "model": cfg.model, "images": len(dataset), "steps_per_epoch": steps_per_epoch,
+                      "total_steps": total_steps, "effective_batch": effective_batch, "peak_lr": peak_lr,
+                      "device": str(device), "precision": precision, "strides": model.encoder.strides,
+                      "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "run_dir": str(run_dir)}),
+          flush=True)
+    if step == 0:
+        visualise("epoch0000_start", 0)
+
+    def save(epoch: int, batch: int):
+        ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "batch": batch, "step": step, "images_seen": images_seen,
+                    "bad_images": bad_total, "first_loss": first_loss, "config": cfg.to_dict()}, step)
+
+    progress = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    t0, last_loss, window_images = time.perf_counter(), float("nan"), 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+
+    def check_finite(where: str):
+        if bool(nonfinite):
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite before {where} (step {step}); the run stopped and the last good "
+                f"checkpoint in {run_dir} was kept. Lower the learning rate, use bf16 instead of fp16, or check the data.")
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            skip = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, skip)
+            micro = 0
+            for batch_idx, (images, bad) in enumerate(loader, start=skip):
+                bad_total += bad
+                images = images.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                if micro == 0:
+                    for g in optimizer.param_groups:
+                        g["lr"] = schedule.lr(step)
+                        if g.get("decay"):
+                            g["weight_decay"] = schedule.weight_decay(step)
+                torch.manual_seed(cfg.seed * 7919 + step * 13 + micro)  # stochastic depth etc.
+                masks = _step_masks(model, images, cfg.seed, step, micro)
+                with autocast():
+                    out = forward(images, masks)
+                loss = out.loss.float()
+                scaler.scale(loss / cfg.accum_steps).backward()
+                nonfinite |= ~torch.isfinite(loss.detach())
+                loss_sum += loss.detach()
+                loss_count += 1
+                window_images += images.shape[0]
+                micro += 1
+                if micro < cfg.accum_steps:
+                    continue
+                micro = 0
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                images_seen += effective_batch
+                if step % cfg.log_every_steps == 0 or step == total_steps:
+                    check_finite("logging")
+                    last_loss = float(loss_sum) / loss_count
+                    if first_loss is None:
+                        first_loss = last_loss
+                    elapsed = time.perf_counter() - t0
+                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": schedule.lr(step - 1),
+                              "weight_decay": schedule.weight_decay(step - 1),
+                              "img_per_s": window_images / max(elapsed, 1e-9), "bad_images": bad_total,
+                              "images_seen": images_seen}
+                    metrics.log(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                             img_s=f"{record['img_per_s']:.1f}", refresh=False)
+                    loss_sum.zero_()
+                    loss_count, window_images, t0 = 0, 0, time.perf_counter()
+                    read = images_seen + bad_total
+                    if read >= min(64, len(dataset)) and bad_total > cfg.max_bad_fraction * read:
+                        raise RuntimeError(f"{bad_total} of {read} images read so far were unreadable "
+                                           f"(more than {cfg.max_bad_fraction:.0%}); check the data folder")
+                if progress is not None:
+                    progress.update(1)
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0 and batch_idx + 1 < sampler.batches_per_epoch():
+                    check_finite("a checkpoint")
+                    save(epoch, batch_idx + 1)
+            if (epoch + 1) % cfg.save_every_epochs == 0 or epoch + 1 == cfg.epochs:
+                check_finite("a checkpoint")
+                save(epoch + 1, 0)
+            if (epoch + 1) % cfg.vis_every_epochs == 0 or epoch + 1 == cfg.epochs:
+                visualise(f"epoch{epoch + 1:04d}", epoch + 1)
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
+
+    from .checkpoint import save_encoder_weights
+
+    weights = save_encoder_weights(model.encoder, run_dir / "encoder.safetensors")
+    summary = {"event": "done", "epochs": cfg.epochs, "steps": step, "images_seen": images_seen,
+               "bad_images": bad_total, "loss_first": first_loss, "loss_last": last_loss,
+               "seconds": round(time.perf_counter() - started, 1), "encoder_weights": str(weights), "run_dir": str(run_dir)}
+    return summary
+
+
+def _yaml(cfg: PretrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,123 @@
+"""Image discovery, odd formats, corrupt files, deterministic order and augmentation."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparkmim.data import EpochSampler, ImageFiles, collate, list_images, load_image, pretrain_transform
+
+
+def _rgb(h=40, w=48, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def test_folders_are_searched_recursively_and_lists_are_read(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs" / "deep").mkdir(parents=True)
+    _rgb().save(tmp_path / "a.jpg")
+    _rgb().save(tmp_path / "cats" / "b.PNG")
+    _rgb().save(tmp_path / "dogs" / "deep" / "c.webp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = list_images(tmp_path)
+    assert [p.name for p in found] == ["a.jpg", "b.PNG", "c.webp"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# training images\ncats/b.PNG\n\n" + str(tmp_path / "a.jpg") + "\n")
+    assert list_images(listing) == [tmp_path / "cats" / "b.PNG", tmp_path / "a.jpg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "missing")
+
+
+def test_odd_formats_are_converted(tmp_path):
+    gray = Image.fromarray(np.full((20, 30), 77, np.uint8), "L")
+    gray.save(tmp_path / "gray.png")
+    rgba = Image.new("RGBA", (20, 30), (10, 20, 30, 128))
+    rgba.save(tmp_path / "rgba.png")
+    pal = _rgb().convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal.png")
+    _rgb().convert("CMYK").save(tmp_path / "cmyk.jpg")
+    _rgb().save(tmp_path / "img.bmp")
+    _rgb().save(tmp_path / "img.tiff")
+    _rgb().save(tmp_path / "img.webp")
+    arr16 = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(4, 0)
+    Image.fromarray(arr16).save(tmp_path / "deep16.png")
+    Image.fromarray(arr16).save(tmp_path / "deep16.tiff")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "float.tiff")
+    for name in ["gray.png", "rgba.png", "pal.png", "cmyk.jpg", "img.bmp", "img.tiff", "img.webp", "deep16.png",
+                 "deep16.tiff", "float.tiff"]:
+        for channels, mode in ((3, "RGB"), (1, "L"), (4, "RGBA")):
+            im = load_image(tmp_path / name, channels)
+            assert im.mode == mode, (name, channels)
+    assert np.asarray(load_image(tmp_path / "gray.png", 3))[0, 0].tolist() == [77, 77, 77]
+    for name in ("deep16.png", "deep16.tiff"):
+        assert np.asarray(load_image(tmp_path / name, 1))[0].tolist() == [0, 128, 255]
+    assert np.asarray(load_image(tmp_path / "float.tiff", 1))[0].tolist() == [0, 128, 255]
+
+
+def test_small_images_are_upscaled_to_the_crop():
+    tf = pretrain_transform(64)
+    out = tf(_rgb(10, 12))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    _rgb(seed=1).save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    buf = io.BytesIO()
+    _rgb(seed=2).save(buf, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    ds = ImageFiles(list_images(tmp_path), pretrain_transform(32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[(0, 0, i)] for i in range(len(ds))]
+    # sorted: bad.jpg (-> good), good.png, truncated.jpg (-> wraps to bad.jpg -> good)
+    assert [bad for _, bad in items] == [1, 0, 2]
+    assert all(im.shape == (3, 32, 32) for im, _ in items)
+    assert any("skipping unreadable image" in str(w.message) for w in caught)
+    images, bad = collate(items)
+    assert images.shape == (3, 3, 32, 32) and bad == 3
+
+
+def test_sampler_order_is_seeded_per_epoch_resumable_and_sharded():
+    s = EpochSampler(50, batch_size=4, seed=3)
+    s.set_epoch(0)
+    e0 = list(s)
+    assert len(e0) == 48 and e0 == list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert [k[2] for k in e0] != [k[2] for k in e1]
+    s.set_epoch(1, start_batch=5)
+    assert list(s) == e1[20:] and len(s) == 28
+    ranks = [EpochSampler(50, 4, seed=3, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(0)
+    a, b = (list(r) for r in ranks)
+    assert len(a) == len(b) == 24 and not {k[2] for k in a} & {k[2] for k in b}
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochSampler(3, 4)
+
+
+def test_augmentation_depends_only_on_the_key(tmp_path):
+    _rgb(seed=5).save(tmp_path / "x.png")
+    ds = ImageFiles(list_images(tmp_path), pretrain_transform(32))
+    a, b, c = ds[(0, 0, 0)][0], ds[(0, 0, 0)][0], ds[(0, 1, 0)][0]
+    torch.manual_seed(123)  # the global RNG does not matter
+    d = ds[(0, 0, 0)][0]
+    assert torch.equal(a, b) and torch.equal(a, d) and not torch.equal(a, c)
+
+
+def test_normalisation_statistics_from_the_data(tmp_path):
+    from sparkmim.data import compute_stats
+
+    Image.new("RGB", (16, 16), (51, 102, 204)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16), (153, 102, 0)).save(tmp_path / "b.png")
+    mean, std = compute_stats(list_images(tmp_path), 3)
+    assert mean == pytest.approx((0.4, 0.4, 0.4), abs=1e-6)
+    assert std == pytest.approx((0.2, 0.0, 0.4), abs=1e-4)
