@@ -173,3 +173,44 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(enc, backend="eager")
     for a, b in zip(eager(x, m), compiled(x, m)):
         torch.testing.assert_close(a, b)
+
+
+class LowLevel(nn.Module):
+    """The same layers spelled with torch.convolution / torch.batch_norm / torch.group_norm."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, gn: nn.GroupNorm):
+        super().__init__()
+        self.conv, self.bn, self.gn = conv, bn, gn
+
+    def forward(self, x):
+        c = self.conv
+        x = torch.convolution(x, c.weight, c.bias, c.stride, c.padding, c.dilation, False, (0, 0), c.groups)
+        b = self.bn
+        x = torch.batch_norm(x, b.weight, b.bias, b.running_mean, b.running_var, self.training, 0.1, b.eps, False)
+        return torch.group_norm(x, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps, False)
+
+
+def test_low_level_spellings_have_the_same_sparse_meaning():
+    conv, bn, gn = nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8)
+    high = Tiny(middle=nn.Sequential(conv, bn, gn))
+    low = copy.deepcopy(high)
+    low.a[3] = LowLevel(low.a[3][0], low.a[3][1], low.a[3][2])
+    x, m = batch()
+    a, b = encoder(high).train(), encoder(low).train()
+    for p, q in zip(a(x, m), b(x, m)):
+        torch.testing.assert_close(p, q)
+    torch.testing.assert_close(a.model.a[3][1].running_var, b.model.a[3].bn.running_var)
+
+
+@pytest.mark.parametrize("include_pad", [True, False])
+def test_average_pooling_treats_masked_sites_like_padding(include_pad):
+    enc = encoder(Tiny(middle=nn.AvgPool2d(3, 1, 1, count_include_pad=include_pad))).eval()
+    seen = capture_input(enc.model.a[3])
+    out = {}
+    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", o.detach().clone()))
+    x, m = batch()
+    enc(x, m)
+    vis = m.at(2).to(x.dtype)
+    total = F.avg_pool2d(seen["x"] * vis, 3, 1, 1, count_include_pad=True) * 9  # window sums
+    count = F.avg_pool2d(vis, 3, 1, 1, count_include_pad=True) * 9 if not include_pad else 9.0
+    torch.testing.assert_close(out["y"], torch.where(vis.bool(), total / count, 0.0))

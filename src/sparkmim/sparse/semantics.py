@@ -5,8 +5,9 @@ operation the model performs passes through :meth:`SparseMode.__torch_function__
 "on the mask grid" (spatial size a whole multiple of the patch grid, batch size of the mask)
 are treated as sparse: masked sites are absent.
 
-* convolution, average pooling and interpolation read masked sites as zero and produce
-  outputs at visible sites only; max pooling ignores masked sites;
+* a masked site acts like padding: convolution and interpolation read it as zero, max pooling
+  ignores it, average pooling counts it as zero or leaves it out of the mean exactly as it does
+  padding (``count_include_pad``); outputs exist at visible sites only;
 * batch norm computes batch statistics (and updates running statistics) from visible sites
   only; group and instance norm use per-sample statistics over visible sites;
 * global reductions over the spatial dims (the mean in squeeze-excitation, ECA, split
@@ -194,10 +195,13 @@ class SparseMode(TorchFunctionMode):
             return self._rearrange(func, args, kwargs)
         if name in _REDUCTIONS:
             return self._reduce(func, name, args, kwargs)
-        for t in _tensors(args, kwargs):
-            if self.cf_factor(t) is not None or self.cl_factor(t) is not None:
-                self.fail(func, t, "is not known to have a sparse meaning")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if any(isinstance(o, Tensor) for o in (out if isinstance(out, (tuple, list)) else (out,))):
+            # a tensor computed from a masked map by an operation of unknown meaning: refuse
+            for t in _tensors(args, kwargs):
+                if self.cf_factor(t) is not None or self.cl_factor(t) is not None:
+                    self.fail(func, t, "is not known to have a sparse meaning")
+        return out  # metadata queries (is_*, sizes, flags) return no tensor
 
     def _rearrange(self, func, args, kwargs):
         grid_in = [t for t in _tensors(args[:1], {}) if self.cf_factor(t) or self.cl_factor(t)]
@@ -278,6 +282,19 @@ def _conv(mode: SparseMode, func, x, /, *args, **kwargs):
     return mode.mask_output(func(mode.mask_input(x), *args, **kwargs), func)
 
 
+def _avg_pool(mode: SparseMode, func, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None):
+    """Masked sites act as padding: counted as zeros when padding is, else left out of the mean."""
+    f = mode.cf_factor(x)
+    args = (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    if f is None or count_include_pad or divisor_override is not None:
+        return mode.mask_output(func(mode.mask_input(x), *args), func)
+    visible = mode.cf_mask(x, f)
+    total = func(torch.where(visible, x, 0.0), *args)
+    share = func(visible.to(x.dtype), *args)  # fraction of each window's non-padding sites that are visible
+    return mode.mask_output(total / share.clamp_min(torch.finfo(x.dtype).tiny), func)
+
+
 def _max_pool(mode: SparseMode, func, x, /, *args, **kwargs):
     f = mode.cf_factor(x)
     if f is not None:
@@ -355,7 +372,7 @@ def _pad(mode: SparseMode, func, x, /, *args, **kwargs):
 _HANDLERS = {
     F.conv2d: _conv,
     F.conv_transpose2d: _conv,
-    F.avg_pool2d: _conv,
+    F.avg_pool2d: _avg_pool,
     F.interpolate: _conv,
     F.upsample: _conv,
     F.max_pool2d: _max_pool,
@@ -370,6 +387,41 @@ _HANDLERS = {
     F.linear: _linear,
     F.pad: _pad,
 }
+
+
+# Lower-level spellings of the same layers (seen when tracing under torch.compile): same meaning,
+# different argument order.
+def _aten_batch_norm(mode, func, x, weight, bias, running_mean, running_var, training, momentum, eps, *_):
+    def call(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        return func(x, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+
+    return _batch_norm(mode, call, x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _aten_group_norm(mode, func, x, num_groups, weight=None, bias=None, eps=1e-5, *_):
+    def call(x, num_groups, weight, bias, eps):
+        return func(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+    return _group_norm(mode, call, x, num_groups, weight, bias, eps)
+
+
+def _aten_instance_norm(mode, func, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *_):
+    def call(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        return func(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                    torch.backends.cudnn.enabled)
+
+    return _instance_norm(mode, call, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+_HANDLERS.update({
+    torch.convolution: _conv,
+    torch._convolution: _conv,
+    torch.conv_transpose2d: _conv,
+    torch.batch_norm: _aten_batch_norm,
+    torch.group_norm: _aten_group_norm,
+    torch.instance_norm: _aten_instance_norm,
+    torch.layer_norm: _per_channel_norm,
+})
 if hasattr(F, "_max_pool2d"):
     _HANDLERS[F._max_pool2d] = _max_pool
 if hasattr(F, "rms_norm"):
