@@ -34,17 +34,24 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointManager, key_report, load_encoder_weights, save_encoder_weights
+def _load_run(path: str):
+    """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file."""
+    from .checkpoint import CheckpointManager
     from .config import PretrainConfig
-    from .engine import build_model
 
-    src = Path(args.run)
+    src = Path(path)
     ckpt = CheckpointManager(src).latest() if src.is_dir() else src
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint-*.pth in {src}")
     state = CheckpointManager.load(ckpt)
-    cfg = PretrainConfig(**{**state["config"], "init": None})
+    return ckpt, state, PretrainConfig(**{**state["config"], "init": None})
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import key_report, load_encoder_weights, save_encoder_weights
+    from .engine import build_model
+
+    ckpt, state, cfg = _load_run(args.run)
     prefix = "encoder.model."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     model = build_model(cfg)
@@ -66,24 +73,19 @@ def _export(args: argparse.Namespace) -> int:
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointManager
-    from .config import PretrainConfig
     from .data import default_stats, load_image
     from .engine import build_model
     from .masking import random_visible
     from .visualize import save_reconstruction_grid
 
-    src = Path(args.checkpoint)
-    ckpt = CheckpointManager(src).latest() if src.is_dir() else src
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint-*.pth in {src}")
-    state = CheckpointManager.load(ckpt)
-    cfg = PretrainConfig(**{**state["config"], "init": None})
+    ckpt, state, cfg = _load_run(args.checkpoint)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.eval()
     size = args.size or cfg.input_size
-    mean, std = default_stats(cfg.in_chans)
+    mean, std = state.get("norm_mean"), state.get("norm_std")
+    if mean is None:
+        mean, std = default_stats(cfg.in_chans)
     from torchvision.transforms import v2
 
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),

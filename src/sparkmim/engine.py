@@ -238,7 +238,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     def save(epoch: int, batch: int):
         ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "batch": batch, "step": step, "images_seen": images_seen,
-                    "bad_images": bad_total, "first_loss": first_loss, "config": cfg.to_dict()}, step)
+                    "bad_images": bad_total, "first_loss": first_loss, "config": cfg.to_dict(),
+                    "norm_mean": list(mean), "norm_std": list(std)}, step)
 
     progress = None
     if cfg.progress:
