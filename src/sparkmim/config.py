@@ -58,7 +58,7 @@ class PretrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precision: str = _opt("auto", "fp32, bf16, fp16 or auto (bf16 on capable GPUs, else fp32)")
     channels_last: bool = _opt(False, "channels_last memory format")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
     seed: int = _opt(0, "random seed (data order, augmentation, masks)")
     # outputs
     out: str = _opt("runs/pretrain", "run directory: checkpoints, metrics, reconstructions, exported weights")

@@ -189,7 +189,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    forward = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        # the dense decoder holds most of the arithmetic; the sparse encoder stays eager (its
+        # torch-function mode traces with PyTorch 2.14 but not with every older release)
+        model.decoder.compile()
+    forward = model
 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     start_epoch, start_batch, step, images_seen, bad_total, first_loss = 0, 0, 0, 0, 0, None
