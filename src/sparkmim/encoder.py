@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -330,15 +329,6 @@ class SparseEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}"
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.strides)
-
-    @property
-    def depth(self) -> int:
-        """Number of 2x upsampling steps from the coarsest feature map to the input resolution."""
-        return round(math.log2(self.patch_size))
 
 
 def _param_kwargs(model: nn.Module) -> dict:

@@ -193,7 +193,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         # the dense decoder holds most of the arithmetic; the sparse encoder stays eager (its
         # torch-function mode traces with PyTorch 2.14 but not with every older release)
         model.decoder.compile()
-    forward = model
 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
     start_epoch, start_batch, step, images_seen, bad_total, first_loss = 0, 0, 0, 0, 0, None
@@ -280,7 +279,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 torch.manual_seed(cfg.seed * 7919 + step * 13 + micro)  # stochastic depth etc.
                 masks = _step_masks(model, images, cfg.seed, step, micro)
                 with autocast():
-                    out = forward(images, masks)
+                    out = model(images, masks)
                 loss = out.loss.float()
                 scaler.scale(loss / cfg.accum_steps).backward()
                 nonfinite |= ~torch.isfinite(loss.detach())

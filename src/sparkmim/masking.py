@@ -81,7 +81,6 @@ class MaskPyramid:
         self.batch, _, self.h, self.w = visible.shape
         self.keep = keep
         self._masks: dict[int, Tensor] = {1: self.visible}
-        self._float: dict[tuple[int, torch.dtype], Tensor] = {}
         self._rows: dict[int, Tensor] = {}
 
     @classmethod
@@ -108,14 +107,6 @@ class MaskPyramid:
         if m is None:
             m = self.visible.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
             self._masks[factor] = m
-        return m
-
-    def at_float(self, factor: int, dtype: torch.dtype) -> Tensor:
-        key = (factor, dtype)
-        m = self._float.get(key)
-        if m is None:
-            m = self.at(factor).to(dtype)
-            self._float[key] = m
         return m
 
     def rows(self, factor: int) -> Tensor:
