@@ -56,10 +56,12 @@ class PretrainConfig:
     clip_grad: float = _opt(5.0, "gradient-norm clipping (0 disables)")
     # execution
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
-    precision: str = _opt("auto", "fp32, bf16, fp16 or auto (bf16 on capable GPUs, else fp32)")
+    precision: str = _opt("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks)")
     channels_last: bool = _opt(False, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
     seed: int = _opt(0, "random seed (data order, augmentation, masks)")
+    sync_bn: bool = _opt(True, "with several ranks: batch statistics over the visible sites of all ranks")
+    dist_timeout: float = _opt(300.0, "seconds a collective may wait for another rank before the run fails")
     # outputs
     out: str = _opt("runs/pretrain", "run directory: checkpoints, metrics, reconstructions, exported weights")
     save_every_epochs: int = _opt(1, "checkpoint every N epochs")
@@ -84,7 +86,8 @@ class PretrainConfig:
         need(self.norm_stats in ("imagenet", "data"), f"norm_stats must be 'imagenet' or 'data', got {self.norm_stats!r}")
         need(self.loss_on in ("masked", "all"), f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
         need(self.densify_norm in ("auto", "bn", "ln", "none"), f"densify_norm must be auto, bn, ln or none, got {self.densify_norm!r}")
-        need(self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16", "fp64"),
+             f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
         need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         need(self.keep_last >= 1, "keep_last must be >= 1")
         if self.betas != "auto":

@@ -9,25 +9,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import MaskPyramid
-from .sparse import masked_batch_norm
+from .sparse import batch_norm_rows, masked_batch_norm
 
-__all__ = ["LightDecoder", "DecoderBlock", "Densify", "MaskedBatchNorm2d", "MaskedLayerNorm2d", "sincos_2d"]
+__all__ = ["LightDecoder", "DecoderBlock", "Densify", "SyncableBatchNorm2d", "MaskedBatchNorm2d",
+           "MaskedLayerNorm2d", "sincos_2d"]
 
 
-class MaskedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose batch (and running) statistics come from visible sites only."""
+class SyncableBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, once ``sync_group`` is set, takes training statistics over all ranks
+    (on CPU/gloo as well as on GPUs); the state-dict keys are BatchNorm2d's."""
 
-    def forward(self, x: Tensor, masks: MaskPyramid, factor: int) -> Tensor:  # type: ignore[override]
+    sync_group = None
+
+    def _args(self):
         momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        batch_stats = self.training or self.running_mean is None
         keep_running = not self.training or self.track_running_stats
-        return masked_batch_norm(x, masks, factor, self.running_mean if keep_running else None,
-                                 self.running_var if keep_running else None, self.weight, self.bias,
-                                 batch_stats, momentum, self.eps)
+        return (self.running_mean if keep_running else None, self.running_var if keep_running else None,
+                self.weight, self.bias, self.training or self.running_mean is None, momentum, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sync_group is None or not self.training:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        rows = batch_norm_rows(x.permute(0, 2, 3, 1).reshape(-1, c), *self._args(), group=self.sync_group)
+        return rows.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class MaskedBatchNorm2d(SyncableBatchNorm2d):
+    """BatchNorm whose batch (and running) statistics come from visible sites only."""
+
+    def forward(self, x: Tensor, masks: MaskPyramid, factor: int) -> Tensor:  # type: ignore[override]
+        return masked_batch_norm(x, masks, factor, *self._args(), group=self.sync_group)
 
 
 class MaskedLayerNorm2d(nn.LayerNorm):
@@ -96,10 +112,10 @@ class DecoderBlock(nn.Module):
         self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
             nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cin),
+            SyncableBatchNorm2d(cin),
             nn.ReLU6(inplace=True),
             nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            SyncableBatchNorm2d(cout),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -106,6 +106,7 @@ class SparseEncoder(nn.Module):
         self.sparse = sparse
         self.in_chans = in_chans or _first_conv_in_chans(model)
         self._capture: dict[str, Tensor] | None = None
+        self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
         self._stop_at: str | None = None
         specs = self._discover(feature_modules, probe_size, min_stride)
         self.features: list[FeatureSpec] = specs
@@ -308,7 +309,7 @@ class SparseEncoder(nn.Module):
         x = torch.where(full, x, 0.0)
         if not self.sparse:
             return self._run(x)
-        with SparseMode(masks, path):
+        with SparseMode(masks, path, self.sync_group):
             feats = self._run(x)
         return [torch.where(masks.at(self.patch_size // s), f, 0.0) for f, s in zip(feats, self.strides)]
 

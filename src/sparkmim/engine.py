@@ -152,30 +152,58 @@ def _data(cfg: PretrainConfig):
     return ImageFiles(paths, transform, cfg.in_chans), mean, std
 
 
-def _step_masks(model: SparK, images: torch.Tensor, seed: int, step: int, micro: int) -> MaskPyramid:
-    """Masks as a pure function of (seed, step, micro-batch): identical after a resume."""
+def _step_masks(model: SparK, images: torch.Tensor, seed: int, step: int, micro: int, rank: int = 0,
+                world: int = 1) -> MaskPyramid:
+    """Masks as a pure function of (seed, step, micro-batch): identical after a resume. They are
+    drawn for the global batch and each rank takes its rows (rank, rank + world, ...), the
+    positions its samples hold in the global batch, so any world size sees the same masks."""
     grid = model.grid(images)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + micro)
-    visible = random_visible(images.shape[0], grid, model.mask_ratio, generator=g).to(images.device, non_blocking=True)
+    visible = random_visible(images.shape[0] * world, grid, model.mask_ratio, generator=g)[rank::world]
+    visible = visible.to(images.device, non_blocking=True)
     return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], model.mask_ratio))
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pre-training job; returns the final summary."""
+    from .distributed import cleanup, init_distributed
+
+    resolve_device(cfg.device)  # clear error before any process group is formed
+    info, device = init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        return _pretrain(cfg, info, device)
+    finally:
+        cleanup()
+
+
+def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .distributed import all_reduce_sum, barrier
+
+    main = info.main
+    if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        cfg.resume = "auto"  # torchrun restarted the workers after a failure: continue from the last checkpoint
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     dataset, mean, std = _data(cfg)
-    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world)
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {sampler.batches_per_epoch()} batches is shorter than accum_steps={cfg.accum_steps}")
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device, torch.float64 if precision == "fp64" else None)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    effective_batch = cfg.batch_size * cfg.accum_steps
+    if info.world > 1 and cfg.sync_bn:
+        model.set_sync_group(dist.group.WORLD)
+    effective_batch = cfg.batch_size * cfg.accum_steps * info.world
     peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * effective_batch / 256
     if cfg.betas == "auto":
         betas = (0.9, 0.999) if model.densify_norm == "ln" else (0.9, 0.95)
@@ -207,19 +235,34 @@ def pretrain(cfg: PretrainConfig) -> dict:
             scaler.load_state_dict(state["scaler"])
             start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
             images_seen, bad_total, first_loss = state["images_seen"], state["bad_images"], state["first_loss"]
-            print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": start_epoch, "step": step}), flush=True)
-    (run_dir / "config.yaml").write_text(_yaml(cfg))
+            old_world = state.get("world", 1)
+            if old_world != info.world:
+                # another world size: keep the images already consumed this epoch (a prefix of the
+                # epoch's order) and the images seen, rounded down to whole global batches
+                start_batch = start_batch * cfg.batch_size * old_world // (cfg.batch_size * info.world)
+                step = images_seen // effective_batch
+            if main:
+                print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": start_epoch, "step": step,
+                                  "world": info.world, "checkpoint_world": old_world}), flush=True)
+    if main:
+        (run_dir / "config.yaml").write_text(_yaml(cfg))
+    ddp = model
+    if info.world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True, broadcast_buffers=not cfg.sync_bn)
 
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                                          drop_last=True, **loader_kw)
-    metrics = _Metrics(run_dir, cfg.tensorboard)
+    metrics = _Metrics(run_dir, cfg.tensorboard) if main else None
     vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in range(min(8, len(dataset)))])
 
     def visualise(tag: str, epoch: int):
+        if not main:
+            return None
         model.eval()
         g = torch.Generator().manual_seed(cfg.seed)
-        rec = model.reconstruct(vis_images.to(device), visible=random_visible(
+        rec = model.reconstruct(vis_images.to(device, next(model.parameters()).dtype), visible=random_visible(
             vis_images.shape[0], model.grid(vis_images), model.mask_ratio, generator=g).to(device))
         model.train()
         path = save_reconstruction_grid(rec, run_dir / "reconstructions" / f"{tag}.png", mean, std)
@@ -230,33 +273,42 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     total_steps = cfg.epochs * steps_per_epoch
     started = time.perf_counter()
-    print(json.dumps({"event": "start", "model": cfg.model, "images": len(dataset), "steps_per_epoch": steps_per_epoch,
-                      "total_steps": total_steps, "effective_batch": effective_batch, "peak_lr": peak_lr,
-                      "device": str(device), "precision": precision, "strides": model.encoder.strides,
-                      "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "run_dir": str(run_dir)}),
-          flush=True)
+    if main:
+        print(json.dumps({"event": "start", "model": cfg.model, "images": len(dataset), "steps_per_epoch": steps_per_epoch,
+                          "total_steps": total_steps, "effective_batch": effective_batch, "peak_lr": peak_lr,
+                          "device": str(device), "precision": precision, "strides": model.encoder.strides,
+                          "world": info.world, "sync_bn": info.world > 1 and cfg.sync_bn,
+                          "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                          "run_dir": str(run_dir)}), flush=True)
     if step == 0:
         visualise("epoch0000_start", 0)
 
+    def global_bad() -> int:
+        return bad_base + int(all_reduce_sum(torch.tensor(float(bad_local), device=device)))
+
     def save(epoch: int, batch: int):
-        ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "batch": batch, "step": step, "images_seen": images_seen,
-                    "bad_images": bad_total, "first_loss": first_loss, "config": cfg.to_dict(),
-                    "norm_mean": list(mean), "norm_std": list(std)}, step)
+        bad = global_bad()
+        if main:
+            ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "epoch": epoch, "batch": batch, "step": step, "images_seen": images_seen,
+                        "bad_images": bad, "first_loss": first_loss, "config": cfg.to_dict(),
+                        "norm_mean": list(mean), "norm_std": list(std), "world": info.world}, step)
+        barrier()  # no rank runs ahead of a checkpoint being written
 
     progress = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
     model.train()
+    bad_base, bad_local = bad_total, 0
     t0, last_loss, window_images = time.perf_counter(), float("nan"), 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
 
     def check_finite(where: str):
-        if bool(nonfinite):
+        if bool(all_reduce_sum(nonfinite.float())):
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite before {where} (step {step}); the run stopped and the last good "
                 f"checkpoint in {run_dir} was kept. Lower the learning rate, use bf16 instead of fp16, or check the data.")
@@ -267,8 +319,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             sampler.set_epoch(epoch, skip)
             micro = 0
             for batch_idx, (images, bad) in enumerate(loader, start=skip):
-                bad_total += bad
-                images = images.to(device, non_blocking=True)
+                bad_local += bad
+                images = images.to(device, torch.float64 if precision == "fp64" else None, non_blocking=True)
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if micro == 0:
@@ -277,11 +329,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         if g.get("decay"):
                             g["weight_decay"] = schedule.weight_decay(step)
                 torch.manual_seed(cfg.seed * 7919 + step * 13 + micro)  # stochastic depth etc.
-                masks = _step_masks(model, images, cfg.seed, step, micro)
-                with autocast():
-                    out = model(images, masks)
-                loss = out.loss.float()
-                scaler.scale(loss / cfg.accum_steps).backward()
+                masks = _step_masks(model, images, cfg.seed, step, micro, info.rank, info.world)
+                accumulating = info.world > 1 and micro + 1 < cfg.accum_steps
+                with ddp.no_sync() if accumulating else contextlib.nullcontext():
+                    with autocast():
+                        out = ddp(images, masks)
+                    loss = out.loss.float()
+                    scaler.scale(loss / cfg.accum_steps).backward()
                 nonfinite |= ~torch.isfinite(loss.detach())
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -300,15 +354,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 images_seen += effective_batch
                 if step % cfg.log_every_steps == 0 or step == total_steps:
                     check_finite("logging")
-                    last_loss = float(loss_sum) / loss_count
+                    totals = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(loss_count))]))
+                    last_loss = float(totals[0] / totals[1])
+                    bad_total = global_bad()
                     if first_loss is None:
                         first_loss = last_loss
                     elapsed = time.perf_counter() - t0
                     record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": schedule.lr(step - 1),
                               "weight_decay": schedule.weight_decay(step - 1),
-                              "img_per_s": window_images / max(elapsed, 1e-9), "bad_images": bad_total,
+                              "img_per_s": window_images * info.world / max(elapsed, 1e-9), "bad_images": bad_total,
                               "images_seen": images_seen}
-                    metrics.log(record)
+                    if metrics is not None:
+                        metrics.log(record)
                     if progress is not None:
                         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                              img_s=f"{record['img_per_s']:.1f}", refresh=False)
@@ -331,11 +388,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     finally:
         if progress is not None:
             progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     from .checkpoint import save_encoder_weights
 
-    weights = save_encoder_weights(model.encoder, run_dir / "encoder.safetensors")
+    weights = run_dir / "encoder.safetensors"
+    if main:
+        save_encoder_weights(model.encoder, weights)
+    barrier()
     summary = {"event": "done", "epochs": cfg.epochs, "steps": step, "images_seen": images_seen,
                "bad_images": bad_total, "loss_first": first_loss, "loss_last": last_loss,
                "seconds": round(time.perf_counter() - started, 1), "encoder_weights": str(weights), "run_dir": str(run_dir)}

@@ -179,6 +179,16 @@ class SparK(nn.Module):
             visible=out.visible,
         )
 
+    def set_sync_group(self, group) -> None:
+        """Batch statistics over all ranks of ``group`` (None: per process) for the encoder's batch
+        norms (visible sites of every rank), the densify norms and the decoder's batch norms."""
+        from .decoder import SyncableBatchNorm2d
+
+        self.encoder.sync_group = group
+        for m in self.modules():
+            if isinstance(m, SyncableBatchNorm2d):
+                m.sync_group = group
+
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights with the original model's keys (what export writes)."""
         return self.encoder.model.state_dict()

@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..masking import MaskPyramid
 
-__all__ = ["SparseMode", "SparseSemanticsError", "masked_batch_norm"]
+__all__ = ["SparseMode", "SparseSemanticsError", "masked_batch_norm", "batch_norm_rows"]
 
 
 class SparseSemanticsError(RuntimeError):
@@ -48,9 +48,37 @@ def _pair(v) -> tuple:
     return (v, v)
 
 
+def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
+                    group=None) -> Tensor:
+    """Batch norm of ``(N, C)`` rows; with a process ``group`` in training, the batch statistics
+    are those of the rows of every rank (two all-reduces, differentiable)."""
+    if group is None or not training:
+        return F.batch_norm(rows, running_mean, running_var, weight, bias, training,
+                            0.1 if momentum is None else momentum, eps)
+    from torch.distributed.nn.functional import all_reduce
+
+    c = rows.shape[1]
+    local = torch.cat([rows.sum(0), rows.new_full((1,), float(rows.shape[0]))])
+    total = all_reduce(local, group=group)
+    count = total[c]
+    mean = total[:c] / count
+    centred = rows - mean
+    var = all_reduce(centred.pow(2).sum(0), group=group) / count
+    out = centred * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight + bias
+    if running_mean is not None:
+        m = 0.1 if momentum is None else momentum
+        with torch.no_grad():
+            running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
+    return out
+
+
 def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, running_var, weight, bias,
-                      training: bool, momentum, eps: float) -> Tensor:
-    """Batch norm of an NCHW map whose statistics come from visible sites only; zero elsewhere."""
+                      training: bool, momentum, eps: float, group=None) -> Tensor:
+    """Batch norm of an NCHW map whose statistics come from visible sites only (of all ranks in
+    ``group``); zero elsewhere."""
     b, c, h, w = x.shape
     visible = masks.at(factor)
     if not training and running_mean is not None:
@@ -58,8 +86,7 @@ def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, 
         return torch.where(visible, out, 0.0)
     idx = masks.rows(factor)
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, idx)
-    out_rows = F.batch_norm(rows, running_mean, running_var, weight, bias, training,
-                            0.1 if momentum is None else momentum, eps)
+    out_rows = batch_norm_rows(rows, running_mean, running_var, weight, bias, training, momentum, eps, group)
     out = out_rows.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -128,9 +155,10 @@ _MASKED_REDUCTIONS = frozenset("mean nanmean sum nansum amax amin max min norm v
 class SparseMode(TorchFunctionMode):
     """Sparse semantics for one forward pass of one encoder, for one batch's masks."""
 
-    def __init__(self, masks: MaskPyramid, path: list[tuple[str, str]] | None = None):
+    def __init__(self, masks: MaskPyramid, path: list[tuple[str, str]] | None = None, sync_group=None):
         super().__init__()
         self.masks = masks
+        self.sync_group = sync_group  # process group for batch statistics across ranks, or None
         self.batch = masks.batch
         self.path = path  # (module name, type) stack, kept only while probing a model at build time
 
@@ -325,7 +353,8 @@ def _batch_norm(mode: SparseMode, func, x, running_mean, running_var, weight=Non
         return func(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if x.dim() != 4:
         mode.fail(func, x, "is a batch norm over a map that is not 4-D")
-    return masked_batch_norm(x, mode.masks, f, running_mean, running_var, weight, bias, training, momentum, eps)
+    return masked_batch_norm(x, mode.masks, f, running_mean, running_var, weight, bias, training, momentum, eps,
+                             mode.sync_group)
 
 
 def _group_norm(mode: SparseMode, func, x, num_groups, weight=None, bias=None, eps=1e-5):

@@ -1,0 +1,73 @@
+"""DDP over gloo on CPU with torchrun: equivalence with one process; resume across world sizes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparkmim.checkpoint import CheckpointManager
+from sparkmim.config import load_config
+from sparkmim.engine import pretrain
+
+BASE = dict(model="resnet10t", input_size=64, decoder_width=32, workers=0, warmup_epochs=0.5, lr=2e-3,
+            log_every_steps=1, vis_every_epochs=100, tensorboard=False, progress=False, dist_timeout=60)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_images")
+    rng = np.random.default_rng(3)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def torchrun(nproc: int, options: dict, log: Path, extra=()) -> subprocess.Popen:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
+           "-m", "sparkmim", "pretrain", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def final_model(out: Path) -> dict:
+    return torch.load(CheckpointManager(out).latest(), weights_only=True)
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batch(folder, tmp_path):
+    common = {**BASE, "data": folder, "epochs": 1, "precision": "fp64"}  # float64: tight comparison
+    pretrain(load_config(None, {**common, "batch_size": 4, "out": str(tmp_path / "single")}))
+    log = tmp_path / "ddp.log"
+    proc = torchrun(2, {**common, "batch_size": 2, "sync_bn": True, "out": tmp_path / "ddp"}, log)
+    assert proc.wait(300) == 0, log.read_text()[-3000:]
+    single, ddp = final_model(tmp_path / "single"), final_model(tmp_path / "ddp")
+    assert single["step"] == ddp["step"] == 4 and ddp["world"] == 2
+    changed = 0
+    for k, v in single["model"].items():
+        if not v.is_floating_point():
+            assert torch.equal(v, ddp["model"][k]), k
+            continue
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+        changed += 1
+    assert changed > 0
+    # the sparse SyncBatchNorm saw both ranks: running statistics equal the single process's
+    torch.testing.assert_close(ddp["model"]["encoder.model.bn1.running_var"],
+                               single["model"]["encoder.model.bn1.running_var"], rtol=1e-12, atol=1e-12)
+    assert '"world": 2' in log.read_text() and '"sync_bn": true' in log.read_text()
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process(folder, tmp_path):
+    out = tmp_path / "shrink"
+    common = {**BASE, "data": folder, "batch_size": 2}
+    proc = torchrun(2, {**common, "epochs": 1, "out": out}, tmp_path / "two.log")
+    assert proc.wait(300) == 0
+    summary = pretrain(load_config(None, {**common, "epochs": 2, "out": str(out), "resume": "auto"}))
+    # epoch 1: 4 steps of 4 images on 2 ranks; epoch 2: 8 steps of 2 images on 1 rank. The step
+    # counter (and so the lr schedule) is re-expressed in the new effective batch: 16 images = 8 steps
+    assert summary["images_seen"] == 32 and summary["steps"] == 16
+    assert CheckpointManager(out).latest().name == "checkpoint-00000016.pth"
