@@ -2,12 +2,12 @@
 
 from dataclasses import fields
 
-import numpy as np
 import pytest
 import timm
 import yaml
 from PIL import Image
 
+from conftest import write_noise_images
 from sparkmim.checkpoint import load_encoder_weights
 from sparkmim.cli import RECIPES, build_parser, main
 from sparkmim.config import ConfigError, PretrainConfig, load_config
@@ -18,11 +18,7 @@ TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("imgs"), 8, (70, 90), seed=1, suffix=".jpg")
 
 
 def test_every_option_is_documented_in_help(capsys):

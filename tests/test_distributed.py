@@ -5,11 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import write_noise_images
 from sparkmim.checkpoint import CheckpointManager
 from sparkmim.config import load_config
 from sparkmim.engine import pretrain
@@ -20,11 +19,7 @@ BASE = dict(model="resnet10t", input_size=64, decoder_width=32, workers=0, warmu
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_images")
-    rng = np.random.default_rng(3)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return root
+    return write_noise_images(tmp_path_factory.mktemp("ddp_images"), 16, (70, 70), seed=3)
 
 
 def torchrun(nproc: int, options: dict, log: Path, extra=()) -> subprocess.Popen:
