@@ -48,21 +48,19 @@ def _load_run(path: str):
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import key_report, load_encoder_weights, save_encoder_weights
-    from .engine import build_model
+    from .backbones import create_backbone
+    from .checkpoint import load_encoder_weights, save_encoder_weights
 
     ckpt, state, cfg = _load_run(args.run)
     prefix = "encoder.model."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    model = build_model(cfg)
-    backbone = model.encoder.model
+    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
     load_encoder_weights(backbone, weights, strict=True)
     fmt = args.format
     out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
     save_encoder_weights(backbone, out)
-    fresh = build_model(cfg).encoder.model  # a freshly built original model: the file must load strictly
-    report = key_report(fresh, weights)
-    load_encoder_weights(fresh, out, strict=True)
+    fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
+    report = load_encoder_weights(fresh, out, strict=True)
     print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
                       "matched": len(report["matched"]), "missing": report["missing"],
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],

@@ -29,7 +29,7 @@ from .data import (
 from .encoder import SparseEncoder
 from .masking import MaskPyramid, num_visible, random_visible
 from .model import SparK
-from .visualize import save_reconstruction_grid
+from .visualize import reconstruction_grid, save_grid
 
 __all__ = ["build_model", "param_groups", "Schedule", "resolve_device", "resolve_precision", "pretrain",
            "NonFiniteLossError"]
@@ -168,8 +168,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pre-training job; returns the final summary."""
     from .distributed import cleanup, init_distributed
 
-    resolve_device(cfg.device)  # clear error before any process group is formed
-    info, device = init_distributed(cfg.device, cfg.dist_timeout)
+    info, device = init_distributed(resolve_device(cfg.device), cfg.dist_timeout)
     try:
         return _pretrain(cfg, info, device)
     finally:
@@ -255,21 +254,19 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                                          drop_last=True, **loader_kw)
     metrics = _Metrics(run_dir, cfg.tensorboard) if main else None
-    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in range(min(8, len(dataset)))])
+    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in range(min(8, len(dataset)))]) if main else None
 
-    def visualise(tag: str, epoch: int):
+    def visualise(tag: str):
         if not main:
-            return None
+            return
         model.eval()
         g = torch.Generator().manual_seed(cfg.seed)
         rec = model.reconstruct(vis_images.to(device, next(model.parameters()).dtype), visible=random_visible(
             vis_images.shape[0], model.grid(vis_images), model.mask_ratio, generator=g).to(device))
         model.train()
-        path = save_reconstruction_grid(rec, run_dir / "reconstructions" / f"{tag}.png", mean, std)
-        from .visualize import reconstruction_grid
-
-        metrics.image("reconstruction", reconstruction_grid(rec, mean, std), step)
-        return path
+        grid = reconstruction_grid(rec, mean, std)
+        save_grid(grid, run_dir / "reconstructions" / f"{tag}.png")
+        metrics.image("reconstruction", grid, step)
 
     total_steps = cfg.epochs * steps_per_epoch
     started = time.perf_counter()
@@ -281,7 +278,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                           "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                           "run_dir": str(run_dir)}), flush=True)
     if step == 0:
-        visualise("epoch0000_start", 0)
+        visualise("epoch0000_start")
 
     def global_bad() -> int:
         return bad_base + int(all_reduce_sum(torch.tensor(float(bad_local), device=device)))
@@ -384,7 +381,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                 check_finite("a checkpoint")
                 save(epoch + 1, 0)
             if (epoch + 1) % cfg.vis_every_epochs == 0 or epoch + 1 == cfg.epochs:
-                visualise(f"epoch{epoch + 1:04d}", epoch + 1)
+                visualise(f"epoch{epoch + 1:04d}")
     finally:
         if progress is not None:
             progress.close()

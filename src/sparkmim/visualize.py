@@ -8,7 +8,7 @@ import torch
 
 from .model import Reconstruction
 
-__all__ = ["reconstruction_grid", "save_reconstruction_grid"]
+__all__ = ["reconstruction_grid", "save_grid", "save_reconstruction_grid"]
 
 
 def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> torch.Tensor:
@@ -36,10 +36,15 @@ def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> 
     return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 
-def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8) -> Path:
+def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
+    """Write a ``(3, H, W)`` image in [0, 1] as PNG, creating the folder."""
     from torchvision.utils import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(reconstruction_grid(rec, mean, std, max_images), path)
+    save_image(grid, path)
     return path
+
+
+def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8) -> Path:
+    return save_grid(reconstruction_grid(rec, mean, std, max_images), path)
