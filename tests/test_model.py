@@ -189,3 +189,16 @@ def test_bf16_autocast_runs_the_sparse_layers(name):
     out.loss.backward()
     assert torch.isfinite(out.loss) and abs(out.loss.item() - ref.item()) < 0.05
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, unused", [("resnet10t", []), ("convnext_atto", ["head.norm.weight", "head.norm.bias"]),
+                                          ("efficientnet_b0", ["conv_head.weight", "bn2.weight", "bn2.bias"])])
+def test_parameters_that_reach_no_feature_are_found_at_build(name, unused):
+    model = tiny(name, dtype=torch.float32, decoder_width=32)
+    assert model.encoder.unused_parameters == unused
+    assert model.unused_parameters() == [f"encoder.model.{n}" for n in unused]
+    # they really get no gradient, and every other parameter does
+    x = torch.randn(2, 3, 64, 96)
+    model(x, model.random_masks(x, torch.Generator().manual_seed(0))).loss.backward()
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert no_grad == sorted(model.unused_parameters())

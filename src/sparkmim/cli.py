@@ -1,9 +1,10 @@
-"""Command line: ``sparkmim pretrain | demo | export | reconstruct | models``."""
+"""Command line: ``sparkmim pretrain | demo | export | reconstruct | evaluate | models``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
     args.config = _recipe(args.config or recipe)
     cfg = config_from_args(args)
     summary = pretrain(cfg)
-    print(json.dumps(summary), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary from rank 0
+        print(json.dumps(summary), flush=True)
     return 0
 
 
@@ -97,6 +99,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .evaluate import EvalConfig, evaluate
+
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
+    evaluate(EvalConfig(**values))
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .backbones import TESTED_TIMM, TESTED_TORCHVISION
 
@@ -144,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask-ratio", type=float, help="default: the run's")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_reconstruct)
+
+    from .evaluate import MODES, EvalConfig
+
+    v = sub.add_parser("evaluate", help="k-NN, linear probe or fine-tuning accuracy on a labelled image folder",
+                       description="Evaluate backbone weights on a labelled folder (one sub-folder per class). "
+                                   "--weights takes several sources (random, pretrained, sparkmim runs or exported "
+                                   "files), evaluated the same way and shown in one table; results.json goes to --out.")
+    v.add_argument("mode", choices=MODES, help="knn: weighted k-NN on pooled features; linear: BatchNorm + linear "
+                                               "head on frozen features; finetune: full fine-tuning")
+    add_config_arguments(v, EvalConfig, skip=("mode",))
+    v.set_defaults(func=_evaluate)
 
     m = sub.add_parser("models", help="list the backbones tested with sparkmim")
     m.add_argument("--filter", help="substring of the name or family")

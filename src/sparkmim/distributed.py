@@ -37,8 +37,25 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[Di
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if use_cuda else None)
+                                device_id=device if use_cuda else None, store=_restart_store(world, timeout_s),
+                                rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank), device
+
+
+def _restart_store(world: int, timeout_s: float) -> dist.Store | None:
+    """A key space of its own for each torchrun restart.
+
+    torchrun (``--max-restarts``) keeps one agent-hosted TCP store for all rounds of a run, so the
+    keys a process group writes while connecting (peer addresses) survive from the failed round, and
+    the restarted ranks would read the dead ranks' addresses and time out. Prefixing the store with
+    the restart count gives every round fresh keys. ``None`` (plain ``env://``) when not under an
+    agent-hosted store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"sparkmim/restart-{restart}", store)
 
 
 def barrier() -> None:

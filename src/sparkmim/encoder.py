@@ -108,6 +108,8 @@ class SparseEncoder(nn.Module):
         self._capture: dict[str, Tensor] | None = None
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
         self._stop_at: str | None = None
+        # parameters that do not reach any feature map (e.g. a classifier head), found by check()
+        self.unused_parameters: list[str] | None = None
         specs = self._discover(feature_modules, probe_size, min_stride)
         self.features: list[FeatureSpec] = specs
         self.strides = tuple(s.stride for s in specs)
@@ -279,7 +281,7 @@ class SparseEncoder(nn.Module):
                 visible[0, 0, 0, 0] = visible[0, 0, 1, 1] = visible[1, 0, 0, 1] = visible[1, 0, 1, 0] = True
                 masks = MaskPyramid(visible, keep=2)
                 try:
-                    with torch.random.fork_rng(devices=[]):
+                    with torch.random.fork_rng(devices=[]), torch.enable_grad():
                         feats = self._encode(x, masks, path)
                 except SparseSemanticsError:
                     raise
@@ -293,6 +295,9 @@ class SparseEncoder(nn.Module):
                             f"feature '{s.module}' has size {tuple(f.shape[-2:])} for a {tuple(x.shape[-2:])} input; "
                             f"expected stride {s.stride}"
                         )
+                reached = _graph_leaves(feats)
+                self.unused_parameters = [n for n, q in self.model.named_parameters()
+                                          if q.requires_grad and id(q) not in reached]
                 return
             raise RuntimeError(f"sparse probe forward of {type(self.model).__name__} failed: {last_error}") from last_error
         finally:
@@ -330,6 +335,20 @@ class SparseEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}"
+
+
+def _graph_leaves(outputs: list[Tensor]) -> set[int]:
+    """``id`` of each leaf tensor (parameter) that the autograd graph of ``outputs`` reaches."""
+    seen, leaves, stack = set(), set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad
+            leaves.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
 
 
 def _param_kwargs(model: nn.Module) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import time
@@ -202,6 +203,11 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if info.world > 1 and cfg.sync_bn:
         model.set_sync_group(dist.group.WORLD)
+    # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
+    # need not search the graph for them each step; they are still exported unchanged
+    unused = model.unused_parameters()
+    for name in unused or ():
+        model.get_parameter(name).requires_grad_(False)
     effective_batch = cfg.batch_size * cfg.accum_steps * info.world
     peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * effective_batch / 256
     if cfg.betas == "auto":
@@ -247,8 +253,12 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         (run_dir / "config.yaml").write_text(_yaml(cfg))
     ddp = model
     if info.world > 1:
+        # buffers: with sparse SyncBatchNorm every rank computes the same running statistics, so
+        # copying rank 0's before each forward is wasted work (the keyword was renamed in torch 2.12)
+        sync_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers"
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=True, broadcast_buffers=not cfg.sync_bn)
+                                      find_unused_parameters=unused is None, **{sync_buffers: not cfg.sync_bn})
 
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,

@@ -189,6 +189,13 @@ class SparK(nn.Module):
             if isinstance(m, SyncableBatchNorm2d):
                 m.sync_group = group
 
+    def unused_parameters(self) -> list[str] | None:
+        """Names of parameters that never receive a gradient (backbone parts after the last
+        feature map, e.g. a classifier head); None when the encoder was built without its check."""
+        if self.encoder.unused_parameters is None:
+            return None
+        return [f"encoder.model.{n}" for n in self.encoder.unused_parameters]
+
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights with the original model's keys (what export writes)."""
         return self.encoder.model.state_dict()

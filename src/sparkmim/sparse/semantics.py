@@ -48,6 +48,28 @@ def _pair(v) -> tuple:
     return (v, v)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of ``group``; the gradient of every rank's input is the sum of the
+    gradients of every rank's output."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
                     group=None) -> Tensor:
     """Batch norm of ``(N, C)`` rows; with a process ``group`` in training, the batch statistics
@@ -55,15 +77,13 @@ def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, train
     if group is None or not training:
         return F.batch_norm(rows, running_mean, running_var, weight, bias, training,
                             0.1 if momentum is None else momentum, eps)
-    from torch.distributed.nn.functional import all_reduce
-
     c = rows.shape[1]
     local = torch.cat([rows.sum(0), rows.new_full((1,), float(rows.shape[0]))])
-    total = all_reduce(local, group=group)
+    total = _AllReduceSum.apply(local, group)
     count = total[c]
     mean = total[:c] / count
     centred = rows - mean
-    var = all_reduce(centred.pow(2).sum(0), group=group) / count
+    var = _AllReduceSum.apply(centred.pow(2).sum(0), group) / count
     out = centred * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight + bias
