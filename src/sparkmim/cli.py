@@ -1,4 +1,4 @@
-"""Command line: ``sparkmim pretrain | demo | export | reconstruct | evaluate | models``."""
+"""Command line: ``sparkmim pretrain | demo | export | reconstruct | evaluate | handoff | models``."""
 
 from __future__ import annotations
 
@@ -109,6 +109,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _handoff(args: argparse.Namespace) -> int:
+    from .handoff import save_torchvision
+
+    report = save_torchvision(args.weights, args.arch, args.out)
+    print(json.dumps({"event": "handoff", "weights": args.weights, "arch": f"torchvision:{args.arch}", "out": args.out,
+                      "matched": len(report["matched"]), "missing": report["missing"],
+                      "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
+                      "classifier_kept": report["classifier_kept"]}), flush=True)
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .backbones import TESTED_TIMM, TESTED_TORCHVISION
 
@@ -167,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                "head on frozen features; finetune: full fine-tuning")
     add_config_arguments(v, EvalConfig, skip=("mode",))
     v.set_defaults(func=_evaluate)
+
+    h = sub.add_parser("handoff", help="rewrite exported weights with torchvision's keys (for detection models)",
+                       description="Write exported ResNet or ConvNeXt weights as a state dict of torchvision model "
+                                   "ARCH (timm ConvNeXt keys are renamed), with a key report. In Python, "
+                                   "sparkmim.handoff.fasterrcnn / maskrcnn build detectors directly.")
+    h.add_argument("weights", help="exported .safetensors/.pth, run folder or checkpoint")
+    h.add_argument("--arch", required=True, help="torchvision model, e.g. resnet50 or convnext_tiny")
+    h.add_argument("--out", required=True, help="output .pth (torch.save of the state dict)")
+    h.set_defaults(func=_handoff)
 
     m = sub.add_parser("models", help="list the backbones tested with sparkmim")
     m.add_argument("--filter", help="substring of the name or family")

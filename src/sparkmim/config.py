@@ -104,10 +104,11 @@ class PretrainConfig:
     ARCHITECTURE = ("model", "in_chans", "decoder_width", "densify_norm", "hierarchical", "pos_embed")
 
 
-def _types() -> dict[str, type]:
-    hints = typing.get_type_hints(PretrainConfig)
+def _types(cls=None) -> dict[str, type]:
+    cls = cls or PretrainConfig
+    hints = typing.get_type_hints(cls)
     out = {}
-    for f in fields(PretrainConfig):
+    for f in fields(cls):
         t = hints[f.name]
         args = [a for a in typing.get_args(t) if a is not type(None)]
         out[f.name] = args[0] if args else t
@@ -156,11 +157,16 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per config field (defaults shown; they apply unless a YAML file sets them)."""
-    parser.add_argument("--config", help="YAML file with options (command-line flags override it)")
-    types = _types()
-    for f in fields(PretrainConfig):
+def add_config_arguments(parser: argparse.ArgumentParser, cls=None, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per field of the config dataclass ``cls`` (default :class:`PretrainConfig`,
+    which also takes ``--config`` YAML files; defaults shown, they apply unless a YAML file sets them)."""
+    if cls is None:
+        cls = PretrainConfig
+        parser.add_argument("--config", help="YAML file with options (command-line flags override it)")
+    types = _types(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
         t = types[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default
