@@ -264,7 +264,9 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                                          drop_last=True, **loader_kw)
     metrics = _Metrics(run_dir, cfg.tensorboard) if main else None
-    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in range(min(8, len(dataset)))]) if main else None
+    # eight images spread over the (sorted) data set, so a class-per-folder tree shows several classes
+    shown = sorted({i * len(dataset) // min(8, len(dataset)) for i in range(min(8, len(dataset)))})
+    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in shown]) if main else None
 
     def visualise(tag: str):
         if not main:
