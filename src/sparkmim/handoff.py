@@ -113,22 +113,24 @@ def detection_backbone(weights, arch: str = "resnet50", trainable_layers: int = 
     return _resnet_fpn_extractor(resnet, trainable_layers), report
 
 
+def _detector(cls, weights, arch: str, num_classes: int, kwargs: dict):
+    bb_kw = {k: kwargs.pop(k) for k in ("trainable_layers", "norm_layer", "strict") if k in kwargs}
+    backbone, report = detection_backbone(weights, arch, **bb_kw)
+    return cls(backbone, num_classes=num_classes, **kwargs), report
+
+
 def fasterrcnn(weights, arch: str = "resnet50", num_classes: int = 91, **kwargs):
     """torchvision Faster R-CNN with an FPN backbone from exported weights; ``(model, key report)``."""
     from torchvision.models.detection import FasterRCNN
 
-    bb_kw = {k: kwargs.pop(k) for k in ("trainable_layers", "norm_layer", "strict") if k in kwargs}
-    backbone, report = detection_backbone(weights, arch, **bb_kw)
-    return FasterRCNN(backbone, num_classes=num_classes, **kwargs), report
+    return _detector(FasterRCNN, weights, arch, num_classes, kwargs)
 
 
 def maskrcnn(weights, arch: str = "resnet50", num_classes: int = 91, **kwargs):
     """torchvision Mask R-CNN (instance segmentation) with an FPN backbone from exported weights."""
     from torchvision.models.detection import MaskRCNN
 
-    bb_kw = {k: kwargs.pop(k) for k in ("trainable_layers", "norm_layer", "strict") if k in kwargs}
-    backbone, report = detection_backbone(weights, arch, **bb_kw)
-    return MaskRCNN(backbone, num_classes=num_classes, **kwargs), report
+    return _detector(MaskRCNN, weights, arch, num_classes, kwargs)
 
 
 def save_torchvision(weights, arch: str, out: str | Path) -> dict:
