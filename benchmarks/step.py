@@ -1,26 +1,48 @@
-"""Time one full SparK training step (forward, backward, LAMB step) and print one JSON line.
+"""Time SparK training steps for several implementations and levers side by side; JSON lines.
 
-    python benchmarks/step.py --model resnet50 --batch 8 --size 224 --device cpu
-    python benchmarks/step.py --model convnext_small --batch 128 --device cuda --precision bf16
+    python benchmarks/step.py --model resnet50 --batch 8 --size 224 --device cpu \\
+        --variants reference,fast --parts step,encoder
+    python benchmarks/step.py --model convnext_small --batch 128 --device cuda \\
+        --variants reference+bf16,fast+bf16,fast+bf16+cl,fast+bf16+cl+compile
 
-Reports the median milliseconds per step over --steps timed steps (after --warmup untimed
-ones), images per second from that median, and peak memory: on CUDA the allocator's peak;
-on CPU the process's peak resident set size (it includes the Python process and libraries).
-``--part encoder`` times the sparse encoder's forward+backward alone.
+A variant is an implementation of the sparse encoder (``reference``: dense then mask;
+``fast``: visible sites only) followed by levers joined with ``+``:
+
+    bf16 / fp16  autocast (fp16 with gradient scaling)
+    cl           channels_last memory format for the model and the images
+    compile      torch.compile of the dense decoder (the sparse encoder runs eagerly)
+
+Every variant gets its own copy of one seeded model (same weights) and optimiser. Timed steps
+alternate between the variants (one step of each, then the next round), so slow drifts of the
+machine hit every variant alike; the median over rounds is reported.
+
+Parts: ``step`` = forward, backward, gradient clipping and LAMB step of the whole model;
+``encoder`` = the sparse encoder's forward and backward alone; ``decoder`` = densify, decoder
+and loss forward and backward on fixed encoder features.
+
+Peak memory: on CUDA the allocator's peak during the variant's step, less what the other
+variants hold, plus this variant's own parameters and optimiser state (what a process running
+this variant alone would peak at). On CPU each variant runs once more in a child process and
+reports the child's peak resident set size (``peak_rss_mb``, whole process) and its growth
+during the steps (``step_rss_mb``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
+
+LEVERS = ("bf16", "fp16", "cl", "compile")
 
 
 def parse(argv=None):
@@ -29,94 +51,191 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--variants", default="reference,fast", help="comma-separated IMPL[+LEVER...]; levers: "
+                   + ", ".join(LEVERS))
+    p.add_argument("--parts", default="step", help="comma-separated: step, encoder, decoder")
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--decoder-width", type=int, default=768)
-    p.add_argument("--part", choices=["step", "encoder"], default="step")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--memory", choices=["auto", "on", "off"], default="auto",
+                   help="CPU: measure each variant's peak RSS in a child process (auto: on for CPU)")
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse(argv)
+class Variant:
+    def __init__(self, spec: str):
+        parts = spec.split("+")
+        self.spec, self.impl, self.levers = spec, parts[0], set(parts[1:])
+        if self.impl not in ("reference", "fast"):
+            raise SystemExit(f"unknown implementation {self.impl!r} in variant {spec!r}")
+        bad = self.levers - set(LEVERS)
+        if bad:
+            raise SystemExit(f"unknown levers {sorted(bad)} in variant {spec!r}; known: {', '.join(LEVERS)}")
+        self.dtype = torch.bfloat16 if "bf16" in self.levers else torch.float16 if "fp16" in self.levers else None
+
+
+def build(args, variant: Variant, base, device):
     from timm.optim import Lamb
 
+    from sparkmim.engine import param_groups
+
+    model = copy.deepcopy(base).to(device).train()
+    model.encoder.sparse_impl = variant.impl
+    if "cl" in variant.levers:
+        model = model.to(memory_format=torch.channels_last)
+    if "compile" in variant.levers:
+        model.decoder.compile()
+    opt = Lamb(param_groups(model), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.04)
+    scaler = torch.amp.GradScaler(device.type, enabled="fp16" in variant.levers)
+    return model, opt, scaler
+
+
+def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
+    autocast = (lambda: torch.autocast(device.type, dtype=variant.dtype)) if variant.dtype else contextlib.nullcontext
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = images.contiguous(memory_format=torch.channels_last) if "cl" in variant.levers else images
+    fixed = {}
+
+    def step():
+        masks = model.random_masks(x, gen)
+        if part == "encoder":
+            with autocast():
+                feats = model.forward_encoder(x, masks)
+                loss = sum(f.float().square().mean() for f in feats)
+            loss.backward()
+        elif part == "decoder":
+            if "feats" not in fixed:
+                with torch.no_grad(), autocast():
+                    fixed["masks"] = masks
+                    fixed["feats"] = [f.detach() for f in model.forward_encoder(x, masks)]
+            masks = fixed["masks"]
+            with autocast():
+                pred = model.forward_decoder(model.forward_densify(fixed["feats"], masks))
+                loss = model.forward_loss(x, pred, masks.visible)
+            loss.backward()
+        else:
+            with autocast():
+                out = model(x, masks)
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def state_bytes(model, opt) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n += sum(b.numel() * b.element_size() for b in model.buffers())
+    for s in opt.state.values():
+        n += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
+    return n
+
+
+def child_rss(argv, spec: str, part: str) -> dict:
+    """Peak RSS of a child process that runs one variant alone."""
+    cmd = [sys.executable, __file__, *argv, "--variants", spec, "--parts", part, "--steps", "1", "--warmup", "1",
+           "--memory", "off", "--rss-child"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+
+
+def main(argv=None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
     from sparkmim import SparK, SparseEncoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = SparK(SparseEncoder.from_timm(args.model), mask_ratio=args.mask_ratio,
-                  decoder_width=args.decoder_width).to(device).train()
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = Lamb(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.04)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    images = torch.randn(args.batch, model.in_chans, args.size, args.size, device=device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    gen = torch.Generator(device=device).manual_seed(0)
-    run = torch.compile(model) if args.compile else model
-
-    def step():
-        if args.part == "encoder":
-            masks = model.random_masks(images, gen)
-            with autocast:
-                feats = model.encoder(images, masks)
-                loss = sum(f.float().mean() for f in feats)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            return
-        with autocast:
-            out = run(images, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(opt)
-        scaler.update()
+    base = SparK(SparseEncoder.from_timm(args.model), mask_ratio=args.mask_ratio, decoder_width=args.decoder_width)
+    variants = [Variant(s) for s in args.variants.split(",") if s]
+    parts = [p for p in args.parts.split(",") if p]
+    images = torch.randn(args.batch, base.in_chans, args.size, args.size,
+                         generator=torch.Generator().manual_seed(1)).to(device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
+    if args.rss_child:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = []
+    for part in parts:
+        runs = []
+        for v in variants:
+            model, opt, scaler = build(args, v, base, device)
+            runs.append((v, model, opt, make_step(args, v, model, opt, scaler, images, part, device), []))
+        if args.rss_child:
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(args.warmup):
+            for v, model, opt, step, _times in runs:
+                step()
         sync()
-        times.append((time.perf_counter() - t) * 1000)
-    ms = statistics.median(times)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        card = torch.cuda.get_device_name(device)
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        card = platform.processor() or platform.machine()
-    result = {
-        "bench": "step", "part": args.part, "model": args.model, "batch": args.batch, "size": args.size,
-        "device": device.type, "card": card, "threads": torch.get_num_threads(), "precision": args.precision,
-        "channels_last": args.channels_last, "compile": args.compile, "mask_ratio": args.mask_ratio,
-        "decoder_width": args.decoder_width, "ms_per_step_median": round(ms, 1),
-        "ms_min": round(min(times), 1), "img_per_s": round(args.batch * 1000 / ms, 1),
-        "peak_mem_mb": round(peak_mb, 1), "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
-        "torch": torch.__version__, "steps": args.steps,
-    }
-    print(json.dumps(result), flush=True)
-    return result
+        peaks = {}
+        for _ in range(args.steps):
+            for v, model, opt, step, times in runs:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                t = time.perf_counter()
+                step()
+                sync()
+                times.append((time.perf_counter() - t) * 1000)
+                if device.type == "cuda":
+                    rise = torch.cuda.max_memory_allocated(device) - before
+                    peaks[v.spec] = max(peaks.get(v.spec, 0), rise + state_bytes(model, opt))
+        for v, model, opt, step, times in runs:
+            ms = statistics.median(times)
+            r = {
+                "bench": "step", "part": part, "variant": v.spec, "impl": v.impl, "levers": sorted(v.levers),
+                "model": args.model, "batch": args.batch, "size": args.size, "device": device.type,
+                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "mask_ratio": args.mask_ratio, "decoder_width": args.decoder_width, "steps": args.steps,
+                "ms_median": round(ms, 1), "ms_min": round(min(times), 1),
+                "img_per_s": round(args.batch * 1000 / ms, 1),
+            }
+            if device.type == "cuda":
+                r["peak_mem_mb"] = round(peaks[v.spec] / 2**20, 1)
+            if args.rss_child:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                r["peak_rss_mb"], r["step_rss_mb"] = round(peak / 1024, 1), round((peak - rss0) / 1024, 1)
+            results.append(r)
+        del runs
+    if device.type == "cpu" and (args.memory == "on" or (args.memory == "auto" and not args.rss_child)):
+        strip = _drop_values(argv, ("--variants", "--parts", "--steps", "--warmup", "--memory"))
+        for r in results:
+            child = child_rss(strip, r["variant"], r["part"])
+            r["peak_rss_mb"], r["step_rss_mb"] = child["peak_rss_mb"], child["step_rss_mb"]
+    for r in results:
+        print(json.dumps(r), flush=True)
+    return results
+
+
+def _drop_values(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

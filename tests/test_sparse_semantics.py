@@ -8,8 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkmim import MaskPyramid, SparseEncoder, SparseSemanticsError
+from sparkmim.sparse import to_dense
 
 P = 8
+IMPL = "fast"
+
+
+@pytest.fixture(params=["fast", "reference"], autouse=True)
+def impl(request, monkeypatch):
+    """Every layer-level check runs on both implementations of the sparse semantics."""
+    monkeypatch.setitem(globals(), "IMPL", request.param)
+    return request.param
 
 
 class Tiny(nn.Module):
@@ -26,6 +35,7 @@ class Tiny(nn.Module):
 
 
 def encoder(model, **kw):
+    kw.setdefault("sparse_impl", IMPL)
     return SparseEncoder(model.double(), ["a", "b"], probe_size=32, **kw)
 
 
@@ -39,7 +49,7 @@ def batch(seed=0, b=2, grid=(2, 3)):
 
 def capture_input(module):
     seen = {}
-    module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
+    module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", to_dense(a[0]).detach().clone()))
     return seen
 
 
@@ -110,7 +120,7 @@ def test_max_pooling_ignores_masked_sites():
     enc = encoder(model).eval()
     seen = capture_input(enc.model.a[3])
     out = {}
-    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", o.detach().clone()))
+    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", to_dense(o).detach().clone()))
     x, m = batch()
     enc(x, m)
     vis = m.at(2)
@@ -207,7 +217,7 @@ def test_average_pooling_treats_masked_sites_like_padding(include_pad):
     enc = encoder(Tiny(middle=nn.AvgPool2d(3, 1, 1, count_include_pad=include_pad))).eval()
     seen = capture_input(enc.model.a[3])
     out = {}
-    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", o.detach().clone()))
+    enc.model.a[3].register_forward_hook(lambda mod, a, o: out.__setitem__("y", to_dense(o).detach().clone()))
     x, m = batch()
     enc(x, m)
     vis = m.at(2).to(x.dtype)

@@ -38,6 +38,8 @@ class PretrainConfig:
     densify_norm: str = _opt("auto", "densify norm: auto, bn, ln or none")
     hierarchical: bool = _opt(True, "decode from all scales (False: coarsest only)")
     sparse: bool = _opt(True, "sparse encoder (False: zero-out masking ablation)")
+    sparse_impl: str = _opt("fast", "sparse encoder implementation: 'fast' (visible sites only) or 'reference' "
+                                    "(dense then mask); same results")
     pos_embed: bool = _opt(False, "add 2-D sine-cosine position embeddings to densified maps")
     loss_on: str = _opt("masked", "loss on 'masked' patches or 'all'")
     init: str | None = _opt(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
@@ -84,6 +86,8 @@ class PretrainConfig:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1 and self.accum_steps >= 1, "batch_size and accum_steps must be >= 1")
         need(self.norm_stats in ("imagenet", "data"), f"norm_stats must be 'imagenet' or 'data', got {self.norm_stats!r}")
+        need(self.sparse_impl in ("fast", "reference"),
+             f"sparse_impl must be 'fast' or 'reference', got {self.sparse_impl!r}")
         need(self.loss_on in ("masked", "all"), f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
         need(self.densify_norm in ("auto", "bn", "ln", "none"), f"densify_norm must be auto, bn, ln or none, got {self.densify_norm!r}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16", "fp64"),

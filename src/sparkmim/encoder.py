@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .masking import MaskPyramid, grid_size
-from .sparse import SparseMode, SparseSemanticsError
+from .sparse import FastSparseMode, SparseMap, SparseMode, SparseSemanticsError, supports_fast
 
-__all__ = ["SparseEncoder", "FeatureSpec"]
+__all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
+
+SPARSE_IMPLS = ("fast", "reference")
 
 
 class _StopForward(Exception):
@@ -79,6 +82,11 @@ class SparseEncoder(nn.Module):
             forward (for each stride 4, 8, 16, 32, ... the last module with that stride).
         sparse: ``False`` gives the paper's "zero-out" ablation: the dense convnet runs on the
             masked image.
+        sparse_impl: how the sparse semantics are computed (same results either way):
+            ``"fast"`` (default) holds feature maps as their visible sites only and computes
+            nothing at masked sites; ``"reference"`` runs every layer densely and masks the
+            result. Masks with different visible counts per sample, and forwards traced by
+            ``torch.compile``, use the reference form.
         in_chans: input channels; default read from the first convolution.
         probe_size: image side used to discover strides (must be a multiple of the total stride).
         min_stride: feature maps finer than this stride are not used (the paper uses 4..32).
@@ -96,6 +104,7 @@ class SparseEncoder(nn.Module):
         feature_modules: Sequence[str] | None = None,
         *,
         sparse: bool = True,
+        sparse_impl: str = "fast",
         in_chans: int | None = None,
         probe_size: int = 128,
         min_stride: int = 4,
@@ -104,6 +113,9 @@ class SparseEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.sparse = sparse
+        if sparse_impl not in SPARSE_IMPLS:
+            raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {sparse_impl!r}")
+        self.sparse_impl = sparse_impl
         self.in_chans = in_chans or _first_conv_in_chans(model)
         self._capture: dict[str, Tensor] | None = None
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
@@ -251,10 +263,29 @@ class SparseEncoder(nn.Module):
         self._stop_at = max((s.module for s in specs), key=lambda n: finish.get(n, -1))
         return specs
 
-    @torch.no_grad()
     def check(self) -> None:
         """Run one sparse forward in training mode on a small non-square input and restore all
-        state afterwards; raises :class:`SparseSemanticsError` naming the first unsupported layer."""
+        state afterwards; raises :class:`SparseSemanticsError` naming the first unsupported layer.
+
+        If the fast implementation cannot run the model but the reference one can, the encoder
+        switches to ``sparse_impl="reference"`` with a warning (same results, dense cost)."""
+        if not self.sparse or self.sparse_impl != "fast":
+            return self._check()
+        try:
+            return self._check()
+        except Exception as fast_error:
+            self.sparse_impl = "reference"
+            try:
+                self._check()
+            except Exception:
+                self.sparse_impl = "fast"
+                raise
+            warnings.warn(f"{type(self.model).__name__}: the fast sparse implementation failed ({fast_error}); "
+                          f"using sparse_impl='reference', which gives the same results at the cost of dense "
+                          f"layers", stacklevel=2)
+
+    @torch.no_grad()
+    def _check(self) -> None:
         p = self.patch_size
         kw = _param_kwargs(self.model)
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
@@ -314,6 +345,12 @@ class SparseEncoder(nn.Module):
         x = torch.where(full, x, 0.0)
         if not self.sparse:
             return self._run(x)
+        if self.sparse_impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling():
+            mode = FastSparseMode(masks, path, self.sync_group)
+            x = mode.wrap_input(x)
+            with mode:
+                feats = self._run(x)
+            return [_dense_feature(mode, f) for f in feats]
         with SparseMode(masks, path, self.sync_group):
             feats = self._run(x)
         return [torch.where(masks.at(self.patch_size // s), f, 0.0) for f, s in zip(feats, self.strides)]
@@ -334,7 +371,15 @@ class SparseEncoder(nn.Module):
         return self._encode(x, masks)
 
     def extra_repr(self) -> str:
-        return f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}"
+        return (f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}, "
+                f"sparse_impl={self.sparse_impl!r}")
+
+
+def _dense_feature(mode: FastSparseMode, f: Tensor) -> Tensor:
+    """An encoder output as a dense map, zero at masked sites."""
+    if isinstance(f, SparseMap):
+        return f.canvas()
+    return torch.where(mode.cf_mask(f, mode.cf_factor(f)), f, 0.0)
 
 
 def _graph_leaves(outputs: list[Tensor]) -> set[int]:

@@ -63,7 +63,7 @@ def build_model(cfg: PretrainConfig) -> SparK:
     if cfg.init:
         report = load_encoder_weights(backbone, cfg.init, strict=True)
         print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
-    encoder = SparseEncoder(backbone, in_chans=cfg.in_chans)
+    encoder = SparseEncoder(backbone, in_chans=cfg.in_chans, sparse_impl=cfg.sparse_impl)
     if cfg.input_size % encoder.patch_size:
         raise ConfigError(f"input_size {cfg.input_size} is not a multiple of {cfg.model}'s total stride "
                           f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")

@@ -82,6 +82,7 @@ class MaskPyramid:
         self.keep = keep
         self._masks: dict[int, Tensor] = {1: self.visible}
         self._rows: dict[int, Tensor] = {}
+        self.cache: dict = {}  # per-batch index tensors of the fast sparse form
 
     @classmethod
     def from_visible(cls, visible: Tensor) -> MaskPyramid:

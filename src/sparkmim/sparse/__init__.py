@@ -1,5 +1,8 @@
-"""Sparse semantics for unmodified convolutional networks."""
+"""Sparse semantics for unmodified convolutional networks: a reference form (dense then mask)
+and a fast form (visible sites only) with the same meaning."""
 
+from .fast import FastSparseMode, SparseMap, supports_fast, to_dense
 from .semantics import SparseMode, SparseSemanticsError, batch_norm_rows, masked_batch_norm
 
-__all__ = ["SparseMode", "SparseSemanticsError", "batch_norm_rows", "masked_batch_norm"]
+__all__ = ["FastSparseMode", "SparseMap", "SparseMode", "SparseSemanticsError", "batch_norm_rows",
+           "masked_batch_norm", "supports_fast", "to_dense"]
