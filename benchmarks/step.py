@@ -22,9 +22,10 @@ and loss forward and backward on fixed encoder features.
 
 Peak memory: on CUDA the allocator's peak during the variant's step, less what the other
 variants hold, plus this variant's own parameters and optimiser state (what a process running
-this variant alone would peak at). On CPU each variant runs once more in a child process and
-reports the child's peak resident set size (``peak_rss_mb``, whole process) and its growth
-during the steps (``step_rss_mb``).
+this variant alone would peak at). On CPU (Linux) each variant runs once more, alone, in a child
+process, which reports its peak resident set size during the steps (``peak_rss_mb``, the whole
+process, model and optimiser included) and that peak less the resident size just before the
+steps (``step_rss_mb``: activations and other per-step memory).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import contextlib
 import copy
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -167,8 +167,6 @@ def main(argv=None) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if args.rss_child:
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = []
     for part in parts:
         runs = []
@@ -176,10 +174,10 @@ def main(argv=None) -> list[dict]:
             model, opt, scaler = build(args, v, base, device)
             runs.append((v, model, opt, make_step(args, v, model, opt, scaler, images, part, device), []))
         if args.rss_child:
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss0 = _reset_peak_rss()
         for _ in range(args.warmup):
-            for v, model, opt, step, _times in runs:
-                step()
+            for run in runs:
+                run[3]()
         sync()
         peaks = {}
         for _ in range(args.steps):
@@ -194,7 +192,7 @@ def main(argv=None) -> list[dict]:
                 if device.type == "cuda":
                     rise = torch.cuda.max_memory_allocated(device) - before
                     peaks[v.spec] = max(peaks.get(v.spec, 0), rise + state_bytes(model, opt))
-        for v, model, opt, step, times in runs:
+        for v, _model, _opt, _step, times in runs:
             ms = statistics.median(times)
             r = {
                 "bench": "step", "part": part, "variant": v.spec, "impl": v.impl, "levers": sorted(v.levers),
@@ -208,7 +206,7 @@ def main(argv=None) -> list[dict]:
             if device.type == "cuda":
                 r["peak_mem_mb"] = round(peaks[v.spec] / 2**20, 1)
             if args.rss_child:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                peak = _proc_status_kb("VmHWM")
                 r["peak_rss_mb"], r["step_rss_mb"] = round(peak / 1024, 1), round((peak - rss0) / 1024, 1)
             results.append(r)
         del runs
@@ -220,6 +218,21 @@ def main(argv=None) -> list[dict]:
     for r in results:
         print(json.dumps(r), flush=True)
     return results
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS")
 
 
 def _drop_values(argv: list[str], names: tuple[str, ...]) -> list[str]:

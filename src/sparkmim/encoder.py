@@ -347,10 +347,11 @@ class SparseEncoder(nn.Module):
             return self._run(x)
         if self.sparse_impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling():
             mode = FastSparseMode(masks, path, self.sync_group)
-            x = mode.wrap_input(x)
+            images, x = x, mode.wrap_input(x)
             with mode:
                 feats = self._run(x)
-            return [_dense_feature(mode, f) for f in feats]
+            fmt = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
+            return [_dense_feature(mode, f).contiguous(memory_format=fmt) for f in feats]
         with SparseMode(masks, path, self.sync_group):
             feats = self._run(x)
         return [torch.where(masks.at(self.patch_size // s), f, 0.0) for f, s in zip(feats, self.strides)]
@@ -373,6 +374,10 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}, "
                 f"sparse_impl={self.sparse_impl!r}")
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _dense_feature(mode: FastSparseMode, f: Tensor) -> Tensor:
