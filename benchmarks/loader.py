@@ -6,10 +6,12 @@
 Methods compared on the same files, one process (``--workers`` adds whole-DataLoader runs of
 sparkmim's own data set, with persistent workers and pinned memory where asked):
 
-    pil          Pillow full decode, then sparkmim's transform (crop, bicubic resize, flip, normalise)
-    pil-draft    Pillow with JPEG draft mode: libjpeg decodes at 1/2, 1/4 or 1/8 scale when the
-                 crop still has at least the output size, then the same transform
-    tv-decode    torchvision.io.decode_jpeg on CPU (other formats through Pillow), same transform
+    pil          Pillow full decode (sparkmim.data.load_image), then sparkmim's transform
+                 (random resized crop, bicubic resize, flip, normalise)
+    tv-decode    torchvision.io.decode_jpeg on CPU (libjpeg-turbo), other formats as pil
+    fast         sparkmim.data.read_image, what pre-training uses (--fast-decode, default on):
+                 JPEG draft mode (libjpeg decodes at 1/2, 1/4 or 1/8 scale) when even the
+                 smallest crop keeps at least the output size, else tv-decode
 
 The per-worker figure is what one data-loading process sustains; a training step of
 ``ms`` milliseconds on ``batch`` images needs ``batch / ms * 1000 / per_worker`` workers to keep up.
@@ -31,27 +33,11 @@ def parse(argv=None):
     p.add_argument("--data", default="demo", help="image folder, or 'demo' for the bundled photographs")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=8.0, help="time per method")
-    p.add_argument("--methods", default="pil,pil-draft,tv-decode")
+    p.add_argument("--methods", default="pil,tv-decode,fast")
     p.add_argument("--workers", default="", help="comma-separated worker counts for DataLoader runs (e.g. 0,2)")
     p.add_argument("--batch", type=int, default=64, help="batch size of the DataLoader runs")
     p.add_argument("--pin-memory", action="store_true")
     return p.parse_args(argv)
-
-
-def _draft_open(path: Path, size: int, scale_min: float) -> Image.Image:
-    """Open with the largest JPEG draft reduction that keeps the smallest possible crop at least
-    ``size`` pixels on its shorter side."""
-    im = Image.open(path)
-    if im.format == "JPEG":
-        w, h = im.size
-        smallest_crop = (scale_min * w * h) ** 0.5 * (3 / 4) ** 0.5  # short side at the smallest area, ratio 3:4
-        k = 1
-        while k < 8 and smallest_crop / (2 * k) >= size:
-            k *= 2
-        if k > 1:
-            im.draft("RGB", (w // k, h // k))
-    im.load()
-    return im.convert("RGB")
 
 
 def _tv_open(path: Path):
@@ -73,14 +59,15 @@ def main(argv=None) -> list[dict]:
         list_images,
         load_image,
         pretrain_transform,
+        read_image,
     )
 
     paths = demo_photo_paths() if args.data == "demo" else list_images(args.data)
     transform = pretrain_transform(args.size)
     openers = {
         "pil": lambda p: load_image(p, 3),
-        "pil-draft": lambda p: _draft_open(p, args.size, 0.67),
         "tv-decode": _tv_open,
+        "fast": lambda p: read_image(p, 3, args.size, 0.67),
     }
     torch.set_num_threads(1)  # what a DataLoader worker gets
     results = []
@@ -98,7 +85,7 @@ def main(argv=None) -> list[dict]:
         results.append(r)
         print(json.dumps(r), flush=True)
     for w in [int(v) for v in args.workers.split(",") if v]:
-        data = ImageFiles(paths * max(1, 2048 // len(paths)), transform)
+        data = ImageFiles(paths * max(1, 2048 // len(paths)), transform, fast_decode=(args.size, 0.67))
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=EpochSampler(len(data), args.batch),
                                              num_workers=w, collate_fn=collate, pin_memory=args.pin_memory,
                                              persistent_workers=w > 0, drop_last=True)

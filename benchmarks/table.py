@@ -2,8 +2,9 @@
 
     python benchmarks/table.py runs/gpu-bench/gpu.jsonl [more.jsonl ...]
 
-Step rows show each variant's speed against the ``reference`` variant with the same levers
-(precision and channels_last aside from the implementation) from the same run, when present.
+Step rows show each variant's speed against the plain ``reference`` variant of the same
+precision (``reference``, ``reference+bf16`` or ``reference+fp16``), same model and part,
+from the same file, when present.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def step_table(rows) -> str:
     out = ["| model | part | variant | ms/step | img/s | peak MB | vs reference |", "|---|---|---|---|---|---|---|"]
     by_key = {(r["model"], r["part"], r["variant"]): r for r in rows}
     for r in rows:
-        levers = r["variant"].split("+")[1:]
-        ref = by_key.get((r["model"], r["part"], "+".join(["reference", *levers])))
+        precision = [v for v in r["variant"].split("+")[1:] if v in ("bf16", "fp16")]
+        ref = by_key.get((r["model"], r["part"], "+".join(["reference", *precision])))
         ratio = f"{ref['ms_median'] / r['ms_median']:.2f}x" if ref and ref is not r else ""
         mem = r.get("peak_mem_mb", r.get("peak_rss_mb", ""))
         out.append(f"| {r['model']} | {r['part']} | {r['variant']} | {r['ms_median']} | {r['img_per_s']} | {mem} | {ratio} |")

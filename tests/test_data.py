@@ -121,3 +121,48 @@ def test_normalisation_statistics_from_the_data(tmp_path):
     mean, std = compute_stats(list_images(tmp_path), 3)
     assert mean == pytest.approx((0.4, 0.4, 0.4), abs=1e-6)
     assert std == pytest.approx((0.2, 0.0, 0.4), abs=1e-4)
+
+
+def _photo(w, h, seed=0):
+    """A smooth synthetic photograph (JPEG-friendly): gradients plus a few soft blobs."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.stack([np.sin(6 * xx + c) * 0.5 + 0.5 * np.cos(4 * yy - c) for c in range(3)], -1)
+    for _ in range(5):
+        cx, cy, r = g.random(), g.random(), 0.05 + 0.1 * g.random()
+        img += 0.5 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / r**2)[..., None] * g.random(3)
+    return Image.fromarray((np.clip(img / img.max(), 0, 1) * 255).astype(np.uint8))
+
+
+def test_fast_decode_reduces_large_jpegs_and_keeps_the_crops(tmp_path):
+    """A 12 MP JPEG is decoded at reduced scale (never below what the smallest crop needs) and
+    gives nearly the same training crop as the full decode; a small JPEG goes through
+    torchvision's decoder and equals Pillow's decode to within JPEG decoder differences."""
+    from sparkmim.data import _draft_factor, read_image
+
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    _photo(4000, 3000).save(big, quality=92)
+    _photo(500, 375).save(small, quality=92)
+    assert _draft_factor((4000, 3000), 224, 0.67) == 8
+    assert _draft_factor((4000, 3000), 224, 0.08) == 2  # smaller crops allowed: less reduction
+    assert _draft_factor((500, 375), 224, 0.67) == 1
+    reduced = read_image(big, 3, 224, 0.67)
+    assert reduced.size == (500, 375)
+    shortest = (0.67 * 500 * 375 * 3 / 4) ** 0.5
+    assert shortest >= 224
+    tf = pretrain_transform(224)
+    full = ImageFiles([big], tf)[(0, 0, 0)][0]
+    fast = ImageFiles([big], tf, fast_decode=(224, 0.67))[(0, 0, 0)][0]
+    assert full.shape == fast.shape == (3, 224, 224)
+    corr = torch.corrcoef(torch.stack([full.flatten(), fast.flatten()]))[0, 1]
+    assert corr > 0.99, f"crops from the reduced decode differ: correlation {corr:.4f}"
+    t = read_image(small, 3, 224, 0.67)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == (3, 375, 500)
+    ref = torch.from_numpy(np.array(load_image(small, 3))).permute(2, 0, 1)
+    assert (t.float() - ref.float()).abs().mean() < 1.5
+    gray = read_image(small, 1, 224, 0.67)
+    assert gray.shape == (1, 375, 500)
+    # PNGs and calls without a crop size use the general reader
+    _photo(64, 48).save(tmp_path / "p.png")
+    assert isinstance(read_image(tmp_path / "p.png", 3, 224, 0.67), Image.Image)
+    assert isinstance(read_image(small, 3), Image.Image)

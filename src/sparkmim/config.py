@@ -31,6 +31,8 @@ class PretrainConfig:
     max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of images read so far are unreadable")
     demo_length: int = _opt(512, "images per epoch when using the demo photographs")
     workers: int = _opt(2, "data-loading worker processes")
+    fast_decode: bool = _opt(True, "JPEGs: decode at 1/2-1/8 scale when even the smallest crop stays larger than "
+                                   "input_size (draft mode), else with torchvision's decoder")
     # model
     model: str = _opt("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
     mask_ratio: float = _opt(0.6, "fraction of patches masked")

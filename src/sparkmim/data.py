@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
-    "list_images", "load_image", "ImageFiles", "EpochSampler", "collate", "default_stats", "compute_stats",
+    "list_images", "load_image", "read_image", "ImageFiles", "EpochSampler", "collate", "default_stats", "compute_stats",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,6 +110,45 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
         return im
 
 
+def _draft_factor(size: tuple[int, int], min_side: int, scale_min: float) -> int:
+    """Largest JPEG reduction (1, 2, 4 or 8) after which even the smallest crop
+    RandomResizedCrop can draw (area ``scale_min``, aspect 3:4) still has ``min_side`` pixels on
+    its short side, so the crop is never upsampled where the full decode would downsample it."""
+    w, h = size
+    shortest = (scale_min * w * h * 3 / 4) ** 0.5
+    k = 1
+    while k < 8 and shortest / (2 * k) >= min_side:
+        k *= 2
+    return k
+
+
+def read_image(path: str | Path, channels: int = 3, min_side: int | None = None, scale_min: float = 1.0):
+    """Decode an image for training crops of ``min_side`` pixels: a JPEG far larger than that is
+    decoded at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow draft mode); another RGB or grayscale
+    JPEG by torchvision's libjpeg-turbo decoder (a uint8 tensor); anything else, or any JPEG
+    these cannot read, by :func:`load_image`. Without ``min_side``, always :func:`load_image`."""
+    path = Path(path)
+    if min_side and channels in (1, 3) and path.suffix.lower() in (".jpg", ".jpeg"):
+        mode = _MODES[channels]
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    k = _draft_factor(im.size, min_side, scale_min)
+                    if k > 1:
+                        im.draft(mode, (im.size[0] // k, im.size[1] // k))
+                        im.load()
+                        return im.convert(mode)
+                    with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+                        read_mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+                        return decode_jpeg(read_file(str(path)), mode=read_mode)
+        except Exception:  # unusual JPEG (CMYK, progressive edge cases): the general reader decides
+            pass
+    return load_image(path, channels)
+
+
 def _seed_for(*parts: int) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -124,11 +163,14 @@ class ImageFiles(Dataset):
     counted: each item is ``(image, number_of_unreadable_files_skipped)``.
     """
 
-    def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 16):
+    def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 16,
+                 fast_decode: tuple[int, float] | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.channels = channels
         self.max_skips = max_skips
+        # (crop size, smallest crop area fraction): decode JPEGs with read_image's fast paths
+        self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -139,7 +181,10 @@ class ImageFiles(Dataset):
         for k in range(self.max_skips + 1):
             path = self.paths[(index + k) % len(self.paths)]
             try:
-                image = load_image(path, self.channels)
+                if self.fast_decode:
+                    image = read_image(path, self.channels, *self.fast_decode)
+                else:
+                    image = load_image(path, self.channels)
             except Exception as e:  # corrupt, truncated, unsupported: skip, never crash a long run
                 bad += 1
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)

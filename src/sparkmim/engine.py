@@ -150,7 +150,8 @@ def _data(cfg: PretrainConfig):
     else:
         mean, std = default_stats(cfg.in_chans)
     transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
-    return ImageFiles(paths, transform, cfg.in_chans), mean, std
+    fast = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
+    return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std
 
 
 def _step_masks(model: SparK, images: torch.Tensor, seed: int, step: int, micro: int, rank: int = 0,
