@@ -35,6 +35,7 @@ def build(kind, name):
 def zoo(request):
     kind, name = request.param
     enc = SparseEncoder(build(kind, name))
+    assert enc.sparse_impl == "fast", f"{name}: the build-time check fell back to the reference form"
     return kind, name, enc
 
 

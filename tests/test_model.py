@@ -202,3 +202,84 @@ def test_parameters_that_reach_no_feature_are_found_at_build(name, unused):
     model(x, model.random_masks(x, torch.Generator().manual_seed(0))).loss.backward()
     no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
     assert no_grad == sorted(model.unused_parameters())
+
+
+class OddWidths(torch.nn.Module):
+    """A convnet with odd channel counts everywhere, grouped, depthwise, dilated and strided
+    1x1 convolutions, max pooling and channels-last LayerNorm + Linear (as in ConvNeXt)."""
+
+    def __init__(self, cin=5):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(cin, 7, 3, 2, 1), nn.BatchNorm2d(7), nn.ReLU())  # stride 2
+        self.s4 = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.Conv2d(7, 9, 3, 1, 2, dilation=2), nn.GroupNorm(3, 9))
+        self.s8 = nn.Sequential(nn.Conv2d(9, 15, 1, 2), nn.BatchNorm2d(15), nn.Conv2d(15, 15, 5, 1, 2, groups=15))
+        self.s16 = nn.Sequential(nn.Conv2d(15, 21, 3, 2, 1, groups=3), nn.BatchNorm2d(21), nn.Hardswish())
+        self.s32 = _ChannelsLastMlp()
+
+    def forward(self, x):
+        return self.s32(self.s16(self.s8(self.s4(self.stem(x)))))
+
+
+class _ChannelsLastMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Conv2d(21, 11, 2, 2)
+        self.norm = torch.nn.LayerNorm(11)
+        self.mlp = torch.nn.Linear(11, 13)
+
+    def forward(self, x):
+        x = self.down(x).permute(0, 2, 3, 1)
+        return self.mlp(torch.nn.functional.gelu(self.norm(x))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "convnext_atto", "odd"])
+def test_fast_equals_reference_for_odd_channel_counts_in_the_whole_model(model_name):
+    """SparK loss and every gradient with sparse_impl fast equal reference, for an input with 5
+    channels, odd layer widths and a non-square image (float64)."""
+    torch.manual_seed(0)
+    if model_name == "odd":
+        enc = SparseEncoder(OddWidths().double(), ["s4", "s8", "s16", "s32"], probe_size=64)
+    else:
+        enc = SparseEncoder.from_timm(model_name, in_chans=5)
+    model = SparK(enc, decoder_width=64).double()
+    x = torch.randn(3, 5, 64, 128, dtype=torch.float64)
+    m = masks(3, (2, 4), seed=3)
+    results = {}
+    for impl in ("reference", "fast"):
+        model.encoder.sparse_impl = impl
+        model.zero_grad(set_to_none=True)
+        out = model(x, m)
+        out.loss.backward()
+        results[impl] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None})
+    (lr, gr), (lf, gf) = results["reference"], results["fast"]
+    torch.testing.assert_close(lf, lr, rtol=1e-10, atol=0)
+    assert gf.keys() == gr.keys() and len(gr) > 10
+    for k in gr:
+        assert (gf[k] - gr[k]).norm() <= 1e-9 * gr[k].norm() + 1e-12, k
+
+
+class _AccumulatesIntoDense(torch.nn.Module):
+    """Adds a feature map in place into a freshly made dense tensor: the reference form runs it,
+    the fast form cannot (it would have to write visible rows into a dense tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.BatchNorm2d(4))
+        self.b = torch.nn.Conv2d(4, 6, 3, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        acc = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+        acc += y
+        return self.b(acc)
+
+
+def test_a_model_only_the_reference_form_runs_falls_back_with_a_warning():
+    with pytest.warns(UserWarning, match="sparse_impl='reference'"):
+        enc = SparseEncoder(_AccumulatesIntoDense(), ["a", "b"], probe_size=32)
+    assert enc.sparse_impl == "reference"
+    assert enc.patch_size == 4
+    feats = enc(torch.randn(2, 3, 8, 12), masks(2, (2, 3)))
+    assert [tuple(f.shape) for f in feats] == [(2, 4, 4, 6), (2, 6, 2, 3)]
