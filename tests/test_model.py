@@ -283,3 +283,29 @@ def test_a_model_only_the_reference_form_runs_falls_back_with_a_warning():
     assert enc.patch_size == 4
     feats = enc(torch.randn(2, 3, 8, 12), masks(2, (2, 3)))
     assert [tuple(f.shape) for f in feats] == [(2, 4, 4, 6), (2, 6, 2, 3)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_fast_training_step_has_no_host_synchronising_op(name):
+    """Forward and backward with the fast sparse form run no operation whose output size or
+    value must be read by the host (nonzero, masked_select, item, ...): every sample keeps the
+    same number of patches, so all shapes are known in advance."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"nonzero", "nonzero_static", "masked_select", "_local_scalar_dense", "item", "is_nonzero",
+               "unique", "_unique2", "bincount"}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny(name, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 96)
+    masks = model.random_masks(x, torch.Generator().manual_seed(0))
+    with Record():
+        out = model(x, masks)
+        out.loss.backward()
+    assert "mm" in seen or "addmm" in seen  # the recorder saw the computation
+    assert not syncing & set(seen), sorted(syncing & set(seen))
