@@ -256,13 +256,6 @@ class FastSparseMode(SparseMode):
                 return to_rows(t, geometry(self.masks, f), t.dim() - 2)
         return t
 
-    def demote(self, out):
-        if isinstance(out, SparseMap):
-            return out.canvas()
-        if isinstance(out, (tuple, list)):
-            return type(out)(self.demote(o) for o in out)
-        return out
-
     # -- dispatch --------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
