@@ -191,6 +191,28 @@ def test_fast_equals_reference(zoo, train):
         torch.testing.assert_close(bf[k], br[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
+def test_fast_form_keeps_every_tensor_on_the_input_device(zoo):
+    """The fast form's forward and backward on the ``meta`` device: a tensor created on the CPU
+    (an index, a canvas, a constant) meets the meta inputs and fails as it would on a GPU, and a
+    value read by the host fails too (meta tensors hold no data). So the fast form runs on any
+    device and never waits for one, for every zoo model."""
+    _, name, enc = zoo
+    x = images().to("meta")
+    v = random_visible(2, (2, 3), 0.6, generator=torch.Generator().manual_seed(0))
+    e = fresh(enc).to("meta").train()
+    assert e.sparse_impl == "fast"
+    held = []
+    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
+        lambda m, a, o: held.append(isinstance(o, SparseMap)))
+    feats = e(x, MaskPyramid(v.to("meta"), keep=int(v[0].sum())))
+    hook.remove()
+    assert held == [True], f"{name}: the fast form did not run on the meta device"
+    assert [f.device.type for f in feats] == ["meta"] * len(feats)
+    sum(f.sum() for f in feats).backward()
+    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
+
+
 def test_p3_weight_identity_and_strict_export(zoo, tmp_path):
     kind, name, enc = zoo
     reference = build(kind, name)
