@@ -286,6 +286,22 @@ def test_a_model_only_the_reference_form_runs_falls_back_with_a_warning():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_whole_model_runs_on_the_meta_device(name):
+    """Masks, sparse encoder, densify, decoder and loss, forward and backward, on the ``meta``
+    device: every tensor the model makes follows the input's device (a CPU-made one would fail
+    here as on a GPU) and no value is read by the host."""
+    model = tiny(name, dtype=torch.float32).to("meta").train()
+    x = torch.empty(2, 3, 64, 96, device="meta")
+    masks = model.random_masks(x)
+    assert masks.visible.device.type == "meta" and masks.keep is not None
+    out = model(x, masks)
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+    out.loss.backward()
+    used = [p for n, p in model.named_parameters() if not n.startswith("encoder.model.head.")]
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in used)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
 def test_fast_training_step_has_no_host_synchronising_op(name):
     """Forward and backward with the fast sparse form run no operation whose output size or
     value must be read by the host (nonzero, masked_select, item, ...): every sample keeps the
