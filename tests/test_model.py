@@ -193,6 +193,35 @@ def test_bf16_autocast_runs_the_sparse_layers(name):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_maps_keep_the_images_memory_format(impl):
+    """Encoder features, densified maps, every decoder convolution's input and every decoder
+    block's output gradient are in the images' memory format (contiguous by default,
+    channels-last when asked for): the norms, which compute on channels-last rows, do not switch
+    the layout on their own. The layout changes no number."""
+    x, m = torch.randn(2, 3, 64, 96), masks(2, (2, 3))
+    losses = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = tiny("resnet18", dtype=torch.float32, decoder_width=64).to(memory_format=fmt)
+        model.encoder.sparse_impl = impl
+        xf = x.contiguous(memory_format=fmt)
+        seen = []
+        for mod in model.decoder.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                mod.register_forward_hook(lambda _m, a, o, seen=seen: seen.append(a[0]))
+        for block in model.decoder.blocks:
+            block.register_full_backward_hook(lambda _m, gi, go, seen=seen: seen.append(go[0]))
+        feats = model.forward_encoder(xf, m)
+        dense = model.forward_densify(feats, m)
+        loss = model.forward_loss(xf, model.forward_decoder(dense), m.visible)
+        loss.backward()
+        assert len(seen) == 4 * len(model.decoder.blocks) + 1
+        maps = feats + [d for d in dense if d is not None] + seen
+        assert all(t.is_contiguous(memory_format=fmt) for t in maps), fmt
+        losses[fmt] = loss.detach()
+    torch.testing.assert_close(losses[torch.channels_last], losses[torch.contiguous_format])
+
+
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "efficientnet_b0"])
 def test_fast_form_is_as_accurate_as_reference_under_bf16_autocast(name):
     """Under bf16 autocast the fast form's features are no further from the float32 result than

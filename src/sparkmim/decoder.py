@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import MaskPyramid
-from .sparse import batch_norm_rows, masked_batch_norm
+from .sparse import batch_norm_rows, like_format, masked_batch_norm
 
 __all__ = ["LightDecoder", "DecoderBlock", "Densify", "SyncableBatchNorm2d", "MaskedBatchNorm2d",
            "MaskedLayerNorm2d", "sincos_2d"]
@@ -36,7 +36,7 @@ class SyncableBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         b, c, h, w = x.shape
         rows = batch_norm_rows(x.permute(0, 2, 3, 1).reshape(-1, c), *self._args(), group=self.sync_group)
-        return rows.view(b, h, w, c).permute(0, 3, 1, 2)
+        return like_format(rows.view(b, h, w, c).permute(0, 3, 1, 2), x)
 
 
 class MaskedBatchNorm2d(SyncableBatchNorm2d):
@@ -50,7 +50,8 @@ class MaskedLayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map, at every site (masked sites are replaced later)."""
 
     def forward(self, x: Tensor, masks: MaskPyramid | None = None, factor: int = 1) -> Tensor:  # type: ignore[override]
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        out = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return like_format(out.permute(0, 3, 1, 2), x)
 
 
 def sincos_2d(channels: int, height: int, width: int, *, device=None, dtype=None) -> Tensor:

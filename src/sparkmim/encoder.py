@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .masking import MaskPyramid, grid_size
-from .sparse import FastSparseMode, SparseMap, SparseMode, SparseSemanticsError, supports_fast
+from .sparse import FastSparseMode, SparseMap, SparseMode, SparseSemanticsError, like_format, supports_fast
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
 
@@ -350,11 +350,10 @@ class SparseEncoder(nn.Module):
             images, x = x, mode.wrap_input(x)
             with mode:
                 feats = self._run(x)
-            fmt = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
-            return [_dense_feature(mode, f).contiguous(memory_format=fmt) for f in feats]
+            return [like_format(_dense_feature(mode, f), images) for f in feats]
         with SparseMode(masks, path, self.sync_group):
             feats = self._run(x)
-        return [torch.where(masks.at(self.patch_size // s), f, 0.0) for f, s in zip(feats, self.strides)]
+        return [like_format(torch.where(masks.at(self.patch_size // s), f, 0.0), x) for f, s in zip(feats, self.strides)]
 
     def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
         """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides``."""
@@ -374,10 +373,6 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}, "
                 f"sparse_impl={self.sparse_impl!r}")
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _dense_feature(mode: FastSparseMode, f: Tensor) -> Tensor:

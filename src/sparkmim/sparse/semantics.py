@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..masking import MaskPyramid
 
-__all__ = ["SparseMode", "SparseSemanticsError", "masked_batch_norm", "batch_norm_rows"]
+__all__ = ["SparseMode", "SparseSemanticsError", "masked_batch_norm", "batch_norm_rows", "like_format"]
 
 
 class SparseSemanticsError(RuntimeError):
@@ -108,7 +108,15 @@ def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, 
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, idx)
     out_rows = batch_norm_rows(rows, running_mean, running_var, weight, bias, training, momentum, eps, group)
     out = out_rows.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
-    return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return like_format(out.view(b, h, w, c).permute(0, 3, 1, 2), x)
+
+
+def like_format(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` (4-D) in ``like``'s memory format: channels-last if ``like`` is, else contiguous.
+    Layers that compute on channels-last rows use it so that a model keeps the layout of its
+    input (on CPUs, convolution backward is much slower on channels-last maps of few channels)."""
+    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bias, eps: float) -> Tensor:
