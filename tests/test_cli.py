@@ -48,6 +48,28 @@ def test_yaml_recipes_load_and_flags_override(tmp_path):
         load_config(None, {"mask_ratio": 1.5})
 
 
+def test_channels_last_is_auto_true_or_false(tmp_path):
+    """``auto`` (the default) picks channels-last on CUDA and contiguous maps on CPU; YAML
+    booleans and flag values both work; anything else is refused."""
+    import torch
+
+    from sparkmim.engine import resolve_channels_last
+
+    assert load_config().channels_last == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_channels_last("auto", cpu), resolve_channels_last("auto", cuda)) == (False, True)
+    path = tmp_path / "c.yaml"
+    for value, want in ((True, True), (False, False)):
+        path.write_text(yaml.safe_dump({"channels_last": value}))
+        assert resolve_channels_last(load_config(path).channels_last, cuda if not want else cpu) is want
+    args = build_parser().parse_args(["pretrain", "--channels-last", "true"])
+    from sparkmim.config import config_from_args
+
+    assert resolve_channels_last(config_from_args(args).channels_last, cpu) is True
+    with pytest.raises(ConfigError, match="channels_last must be auto, true or false"):
+        load_config(None, {"channels_last": "sometimes"})
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--data", "/no/such/folder"], "does not exist"),
     (["--input-size", "72"], "not a multiple of resnet10t's total stride 32; try 64"),

@@ -61,7 +61,8 @@ class PretrainConfig:
     # execution
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precision: str = _opt("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks)")
-    channels_last: bool = _opt(False, "channels_last memory format")
+    channels_last: str = _opt("auto", "channels_last memory format for the model and images: auto (on for CUDA, off "
+                                      "for CPU, where it slows convolution backward), true or false")
     compile: bool = _opt(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
     seed: int = _opt(0, "random seed (data order, augmentation, masks)")
     sync_bn: bool = _opt(True, "with several ranks: batch statistics over the visible sites of all ranks")
@@ -94,6 +95,8 @@ class PretrainConfig:
         need(self.densify_norm in ("auto", "bn", "ln", "none"), f"densify_norm must be auto, bn, ln or none, got {self.densify_norm!r}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16", "fp64"),
              f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
+        need(str(self.channels_last).lower() in ("auto", "true", "false"),
+             f"channels_last must be auto, true or false, got {self.channels_last!r}")
         need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         need(self.keep_last >= 1, "keep_last must be >= 1")
         if self.betas != "auto":

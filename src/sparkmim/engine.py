@@ -32,7 +32,7 @@ from .masking import MaskPyramid, num_visible, random_visible
 from .model import SparK
 from .visualize import reconstruction_grid, save_grid
 
-__all__ = ["build_model", "param_groups", "Schedule", "resolve_device", "resolve_precision", "pretrain",
+__all__ = ["build_model", "param_groups", "Schedule", "resolve_device", "resolve_precision", "resolve_channels_last", "pretrain",
            "NonFiniteLossError"]
 
 
@@ -55,6 +55,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return name
+
+
+def resolve_channels_last(value: str | bool, device: torch.device) -> bool:
+    """``auto``: channels-last on CUDA (tensor-core convolutions), contiguous on CPU (where a
+    convolution's weight gradient is much slower channels-last)."""
+    value = str(value).lower()
+    return device.type == "cuda" if value == "auto" else value == "true"
 
 
 def build_model(cfg: PretrainConfig) -> SparK:
@@ -193,6 +200,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     precision = resolve_precision(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.channels_last, device)
     torch.manual_seed(cfg.seed)
     dataset, mean, std = _data(cfg)
     sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world)
@@ -200,7 +208,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {sampler.batches_per_epoch()} batches is shorter than accum_steps={cfg.accum_steps}")
     model = build_model(cfg).to(device, torch.float64 if precision == "fp64" else None)
-    if cfg.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if info.world > 1 and cfg.sync_bn:
         model.set_sync_group(dist.group.WORLD)
@@ -286,7 +294,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     if main:
         print(json.dumps({"event": "start", "model": cfg.model, "images": len(dataset), "steps_per_epoch": steps_per_epoch,
                           "total_steps": total_steps, "effective_batch": effective_batch, "peak_lr": peak_lr,
-                          "device": str(device), "precision": precision, "strides": model.encoder.strides,
+                          "device": str(device), "precision": precision, "channels_last": channels_last, "strides": model.encoder.strides,
                           "world": info.world, "sync_bn": info.world > 1 and cfg.sync_bn,
                           "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                           "run_dir": str(run_dir)}), flush=True)
@@ -331,7 +339,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
             for batch_idx, (images, bad) in enumerate(loader, start=skip):
                 bad_local += bad
                 images = images.to(device, torch.float64 if precision == "fp64" else None, non_blocking=True)
-                if cfg.channels_last:
+                if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if micro == 0:
                     for g in optimizer.param_groups:
