@@ -16,7 +16,7 @@ python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, '
 common=(--batch "${BATCH:-128}" --size 224 --device cuda --steps "${STEPS:-8}" --warmup 3)
 for model in resnet50 convnext_small; do
   python3 benchmarks/step.py --model "$model" "${common[@]}" --parts step \
-    --variants reference,fast,reference+bf16,fast+bf16,fast+bf16+cl,fast+bf16+cl+compile | tee -a "$LOG"
+    --variants reference,fast,reference+bf16,fast+bf16,reference+bf16+cl,fast+bf16+cl,fast+bf16+cl+compile | tee -a "$LOG"
   python3 benchmarks/step.py --model "$model" "${common[@]}" --parts encoder,decoder \
     --variants reference+bf16,fast+bf16,fast+bf16+cl | tee -a "$LOG"
 done
