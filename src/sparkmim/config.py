@@ -95,7 +95,8 @@ class PretrainConfig:
         need(self.densify_norm in ("auto", "bn", "ln", "none"), f"densify_norm must be auto, bn, ln or none, got {self.densify_norm!r}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16", "fp64"),
              f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
-        need(str(self.channels_last).lower() in ("auto", "true", "false"),
+        self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
+        need(self.channels_last in ("auto", "true", "false"),
              f"channels_last must be auto, true or false, got {self.channels_last!r}")
         need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         need(self.keep_last >= 1, "keep_last must be >= 1")

@@ -57,11 +57,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_channels_last(value: str | bool, device: torch.device) -> bool:
-    """``auto``: channels-last on CUDA (tensor-core convolutions), contiguous on CPU (where a
-    convolution's weight gradient is much slower channels-last)."""
-    value = str(value).lower()
-    return device.type == "cuda" if value == "auto" else value == "true"
+def resolve_channels_last(value: str, device: torch.device) -> bool:
+    """A config's ``channels_last`` (``auto``, ``true`` or ``false``) for ``device``. ``auto``:
+    channels-last on CUDA (tensor-core convolutions), contiguous on CPU (where a convolution's
+    weight gradient is much slower channels-last)."""
+    if value == "auto":
+        return device.type == "cuda"
+    if value not in ("true", "false"):
+        raise ConfigError(f"channels_last must be auto, true or false, got {value!r}")
+    return value == "true"
 
 
 def build_model(cfg: PretrainConfig) -> SparK:
