@@ -92,6 +92,8 @@ class Densify(nn.Module):
         if coarsest and in_channels == out_channels:
             self.proj: nn.Module = nn.Identity()
         else:
+            # PyTorch's default initialisation (uniform, bound 1 / sqrt(fan_in), bias included), as
+            # in the reference recipe, where the projections sit outside the decoder's own init
             k = 1 if coarsest else 3
             self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
         self.pos_embed = pos_embed
@@ -140,11 +142,17 @@ class LightDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The reference recipe's initialisation (what produced the paper's results):
+        convolutions truncated-normal (std 0.02) with zero bias; the up-sampling transposed
+        convolutions kaiming-normal (fan-out, ReLU gain: std ``sqrt(2 / (16 * width))``) with
+        zero bias; norms weight 1, bias 0."""
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            if isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Conv2d):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -110,10 +110,6 @@ class SparK(nn.Module):
                     token_std=mask_token_std, pos_embed=pos_embed)
             for (s, c), lvl in zip(scales, self.levels)
         )
-        for d in self.densify:
-            if isinstance(d.proj, nn.Conv2d):
-                nn.init.trunc_normal_(d.proj.weight, std=0.02)
-                nn.init.zeros_(d.proj.bias)
 
     # -- stages ------------------------------------------------------------------------------
     def grid(self, images: Tensor) -> tuple[int, int]:

@@ -1,0 +1,56 @@
+"""Densify and light decoder: initialisation as in the reference recipe."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparkmim import SparK, SparseEncoder
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SparK(SparseEncoder.from_timm("resnet18"), decoder_width=768)
+
+
+def test_upsampling_layers_are_kaiming_normal_fan_out(model):
+    """ConvTranspose2d: normal with std sqrt(2 / fan_out), fan_out = width x 4 x 4 (0.0128 at 768
+    channels ... 0.0510 at 48), zero bias. The widths make trunc-normal(0.02) miss by 10 % or more,
+    far outside the 2 % allowed here (the sample std of >= 36,864 weights is good to 0.4 %)."""
+    ups = [m for m in model.decoder.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [m.in_channels for m in ups] == [768, 384, 192, 96, 48]
+    for m in ups:
+        w = m.weight.detach().double()
+        expected = math.sqrt(2.0 / (m.in_channels * 16))
+        assert abs(float(w.std()) / expected - 1) < 0.02, (m.in_channels, float(w.std()), expected)
+        assert abs(float(w.mean())) < 3 * expected / math.sqrt(w.numel())
+        # a normal, not truncated at 2 std: about 4.6 % of the weights lie beyond 2 std
+        beyond = float((w.abs() > 2 * expected).double().mean())
+        assert 0.035 < beyond < 0.057, beyond
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_densify_projections_keep_pytorch_default_init(model):
+    """Conv2d default: weight and bias uniform in +-1/sqrt(fan_in), so weight std 1/sqrt(3 fan_in)
+    (0.0128 for the 512 -> 768 1x1 projection, 0.0060-0.0120 for the 3x3 ones) and a bias that is
+    not zero and spreads over the bound; trunc-normal(0.02) with zero bias fails both checks."""
+    projs = [d.proj for d in model.densify]
+    assert all(isinstance(p, nn.Conv2d) for p in projs) and [p.kernel_size for p in projs] == [(1, 1)] + [(3, 3)] * 3
+    for p in projs:
+        fan_in = p.in_channels * p.kernel_size[0] * p.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in)
+        w, b = p.weight.detach().double(), p.bias.detach().double()
+        assert abs(float(w.std()) / (bound / math.sqrt(3)) - 1) < 0.02, (p, float(w.std()))
+        assert float(w.abs().max()) <= bound
+        assert float(b.abs().max()) <= bound and float(b.abs().max()) > 0.5 * bound
+
+
+def test_decoder_convolutions_are_trunc_normal_002_with_zero_bias(model):
+    convs = [m for m in model.decoder.modules() if isinstance(m, nn.Conv2d)]
+    big = [m for m in convs if m.weight.numel() >= 10_000]
+    assert len(big) >= 5
+    for m in big:
+        assert abs(float(m.weight.detach().double().std()) / 0.02 - 1) < 0.05
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in convs if m.bias is not None)
