@@ -78,9 +78,7 @@ class Variant:
 
 
 def build(args, variant: Variant, base, device):
-    from timm.optim import Lamb
-
-    from sparkmim.engine import param_groups
+    from sparkmim.optim import lamb, param_groups
 
     model = copy.deepcopy(base).to(device).train()
     model.encoder.sparse_impl = variant.impl
@@ -88,12 +86,14 @@ def build(args, variant: Variant, base, device):
         model = model.to(memory_format=torch.channels_last)
     if "compile" in variant.levers:
         model.decoder.compile()
-    opt = Lamb(param_groups(model), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.04)
+    opt = lamb(param_groups(model), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.04)
     scaler = torch.amp.GradScaler(device.type, enabled="fp16" in variant.levers)
     return model, opt, scaler
 
 
 def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
+    from sparkmim.optim import clip_grad_norm_
+
     autocast = (lambda: torch.autocast(device.type, dtype=variant.dtype)) if variant.dtype else contextlib.nullcontext
     gen = torch.Generator(device=device).manual_seed(0)
     x = images.contiguous(memory_format=torch.channels_last) if "cl" in variant.levers else images
@@ -121,7 +121,7 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
                 out = model(x, masks)
             scaler.scale(out.loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            clip_grad_norm_(model.parameters(), 5.0)
             scaler.step(opt)
             scaler.update()
         opt.zero_grad(set_to_none=True)

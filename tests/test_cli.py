@@ -75,6 +75,9 @@ def test_channels_last_is_auto_true_or_false(tmp_path):
     (["--input-size", "72"], "not a multiple of resnet10t's total stride 32; try 64"),
     (["--model", "resnet5O"], "unknown timm model 'resnet5O'; did you mean"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--model", "vgg11", "--drop-path", "0.1"], "vgg11 has no stochastic depth"),
+    (["--drop-path", "1"], "drop_path must be in [0, 1)"),
+    (["--clip-grad", "-1"], "clip_grad must be >= 0"),
 ])
 def test_errors_say_what_to_do(argv, message, images, tmp_path, capsys):
     base = [*TINY, "--data", str(images), "--out", str(tmp_path / "o")]

@@ -1,5 +1,7 @@
 """Pre-training engine: a tiny real run, exact resume after a kill, non-finite loss, schedules."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +17,7 @@ from PIL import Image
 
 from sparkmim.checkpoint import CheckpointManager, load_encoder_weights
 from sparkmim.config import load_config
-from sparkmim.engine import NonFiniteLossError, Schedule, param_groups, pretrain
+from sparkmim.engine import NonFiniteLossError, pretrain
 
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, workers=0, epochs=2,
             warmup_epochs=0.5, lr=1e-3, log_every_steps=1, vis_every_epochs=1, tensorboard=False, progress=False)
@@ -56,6 +58,21 @@ def test_tiny_run_writes_everything_and_exports_strictly(folder, tmp_path):
     assert not report["missing"] and not report["unexpected"]
 
 
+def test_loss_first_is_the_first_steps_loss_whatever_the_logging_interval(folder, tmp_path):
+    """loss_first is the first optimiser step's loss even when no log line falls on that step; every
+    log line carries the global gradient norm before clipping."""
+    every = pretrain(cfg(folder, tmp_path / "every", epochs=1))
+    lines = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 1 and every["loss_first"] == lines[0]["loss"]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in lines)
+    assert len({r["grad_norm"] for r in lines}) == len(lines)  # one value per step, not a constant
+    rare = pretrain(cfg(folder, tmp_path / "rare", epochs=1, log_every_steps=100))
+    (last,) = [json.loads(line) for line in (tmp_path / "rare" / "metrics.jsonl").read_text().splitlines()]
+    assert last["step"] == 4 and last["loss"] != lines[0]["loss"]  # the window mean of 4 steps
+    assert rare["loss_first"] == lines[0]["loss"]
+    assert last["grad_norm"] == pytest.approx(sum(r["grad_norm"] for r in lines) / 4, rel=1e-9)
+
+
 def _final_state(out: Path) -> dict:
     return torch.load(CheckpointManager(out).latest(), weights_only=True)
 
@@ -72,7 +89,7 @@ def _assert_same_training_state(a: dict, b: dict):
 
 def test_killed_run_resumes_to_identical_weights(folder, tmp_path):
     kw = dict(epochs=3, save_every_steps=1, keep_last=2)
-    pretrain(cfg(folder, tmp_path / "straight", **kw))
+    straight = pretrain(cfg(folder, tmp_path / "straight", **kw))
     reference = _final_state(tmp_path / "straight")
 
     out = tmp_path / "killed"
@@ -95,6 +112,7 @@ def test_killed_run_resumes_to_identical_weights(folder, tmp_path):
     assert killed_at is not None and int(killed_at.stem.split("-")[1]) < 12
     summary = pretrain(cfg(folder, out, resume="auto", **kw))
     assert summary["steps"] == 12
+    assert summary["loss_first"] == straight["loss_first"]  # kept across the resume
     _assert_same_training_state(reference, _final_state(out))
 
 
@@ -134,25 +152,3 @@ def test_mostly_unreadable_data_stops_with_a_clear_message(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image"), \
             pytest.raises(RuntimeError, match="were unreadable"):
         pretrain(cfg(tmp_path, tmp_path / "out"))
-
-
-def test_schedule_matches_the_paper_recipe():
-    s = Schedule(peak_lr=1.0, total_steps=1600, warmup_steps=40)
-    assert s.lr(0) == pytest.approx(0.005) and s.lr(40) == pytest.approx(1.0)
-    assert s.lr(20) == pytest.approx(0.005 + 0.995 * 0.5)
-    assert s.lr(1600) == pytest.approx(0.001)
-    assert s.lr(820) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(1600) == pytest.approx(0.2)
-    assert s.weight_decay(800) == pytest.approx(0.12)
-
-
-def test_no_weight_decay_on_biases_norms_and_mask_tokens():
-    from sparkmim import SparK, SparseEncoder
-
-    model = SparK(SparseEncoder.from_timm("resnet10t"), decoder_width=32)
-    decay, no_decay = param_groups(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.ndim > 1 for p in decay["params"])
-    nd = {names[id(p)] for p in no_decay["params"]}
-    assert any(n.endswith("mask_token") for n in nd) and any(n.endswith(".bias") for n in nd)
-    assert "encoder.model.bn1.weight" in nd and no_decay["weight_decay"] == 0.0

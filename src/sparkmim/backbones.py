@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+from functools import partial
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_backbone", "strip_classifier", "TESTED_TIMM",
+__all__ = ["create_timm", "create_torchvision", "create_backbone", "stochastic_depth_rates", "strip_classifier", "TESTED_TIMM",
            "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
@@ -97,14 +98,46 @@ def create_torchvision(name: str, **kwargs) -> nn.Module:
     return strip_classifier(torchvision.models.get_model(name, **kwargs))
 
 
-def create_backbone(name: str, in_chans: int = 3, **kwargs) -> nn.Module:
-    """``timm:NAME``, ``torchvision:NAME``, or a bare name (timm first, then torchvision)."""
+def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None, **kwargs) -> nn.Module:
+    """``timm:NAME``, ``torchvision:NAME``, or a bare name (timm first, then torchvision).
+
+    ``drop_path`` sets the backbone's stochastic-depth rate (timm ``drop_path_rate``, torchvision
+    ``stochastic_depth_prob``); 0 turns it off, None keeps the model's own default. A rate above 0
+    for a model without stochastic depth raises ``ValueError``."""
     import timm
     import torchvision
 
-    if name.startswith("torchvision:") or (not name.startswith("timm:") and not timm.is_model(name)
-                                           and name in torchvision.models.list_models(module=torchvision.models)):
-        if in_chans != 3:
-            raise ValueError(f"torchvision model {name} takes 3 input channels; use a timm model for in_chans={in_chans}")
-        return create_torchvision(name.removeprefix("torchvision:"), **kwargs)
-    return create_timm(name.removeprefix("timm:"), in_chans=in_chans, **kwargs)
+    torchvision_model = name.startswith("torchvision:") or (
+        not name.startswith("timm:") and not timm.is_model(name)
+        and name in torchvision.models.list_models(module=torchvision.models))
+    if torchvision_model and in_chans != 3:
+        raise ValueError(f"torchvision model {name} takes 3 input channels; use a timm model for in_chans={in_chans}")
+    if torchvision_model:
+        build, key = partial(create_torchvision, name.removeprefix("torchvision:")), "stochastic_depth_prob"
+    else:
+        build, key = partial(create_timm, name.removeprefix("timm:"), in_chans=in_chans), "drop_path_rate"
+    if drop_path is None:
+        return build(**kwargs)
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    try:
+        model = build(**kwargs, **{key: drop_path})
+    except TypeError as e:
+        if key not in str(e):
+            raise
+        model = None
+    if drop_path > 0 and (model is None or not stochastic_depth_rates(model)):
+        raise ValueError(f"{name} has no stochastic depth (its constructor takes no {key} or ignores it): "
+                         f"use --drop-path 0 with this model")
+    return model if model is not None else build(**kwargs)
+
+
+def stochastic_depth_rates(model: nn.Module) -> list[float]:
+    """The non-zero drop rates of the stochastic-depth layers (timm ``DropPath``, torchvision
+    ``StochasticDepth``) of ``model``, in module order."""
+    from timm.layers import DropPath
+    from torchvision.ops import StochasticDepth
+
+    rates = [m.drop_prob if isinstance(m, DropPath) else m.p
+             for m in model.modules() if isinstance(m, (DropPath, StochasticDepth))]
+    return [float(r) for r in rates if r > 0]

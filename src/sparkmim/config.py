@@ -45,6 +45,8 @@ class PretrainConfig:
     pos_embed: bool = _opt(False, "add 2-D sine-cosine position embeddings to densified maps")
     loss_on: str = _opt("masked", "loss on 'masked' patches or 'all'")
     init: str | None = _opt(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
+    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone (timm drop_path_rate, torchvision "
+                                 "stochastic_depth_prob); 0: off; the paper recipes use 0.05 (ResNet-50), 0.2 (ConvNeXt-S)")
     # optimisation (paper section 4.1 and the reference code's defaults)
     epochs: int = _opt(1600, "epochs")
     warmup_epochs: float = _opt(40, "linear warm-up epochs")
@@ -57,7 +59,7 @@ class PretrainConfig:
     weight_decay: float = _opt(0.04, "weight decay at the start of the cosine schedule")
     weight_decay_end: float = _opt(0.2, "weight decay at the end")
     betas: str = _opt("auto", "LAMB betas 'b1,b2'; auto: 0.9,0.95 for BatchNorm models, 0.9,0.999 for LayerNorm models")
-    clip_grad: float = _opt(5.0, "gradient-norm clipping (0 disables)")
+    clip_grad: float = _opt(5.0, "clip the global gradient norm to this value, once per step (0: no clipping)")
     # execution
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precision: str = _opt("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks)")
@@ -98,6 +100,8 @@ class PretrainConfig:
         self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
         need(self.channels_last in ("auto", "true", "false"),
              f"channels_last must be auto, true or false, got {self.channels_last!r}")
+        need(self.clip_grad >= 0, f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
+        need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
         need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         need(self.keep_last >= 1, "keep_last must be >= 1")
         if self.betas != "auto":

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +28,10 @@ from .data import (
 from .encoder import SparseEncoder
 from .masking import MaskPyramid, num_visible, random_visible
 from .model import SparK
+from .optim import Schedule, clip_grad_norm_, lamb, param_groups
 from .visualize import reconstruction_grid, save_grid
 
-__all__ = ["build_model", "param_groups", "Schedule", "resolve_device", "resolve_precision", "resolve_channels_last", "pretrain",
+__all__ = ["build_model", "build_optimizer", "optimizer_step", "resolve_device", "resolve_precision", "resolve_channels_last", "pretrain",
            "NonFiniteLossError"]
 
 
@@ -70,7 +69,7 @@ def resolve_channels_last(value: str, device: torch.device) -> bool:
 
 def build_model(cfg: PretrainConfig) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK."""
-    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
+    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
     if cfg.init:
         report = load_encoder_weights(backbone, cfg.init, strict=True)
         print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
@@ -80,43 +79,6 @@ def build_model(cfg: PretrainConfig) -> SparK:
                           f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")
     return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
                  hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on)
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on weights of convolutions and linear layers only: not on biases, norm
-    parameters, mask tokens (any parameter with fewer than 2 dims, or named mask_token)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
-    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
-
-
-@dataclass
-class Schedule:
-    """Per-optimiser-step lr (linear warm-up, then cosine) and weight decay (cosine)."""
-
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int
-    warmup_start_ratio: float = 0.005
-    final_lr_ratio: float = 0.001
-    wd: float = 0.04
-    wd_end: float = 0.2
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            a = self.warmup_start_ratio
-            return self.peak_lr * (a + (1 - a) * step / self.warmup_steps)
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        end = self.peak_lr * self.final_lr_ratio
-        return end + (self.peak_lr - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-    def weight_decay(self, step: int) -> float:
-        t = min(1.0, step / max(1, self.total_steps))
-        return self.wd_end + (self.wd - self.wd_end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 class _Metrics:
@@ -148,6 +110,29 @@ class _Metrics:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    """LAMB over :func:`param_groups` with the config's betas (auto: 0.9, 0.999 for LayerNorm
+    models, 0.9, 0.95 for BatchNorm models) and initial weight decay; it does not clip."""
+    if cfg.betas == "auto":
+        betas = (0.9, 0.999) if model.densify_norm == "ln" else (0.9, 0.95)
+    else:
+        betas = tuple(float(v) for v in cfg.betas.split(","))
+    return lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   clip_grad: float) -> torch.Tensor:
+    """One optimiser step on the accumulated gradients: unscale (fp16), clip the global norm once
+    at ``clip_grad`` (0: no clip), step, clear the gradients. Returns the global gradient norm
+    before clipping, on the device (no host read)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _data(cfg: PretrainConfig):
@@ -223,13 +208,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         model.get_parameter(name).requires_grad_(False)
     effective_batch = cfg.batch_size * cfg.accum_steps * info.world
     peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * effective_batch / 256
-    if cfg.betas == "auto":
-        betas = (0.9, 0.999) if model.densify_norm == "ln" else (0.9, 0.95)
-    else:
-        betas = tuple(float(v) for v in cfg.betas.split(","))
-    from timm.optim import Lamb
-
-    optimizer = Lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg, peak_lr)
     schedule = Schedule(peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                         cfg.warmup_start_ratio, cfg.final_lr_ratio, cfg.weight_decay, cfg.weight_decay_end)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -328,6 +307,10 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
+    # global gradient norms before clipping, summed over the window's optimiser steps (fp16 steps
+    # whose gradients overflowed are skipped by the scaler and left out here too)
+    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+    norm_count = torch.zeros((), device=device, dtype=torch.float64)
 
     def check_finite(where: str):
         if bool(all_reduce_sum(nonfinite.float())):
@@ -366,32 +349,37 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                 if micro < cfg.accum_steps:
                     continue
                 micro = 0
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(model, optimizer, scaler, cfg.clip_grad)
+                finite_norm = torch.isfinite(grad_norm)
+                norm_sum += torch.where(finite_norm, grad_norm, 0.0)
+                norm_count += finite_norm
                 step += 1
                 images_seen += effective_batch
+                if first_loss is None and step == 1:
+                    # the first optimiser step's loss (all micro-batches, all ranks); one host read per run
+                    first = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(loss_count))]))
+                    first_loss = float(first[0] / first[1])
                 if step % cfg.log_every_steps == 0 or step == total_steps:
                     check_finite("logging")
                     totals = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(loss_count))]))
                     last_loss = float(totals[0] / totals[1])
                     bad_total = global_bad()
-                    if first_loss is None:
-                        first_loss = last_loss
                     elapsed = time.perf_counter() - t0
-                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": schedule.lr(step - 1),
-                              "weight_decay": schedule.weight_decay(step - 1),
+                    norm_steps = float(norm_count)
+                    record = {"step": step, "epoch": epoch, "loss": last_loss,
+                              "grad_norm": float(norm_sum) / norm_steps if norm_steps else None,
+                              "lr": schedule.lr(step - 1), "weight_decay": schedule.weight_decay(step - 1),
                               "img_per_s": window_images * info.world / max(elapsed, 1e-9), "bad_images": bad_total,
                               "images_seen": images_seen}
                     if metrics is not None:
                         metrics.log(record)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                        grad = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+                        progress.set_postfix(loss=f"{last_loss:.4f}", grad_norm=grad, lr=f"{record['lr']:.2e}",
                                              img_s=f"{record['img_per_s']:.1f}", refresh=False)
                     loss_sum.zero_()
+                    norm_sum.zero_()
+                    norm_count.zero_()
                     loss_count, window_images, t0 = 0, 0, time.perf_counter()
                     read = images_seen + bad_total
                     if read >= min(64, len(dataset)) and bad_total > cfg.max_bad_fraction * read:

@@ -24,7 +24,8 @@ from .checkpoint import load_encoder_weights, read_weights
 from .config import _opt
 from .data import IMAGE_EXTENSIONS, compute_stats, default_stats, load_image
 from .encoder import SparseEncoder
-from .engine import Schedule, resolve_device
+from .engine import resolve_device
+from .optim import Schedule, clip_grad_norm_, lamb
 
 __all__ = ["EvalConfig", "LabelledImages", "evaluate", "knn_accuracy", "weights_state", "build_classifier",
            "layer_decay_groups"]
@@ -69,7 +70,10 @@ class EvalConfig:
     layer_decay: float = _opt(0.7, "finetune: layer-wise lr decay (1: off)")
     mixup: float = _opt(0.0, "finetune: mixup alpha (0: off)")
     cutmix: float = _opt(0.0, "finetune: cutmix alpha (0: off)")
-    drop_path: float = _opt(0.0, "finetune: stochastic depth rate (timm models that have it)")
+    drop_path: float = _opt(0.0, "finetune: stochastic depth rate (models that have it: timm drop_path_rate, "
+                                 "torchvision stochastic_depth_prob)")
+    clip_grad: float = _opt(0.0, "finetune: clip the global gradient norm to this value (0: off, as in the "
+                                 "paper's fine-tuning recipes)")
     crop_scale_min: float = _opt(0.35, "finetune: RandomResizedCrop minimum area fraction")
     hflip: float = _opt(0.5, "finetune: horizontal-flip probability (0 for digits and text)")
 
@@ -87,6 +91,8 @@ class EvalConfig:
             errors.append("norm_stats must be 'imagenet' or 'data'")
         if self.optimizer not in ("adamw", "lamb"):
             errors.append("optimizer must be 'adamw' or 'lamb'")
+        if not 0 <= self.drop_path < 1 or self.clip_grad < 0:
+            errors.append("drop_path must be in [0, 1) and clip_grad >= 0")
         if self.batch_size < 1 or self.epochs < 0 or self.workers < 0:
             errors.append("batch_size must be >= 1, epochs and workers >= 0")
         try:
@@ -252,21 +258,15 @@ def weights_state(source: str | Path) -> dict[str, Tensor]:
 def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, dict | None]:
     """The backbone (classifier removed) with the weights of ``source``; random init is seeded."""
     torch.manual_seed(seed)
+    drop_path = cfg.drop_path if cfg.mode == "finetune" else None
     if source == "pretrained":
         import timm
 
         name = cfg.model
         if name.startswith("torchvision:") or (not name.startswith("timm:") and not timm.is_model(name)):
-            return create_backbone(name, in_chans=cfg.in_chans, weights="DEFAULT"), None
-        return create_backbone(name, in_chans=cfg.in_chans, pretrained=True), None
-    kw = {}
-    if cfg.mode == "finetune" and cfg.drop_path > 0:
-        import timm
-
-        if not timm.is_model(cfg.model.removeprefix("timm:")):
-            raise ValueError("--drop-path needs a timm model")
-        kw["drop_path_rate"] = cfg.drop_path
-    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, **kw)
+            return create_backbone(name, in_chans=cfg.in_chans, drop_path=drop_path, weights="DEFAULT"), None
+        return create_backbone(name, in_chans=cfg.in_chans, drop_path=drop_path, pretrained=True), None
+    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path)
     if source == "random":
         return backbone, None
     report = load_encoder_weights(backbone, weights_state(source), strict=True)
@@ -420,9 +420,7 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
                      warmup_start_ratio=0.0, final_lr_ratio=0.01, wd=cfg.weight_decay, wd_end=cfg.weight_decay)
     groups = layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
     if cfg.optimizer == "lamb":
-        from timm.optim import Lamb
-
-        opt = Lamb(groups, lr=peak)
+        opt = lamb(groups, lr=peak)
     else:
         opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999))
     mixup = None
@@ -448,6 +446,8 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
                 raise FloatingPointError(f"fine-tuning loss is {value} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad > 0:
+                clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             step += 1
             bar.update()
