@@ -34,8 +34,9 @@ def test_upsampling_layers_are_kaiming_normal_fan_out(model):
 
 def test_densify_projections_keep_pytorch_default_init(model):
     """Conv2d default: weight and bias uniform in +-1/sqrt(fan_in), so weight std 1/sqrt(3 fan_in)
-    (0.0128 for the 512 -> 768 1x1 projection, 0.0060-0.0120 for the 3x3 ones) and a bias that is
-    not zero and spreads over the bound; trunc-normal(0.02) with zero bias fails both checks."""
+    (here 0.0255 for the 512 -> 768 1x1 projection, 0.0120-0.0241 for the 3x3 ones; 0.0060-0.0128
+    with ResNet-50's widths) and a bias that is not zero and spreads over the bound;
+    trunc-normal(0.02) with zero bias fails both checks."""
     projs = [d.proj for d in model.densify]
     assert all(isinstance(p, nn.Conv2d) for p in projs) and [p.kernel_size for p in projs] == [(1, 1)] + [(3, 3)] * 3
     for p in projs:
