@@ -111,6 +111,7 @@ def test_init_from_exported_weights_is_strict(images, tmp_path, capsys):
     second = [*TINY, "--data", str(images), "--out", str(tmp_path / "second")]
     assert main(["pretrain", *second, "--init", str(out / "encoder.safetensors")]) == 0
     assert '"event": "init"' in capsys.readouterr().out
-    assert main(["pretrain", *second, "--model", "resnet18", "--init", str(out / "encoder.safetensors")]) == 2
+    third = [*TINY, "--data", str(images), "--out", str(tmp_path / "third")]
+    assert main(["pretrain", *third, "--model", "resnet18", "--init", str(out / "encoder.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "weights do not match the model" in err and "missing" in err

@@ -2,13 +2,14 @@
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sparkmim.data import EpochSampler, ImageFiles, collate, list_images, load_image, pretrain_transform
+from sparkmim.data import EpochSampler, ImageFiles, list_images, load_image, pretrain_transform
 
 
 def _rgb(h=40, w=48, seed=0):
@@ -67,22 +68,36 @@ def test_small_images_are_upscaled_to_the_crop():
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
 
 
-def test_corrupt_files_are_skipped_and_counted(tmp_path):
+def test_corrupt_files_are_left_out_of_their_batch_and_reported(tmp_path):
     _rgb(seed=1).save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     buf = io.BytesIO()
     _rgb(seed=2).save(buf, "JPEG")
     (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:200])
     ds = ImageFiles(list_images(tmp_path), pretrain_transform(32))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading reports, it does not warn (the run announces each file once)
         items = [ds[(0, 0, i)] for i in range(len(ds))]
-    # sorted: bad.jpg (-> good), good.png, truncated.jpg (-> wraps to bad.jpg -> good)
-    assert [bad for _, bad in items] == [1, 0, 2]
-    assert all(im.shape == (3, 32, 32) for im, _ in items)
-    assert any("skipping unreadable image" in str(w.message) for w in caught)
-    images, bad = collate(items)
-    assert images.shape == (3, 3, 32, 32) and bad == 3
+    # sorted: bad.jpg, good.png, truncated.jpg
+    assert [im is None for im, _, _ in items] == [True, False, True]
+    assert [p and Path(p[0]).name for _, p, _ in items] == ["bad.jpg", None, "truncated.jpg"]
+    assert all("Error" in p[1] for _, p, _ in items if p)  # the reason, one line
+    images, bad = ds.collate(items)
+    assert images.shape == (1, 3, 32, 32) and torch.equal(images[0], items[1][0])  # no stand-in image
+    assert [Path(p).name for p, _ in bad] == ["bad.jpg", "truncated.jpg"]
+    # a batch of unreadable files only gets the next readable file, so every step has data
+    images, bad = ds.collate([items[2], items[0]])
+    assert images.shape == (1, 3, 32, 32) and [Path(p).name for p, _ in bad] == ["truncated.jpg", "bad.jpg"]
+
+
+def test_bad_files_are_counted_once_each(tmp_path):
+    from sparkmim.data import BadFiles
+
+    bad = BadFiles({"a.jpg": "gone"})
+    assert bad.merge([("b.jpg", "x"), ("a.jpg", "gone"), ("b.jpg", "x")]) == [("b.jpg", "x")]
+    assert len(bad) == 2
+    BadFiles.write(tmp_path / "bad_images.txt", [("b.jpg", "x")])
+    assert (tmp_path / "bad_images.txt").read_text() == "b.jpg\tx\n"
 
 
 def test_sampler_order_is_seeded_per_epoch_resumable_and_sharded():

@@ -17,6 +17,7 @@ from PIL import Image
 
 from sparkmim.checkpoint import CheckpointManager, load_encoder_weights
 from sparkmim.config import load_config
+from sparkmim.data import DataError
 from sparkmim.engine import NonFiniteLossError, pretrain
 
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, workers=0, epochs=2,
@@ -150,5 +151,7 @@ def test_mostly_unreadable_data_stops_with_a_clear_message(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "ok0.png")
     Image.new("RGB", (64, 64), (4, 5, 6)).save(tmp_path / "ok1.png")
     with pytest.warns(UserWarning, match="skipping unreadable image"), \
-            pytest.raises(RuntimeError, match="were unreadable"):
+            pytest.raises(DataError, match="14 of the 16 image files read so far are unreadable"):
         pretrain(cfg(tmp_path, tmp_path / "out"))
+    listed = [line.split("\t")[0] for line in (tmp_path / "out" / "bad_images.txt").read_text().splitlines()]
+    assert sorted(Path(p).name for p in listed) == [f"broken{i:02d}.jpg" for i in range(14)]  # each file once

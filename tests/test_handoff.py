@@ -1,11 +1,13 @@
 """Exported encoders in torchvision detection models: key mapping, equal features, a training step."""
 
 import json
+import os
 
 import pytest
 import timm
 import torch
 import torchvision
+from safetensors.torch import load_file
 
 from sparkmim.checkpoint import KeyMismatchError, save_encoder_weights
 from sparkmim.cli import main
@@ -83,6 +85,10 @@ def test_handoff_command_writes_torchvision_keys(tmp_path, capsys):
     assert main(["handoff", str(path), "--arch", "resnet18", "--out", str(out)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["missing"] == [] and line["classifier_kept"] == ["fc.bias", "fc.weight"]
-    missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True),
-                                                                       strict=False)
-    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    state = torch.load(out, weights_only=True)
+    torchvision.models.resnet18().load_state_dict(state, strict=True)  # complete: the classifier at a fresh init
+    exported = load_file(path)
+    assert all(torch.equal(state[k], v) for k, v in exported.items())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask == path.stat().st_mode & 0o777  # like any file

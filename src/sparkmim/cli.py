@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -42,10 +43,13 @@ def _load_run(path: str):
     from .config import PretrainConfig
 
     src = Path(path)
-    ckpt = CheckpointManager(src).latest() if src.is_dir() else src
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint-*.pth in {src}")
-    state = CheckpointManager.load(ckpt)
+    if src.is_dir():
+        found = CheckpointManager(src).latest_readable()  # skips an unreadable newest one with a warning
+        if found is None:
+            raise FileNotFoundError(f"no readable checkpoint-*.pth in {src}")
+        ckpt, state = found
+    else:
+        ckpt, state = src, CheckpointManager.load(src)
     return ckpt, state, PretrainConfig(**{**state["config"], "init": None})
 
 
@@ -90,7 +94,13 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                      v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    images = torch.stack([tf(load_image(p, cfg.in_chans)) for p in args.images])
+    def read(path: str):
+        try:
+            return load_image(path, cfg.in_chans)
+        except Exception as e:  # missing, corrupt, not an image: one line naming the file
+            raise ValueError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+
+    images = torch.stack([tf(read(p)) for p in args.images])
     g = torch.Generator().manual_seed(args.seed)
     visible = random_visible(images.shape[0], model.grid(images), args.mask_ratio or cfg.mask_ratio, generator=g)
     path = save_reconstruction_grid(model.reconstruct(images, visible=visible), args.out, mean, std,
@@ -196,18 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
     from .engine import NonFiniteLossError
     from .sparse import SparseSemanticsError
 
+    def one_line(message, category, filename, lineno, line=None):  # warnings as one line each, no source
+        return f"sparkmim {args.command}: warning: {message}\n"
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, SparseSemanticsError, NonFiniteLossError) as e:
+    except (ValueError, OSError, SparseSemanticsError, NonFiniteLossError) as e:
+        # ConfigError, DataError, CheckpointError, KeyMismatchError are ValueErrors; WriteError and
+        # FileNotFoundError are OSErrors
         print(f"sparkmim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sparkmim {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -17,8 +17,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
-    "list_images", "load_image", "read_image", "ImageFiles", "EpochSampler", "collate", "default_stats", "compute_stats",
+    "list_images", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
+    "DataError", "BadFiles",
 ]
+
+
+class DataError(ValueError):
+    """The data cannot be used as given (too many unreadable files, no readable image)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,11 +164,14 @@ class ImageFiles(Dataset):
     :class:`EpochSampler`, so each sample's augmentation depends only on its key, whatever
     worker computes it: data order and augmentation resume exactly.
 
-    An unreadable file is replaced by the next readable one (so batches keep their size) and
-    counted: each item is ``(image, number_of_unreadable_files_skipped)``.
+    Each item is ``(image, None, key)``, or ``(None, (path, reason), key)`` for a file that cannot
+    be read.
+    :meth:`collate` leaves unreadable files out of their batch, so no image stands in for another
+    (the batch is smaller by one per unreadable file); only a batch of unreadable files alone is
+    given one image, the next readable file of the data set, so every step has data.
     """
 
-    def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 16,
+    def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 64,
                  fast_decode: tuple[int, float] | None = None):
         self.paths = list(paths)
         self.transform = transform
@@ -175,25 +183,78 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key):
-        seed, epoch, index = key if isinstance(key, tuple) else (0, 0, key)
-        bad = 0
-        for k in range(self.max_skips + 1):
-            path = self.paths[(index + k) % len(self.paths)]
-            try:
-                if self.fast_decode:
-                    image = read_image(path, self.channels, *self.fast_decode)
-                else:
-                    image = load_image(path, self.channels)
-            except Exception as e:  # corrupt, truncated, unsupported: skip, never crash a long run
-                bad += 1
-                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
-                continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed_for(seed, epoch, index))
-                return self.transform(image), bad
-        raise RuntimeError(f"{self.max_skips + 1} consecutive unreadable images from {self.paths[index]}; check the data")
+    def __getitem__(self, key) -> tuple[torch.Tensor | None, tuple[str, str] | None, tuple[int, int, int]]:
+        key = key if isinstance(key, tuple) else (0, 0, key)
+        seed, epoch, index = key
+        path = self.paths[index]
+        try:
+            if self.fast_decode:
+                image = read_image(path, self.channels, *self.fast_decode)
+            else:
+                image = load_image(path, self.channels)
+        except Exception as e:  # corrupt, truncated, unsupported, vanished: reported, never a crash
+            return None, (str(path), _reason(e)), key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(seed, epoch, index))
+            return self.transform(image), None, key
 
+    def readable(self, key) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        """The image of ``key`` or, if it is unreadable, of the next readable file (at most
+        ``max_skips`` further on); and the unreadable files met on the way."""
+        seed, epoch, index = key
+        bad = []
+        for k in range(self.max_skips + 1):
+            image, problem, _ = self[(seed, epoch, (index + k) % len(self.paths))]
+            if image is not None:
+                return image, bad
+            bad.append(problem)
+        raise DataError(f"{len(bad)} consecutive image files from {bad[0][0]} are unreadable "
+                        f"({bad[0][1]}); check the data")
+
+    def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        """``(images, unreadable)``: the readable images of a batch stacked, and the
+        ``(path, reason)`` of its unreadable files."""
+        images = [im for im, _, _ in items if im is not None]
+        bad = [problem for _, problem, _ in items if problem is not None]
+        if not images:
+            image, more = self.readable(items[0][2])
+            images, bad = [image], bad + [p for p in more if p not in bad]
+        return torch.stack(images), bad
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
+
+
+class BadFiles:
+    """The distinct unreadable files of a run, in the order they were found, with reasons; the
+    new ones are appended to ``bad_images.txt`` (one ``path<TAB>reason`` line each)."""
+
+    def __init__(self, known: dict[str, str] | None = None):
+        self.files: dict[str, str] = dict(known or {})
+        self.pending: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def add(self, problems) -> None:
+        self.pending.extend(problems)
+
+    def merge(self, problems) -> list[tuple[str, str]]:
+        """Record ``problems``; returns those not seen before (each path once)."""
+        new = []
+        for path, reason in problems:
+            if path not in self.files:
+                self.files[path] = reason
+                new.append((path, reason))
+        return new
+
+    @staticmethod
+    def write(path: Path, problems) -> None:
+        if problems:
+            with open(path, "a") as f:
+                f.writelines(f"{p}\t{r}\n" for p, r in problems)
 
 class EpochSampler(Sampler):
     """Yields ``(seed, epoch, index)`` keys: a seeded permutation per epoch, split over ranks,
@@ -222,11 +283,6 @@ class EpochSampler(Sampler):
         mine = order[:n][self.rank::self.world].tolist()
         for i in mine[self.start:]:
             yield self.seed, self.epoch, i
-
-
-def collate(items):
-    images = torch.stack([im for im, _ in items])
-    return images, sum(b for _, b in items)
 
 
 def compute_stats(paths: list[Path], channels: int, limit: int = 500, size: int = 64):

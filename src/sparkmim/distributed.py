@@ -9,7 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_sum", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_sum", "broadcast_object", "all_gather_objects",
+           "cleanup"]
 
 
 @dataclass
@@ -67,6 +68,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects; the value itself with one process)."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (picklable objects)."""
+    if dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def cleanup() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -35,6 +36,35 @@ def _first_conv_in_chans(model: nn.Module) -> int:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     return 3
+
+
+# layer classes of self-attention models; ResNeSt's and SK-Net's attention over channels is supported
+_ATTENTION = re.compile(r"attn|attention|transformer|lambdalayer", re.IGNORECASE)
+_CHANNEL_ATTENTION = ("SplitAttn", "SelectiveKernelAttn")
+
+
+def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: int, chans: int,
+                   error: Exception) -> str:
+    """Why a dense probe forward failed, naming the layer that raised; for self-attention and
+    fixed-size models (ViT, Swin, BoTNet, MaxViT, ...) says that they cannot be made sparse."""
+    layer = running[-1] if running else model
+    where = f"layer '{names.get(layer) or type(model).__name__}' ({type(layer).__name__})"
+    reason = " ".join(str(error).split()).rstrip(".")
+    reason = f"{type(error).__name__}: {reason}" if reason else f"{type(error).__name__} (no message)"
+
+    def is_attention(m: nn.Module) -> bool:
+        return bool(_ATTENTION.search(type(m).__name__)) and type(m).__name__ not in _CHANNEL_ATTENTION
+
+    layers = [m for _, m in list(model.named_modules())[1:]]
+    attention = [m for m in running if is_attention(m)] or [m for m in layers if is_attention(m)]
+    text = (f"a probe forward of {type(model).__name__} on a {size}x{size} input with {chans} channels failed "
+            f"in {where}: {reason}")
+    if attention:
+        first = attention[0]
+        text += (f". {type(model).__name__} has self-attention or windowed layers ('{names.get(first, '?')}', "
+                 f"{type(first).__name__}) and a fixed input size: it is not a convolutional network sparkmim can "
+                 f"make sparse (attention mixes all positions). See the README section 'Supported backbones'")
+    return text
 
 
 def _pick_tensor(out, size: tuple[int, int] | None = None):
@@ -202,16 +232,26 @@ class SparseEncoder(nn.Module):
             return hook
 
         handles = [m.register_forward_hook(recorder(n)) for n, m in candidates.items()]
+        # the modules being run, outermost first (a module leaves the list only when it finishes,
+        # so after a failure the list ends with the layer that raised)
+        module_names = {m: n for n, m in model.named_modules()}
+        running: list[nn.Module] = []
+
+        def enter(module, args):
+            running.append(module)
+
+        def leave(module, args, out):
+            running.pop()
+
+        handles += [m.register_forward_pre_hook(enter) for m in model.modules()]
+        handles += [m.register_forward_hook(leave) for m in model.modules()]
         was_training = model.training
         model.eval()
         try:
             x = torch.zeros(1, self.in_chans, probe_size, probe_size, **_param_kwargs(model))
             (getattr(model, "forward_features", None) or model)(x)
         except Exception as e:
-            raise RuntimeError(
-                f"a probe forward of {type(model).__name__} on a {probe_size}x{probe_size} input with "
-                f"{self.in_chans} channels failed: {e}"
-            ) from e
+            raise SparseSemanticsError(_probe_failure(model, running, module_names, probe_size, self.in_chans, e)) from e
         finally:
             for h in handles:
                 h.remove()
@@ -330,7 +370,9 @@ class SparseEncoder(nn.Module):
                 self.unused_parameters = [n for n, q in self.model.named_parameters()
                                           if q.requires_grad and id(q) not in reached]
                 return
-            raise RuntimeError(f"sparse probe forward of {type(self.model).__name__} failed: {last_error}") from last_error
+            reason = " ".join(str(last_error).split()) or "no message"
+            raise SparseSemanticsError(f"the sparse probe forward of {type(self.model).__name__} on non-square inputs "
+                                       f"failed: {type(last_error).__name__}: {reason}") from last_error
         finally:
             for h in handles:
                 h.remove()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -13,12 +16,19 @@ import torch
 from torch import nn
 
 from .backbones import create_backbone
-from .checkpoint import CheckpointManager, load_encoder_weights
+from .checkpoint import (
+    CheckpointManager,
+    atomic_write,
+    load_encoder_weights,
+    save_encoder_weights,
+    state_bytes,
+)
 from .config import ConfigError, PretrainConfig
 from .data import (
+    BadFiles,
+    DataError,
     EpochSampler,
     ImageFiles,
-    collate,
     compute_stats,
     default_stats,
     demo_photo_paths,
@@ -42,7 +52,10 @@ class NonFiniteLossError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} requested but CUDA is not available; use --device cpu")
     return dev
@@ -95,6 +108,17 @@ class _Metrics:
             except ImportError:
                 warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=2)
 
+    @staticmethod
+    def truncate(run_dir: Path, step: int) -> None:
+        """Drop the lines of steps after ``step`` (logged before a crash, and logged again after
+        the resume from ``step``), so every step appears once."""
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         if self.tb is not None and "step" in record:
@@ -136,8 +160,21 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def _data(cfg: PretrainConfig):
+    """The data set, its normalisation statistics, and the listed files that do not exist
+    (``{path: reason}``; a file list may name files that are gone)."""
+    missing: dict[str, str] = {}
     if cfg.data:
         paths = list_images(cfg.data)
+        if Path(cfg.data).is_file():
+            missing = {str(p): "FileNotFoundError: no such file" for p in paths if not p.is_file()}
+            paths = [p for p in paths if str(p) not in missing]
+            if not paths:
+                raise DataError(f"none of the {len(missing)} files listed in {cfg.data} exist "
+                                f"(first: {next(iter(missing))})")
+            if len(missing) > cfg.max_bad_fraction * (len(paths) + len(missing)):
+                raise DataError(f"{len(missing)} of the {len(paths) + len(missing)} files listed in {cfg.data} do not "
+                                f"exist (more than --max-bad-fraction {cfg.max_bad_fraction:g}; first: "
+                                f"{next(iter(missing))})")
     else:
         photos = demo_photo_paths()
         paths = [photos[i % len(photos)] for i in range(cfg.demo_length)]
@@ -147,7 +184,7 @@ def _data(cfg: PretrainConfig):
         mean, std = default_stats(cfg.in_chans)
     transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
     fast = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
-    return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std
+    return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std, missing
 
 
 def _step_masks(model: SparK, images: torch.Tensor, seed: int, step: int, micro: int, rank: int = 0,
@@ -179,19 +216,20 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .distributed import all_reduce_sum, barrier
+    from .distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object
 
     main = info.main
     if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         cfg.resume = "auto"  # torchrun restarted the workers after a failure: continue from the last checkpoint
     run_dir = Path(cfg.out)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    problem = broadcast_object(_claim_run_dir(run_dir, cfg) if main else None)  # every rank fails alike
+    if problem:
+        raise ConfigError(problem)
     barrier()
     precision = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last, device)
     torch.manual_seed(cfg.seed)
-    dataset, mean, std = _data(cfg)
+    dataset, mean, std, missing = _data(cfg)
     sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world)
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_steps
     if steps_per_epoch < 1:
@@ -220,18 +258,18 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         model.decoder.compile()
 
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
-    start_epoch, start_batch, step, images_seen, bad_total, first_loss = 0, 0, 0, 0, 0, None
+    start_epoch, start_batch, step, images_seen, first_loss, last_loss = 0, 0, 0, 0, None, None
+    bad_files = BadFiles(missing)
     if cfg.resume:
-        path = ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)
-        if path is None:
-            print(json.dumps({"event": "resume", "note": f"no checkpoint in {run_dir}; starting fresh"}), flush=True)
-        else:
-            state = ckpts.load(path, cfg)
+        found = _resume_checkpoint(cfg, ckpts, main)
+        if found is not None:
+            path, state = found
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-            images_seen, bad_total, first_loss = state["images_seen"], state["bad_images"], state["first_loss"]
+            images_seen, first_loss, last_loss = state["images_seen"], state["first_loss"], state.get("loss_last")
+            bad_files = BadFiles({**missing, **state.get("bad_files", {})})
             old_world = state.get("world", 1)
             if old_world != info.world:
                 # another world size: keep the images already consumed this epoch (a prefix of the
@@ -241,8 +279,19 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
             if main:
                 print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": start_epoch, "step": step,
                                   "world": info.world, "checkpoint_world": old_world}), flush=True)
+                _Metrics.truncate(run_dir, step)  # lines logged after the checkpoint are logged again
+            if start_epoch >= cfg.epochs:
+                if main:
+                    print(json.dumps({"event": "resume", "note": f"the run in {run_dir} had already finished "
+                                      f"({start_epoch} of {cfg.epochs} epochs, step {step}); nothing to do"}), flush=True)
+                return _summary(cfg, step, images_seen, len(bad_files), first_loss, last_loss, 0.0, run_dir)
     if main:
-        (run_dir / "config.yaml").write_text(_yaml(cfg))
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg)))
+        if bad_files.files:  # the list as of the checkpoint (a resume finds later ones again)
+            atomic_write(run_dir / "bad_images.txt", lambda tmp: BadFiles.write(tmp, bad_files.files.items()))
+        else:
+            (run_dir / "bad_images.txt").unlink(missing_ok=True)
+        _check_free_space(run_dir, model, cfg.keep_last)
     ddp = model
     if info.world > 1:
         # buffers: with sparse SyncBatchNorm every rank computes the same running statistics, so
@@ -253,12 +302,10 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                                       find_unused_parameters=unused is None, **{sync_buffers: not cfg.sync_bn})
 
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                         drop_last=True, **loader_kw)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=dataset.collate, drop_last=True, **loader_kw)
     metrics = _Metrics(run_dir, cfg.tensorboard) if main else None
-    # eight images spread over the (sorted) data set, so a class-per-folder tree shows several classes
-    shown = sorted({i * len(dataset) // min(8, len(dataset)) for i in range(min(8, len(dataset)))})
-    vis_images = torch.stack([dataset[(cfg.seed, -1, i)][0] for i in shown]) if main else None
+    vis_images = _display_images(dataset, cfg.seed, bad_files) if main else None
 
     def visualise(tag: str):
         if not main:
@@ -273,6 +320,10 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         metrics.image("reconstruction", grid, step)
 
     total_steps = cfg.epochs * steps_per_epoch
+    if main and schedule.warmup_steps >= total_steps > 0:
+        warnings.warn(f"the warm-up ({schedule.warmup_steps} steps, {cfg.warmup_epochs:g} epochs) is not shorter than "
+                      f"the run ({total_steps} steps): the lr never reaches its peak {peak_lr:.3g}; lower "
+                      f"--warmup-epochs", stacklevel=2)
     started = time.perf_counter()
     if main:
         print(json.dumps({"event": "start", "model": cfg.model, "images": len(dataset), "steps_per_epoch": steps_per_epoch,
@@ -284,16 +335,32 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
     if step == 0:
         visualise("epoch0000_start")
 
-    def global_bad() -> int:
-        return bad_base + int(all_reduce_sum(torch.tensor(float(bad_local), device=device)))
+    def sync_bad_files() -> None:
+        """Unreadable files found by any rank since the last call: recorded on every rank, announced
+        (one line each) and appended to bad_images.txt by rank 0; then the --max-bad-fraction rule."""
+        pending, bad_files.pending = bad_files.pending, []
+        if info.world > 1 and int(all_reduce_sum(torch.tensor(float(len(pending)), device=device))) > 0:
+            pending = [p for part in all_gather_objects(pending) for p in part]
+        new = bad_files.merge(pending)
+        if main and new:
+            for path, reason in new:
+                warnings.warn(f"skipping unreadable image {path} ({reason}); listed in {run_dir / 'bad_images.txt'}",
+                              stacklevel=2)
+            BadFiles.write(run_dir / "bad_images.txt", new)
+        read = min(len(dataset), images_seen) + len(missing)
+        if read >= min(64, len(dataset) + len(missing)) and len(bad_files) > cfg.max_bad_fraction * read:
+            raise DataError(f"{len(bad_files)} of the {read} image files read so far are unreadable (more than "
+                            f"--max-bad-fraction {cfg.max_bad_fraction:g}); they are listed in "
+                            f"{run_dir / 'bad_images.txt'}: fix or remove them, or raise --max-bad-fraction")
 
     def save(epoch: int, batch: int):
-        bad = global_bad()
+        sync_bad_files()
         if main:
             ckpts.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                         "epoch": epoch, "batch": batch, "step": step, "images_seen": images_seen,
-                        "bad_images": bad, "first_loss": first_loss, "config": cfg.to_dict(),
-                        "norm_mean": list(mean), "norm_std": list(std), "world": info.world}, step)
+                        "bad_images": len(bad_files), "bad_files": dict(bad_files.files), "first_loss": first_loss,
+                        "loss_last": last_loss, "config": cfg.to_dict(), "norm_mean": list(mean),
+                        "norm_std": list(std), "world": info.world}, step)
         barrier()  # no rank runs ahead of a checkpoint being written
 
     progress = None
@@ -302,8 +369,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
 
         progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
     model.train()
-    bad_base, bad_local = bad_total, 0
-    t0, last_loss, window_images = time.perf_counter(), float("nan"), 0
+    t0, window_images = time.perf_counter(), 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
@@ -324,7 +390,7 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
             sampler.set_epoch(epoch, skip)
             micro = 0
             for batch_idx, (images, bad) in enumerate(loader, start=skip):
-                bad_local += bad
+                bad_files.add(bad)
                 images = images.to(device, torch.float64 if precision == "fp64" else None, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -363,13 +429,13 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                     check_finite("logging")
                     totals = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(loss_count))]))
                     last_loss = float(totals[0] / totals[1])
-                    bad_total = global_bad()
+                    sync_bad_files()
                     elapsed = time.perf_counter() - t0
                     norm_steps = float(norm_count)
                     record = {"step": step, "epoch": epoch, "loss": last_loss,
                               "grad_norm": float(norm_sum) / norm_steps if norm_steps else None,
                               "lr": schedule.lr(step - 1), "weight_decay": schedule.weight_decay(step - 1),
-                              "img_per_s": window_images * info.world / max(elapsed, 1e-9), "bad_images": bad_total,
+                              "img_per_s": window_images * info.world / max(elapsed, 1e-9), "bad_images": len(bad_files),
                               "images_seen": images_seen}
                     if metrics is not None:
                         metrics.log(record)
@@ -381,19 +447,15 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
                     norm_sum.zero_()
                     norm_count.zero_()
                     loss_count, window_images, t0 = 0, 0, time.perf_counter()
-                    read = images_seen + bad_total
-                    if read >= min(64, len(dataset)) and bad_total > cfg.max_bad_fraction * read:
-                        raise RuntimeError(f"{bad_total} of {read} images read so far were unreadable "
-                                           f"(more than {cfg.max_bad_fraction:.0%}); check the data folder")
                 if progress is not None:
                     progress.update(1)
-                if cfg.save_every_steps and step % cfg.save_every_steps == 0 and batch_idx + 1 < sampler.batches_per_epoch():
+                if _every(cfg.save_every_steps, step) and batch_idx + 1 < sampler.batches_per_epoch():
                     check_finite("a checkpoint")
                     save(epoch, batch_idx + 1)
-            if (epoch + 1) % cfg.save_every_epochs == 0 or epoch + 1 == cfg.epochs:
+            if _every(cfg.save_every_epochs, epoch + 1) or epoch + 1 == cfg.epochs:
                 check_finite("a checkpoint")
                 save(epoch + 1, 0)
-            if (epoch + 1) % cfg.vis_every_epochs == 0 or epoch + 1 == cfg.epochs:
+            if _every(cfg.vis_every_epochs, epoch + 1) or epoch + 1 == cfg.epochs:
                 visualise(f"epoch{epoch + 1:04d}")
     finally:
         if progress is not None:
@@ -401,16 +463,113 @@ def _pretrain(cfg: PretrainConfig, info, device: torch.device) -> dict:
         if metrics is not None:
             metrics.close()
 
-    from .checkpoint import save_encoder_weights
-
-    weights = run_dir / "encoder.safetensors"
     if main:
-        save_encoder_weights(model.encoder, weights)
+        save_encoder_weights(model.encoder, run_dir / "encoder.safetensors")
     barrier()
-    summary = {"event": "done", "epochs": cfg.epochs, "steps": step, "images_seen": images_seen,
-               "bad_images": bad_total, "loss_first": first_loss, "loss_last": last_loss,
-               "seconds": round(time.perf_counter() - started, 1), "encoder_weights": str(weights), "run_dir": str(run_dir)}
-    return summary
+    return _summary(cfg, step, images_seen, len(bad_files), first_loss, last_loss, time.perf_counter() - started,
+                    run_dir)
+
+
+def _summary(cfg: PretrainConfig, step: int, images_seen: int, bad_images: int, first_loss, last_loss,
+             seconds: float, run_dir: Path) -> dict:
+    """The run's last line; valid JSON (a loss never logged is null)."""
+    def finite(v):
+        return v if v is not None and math.isfinite(v) else None
+
+    return {"event": "done", "epochs": cfg.epochs, "steps": step, "images_seen": images_seen,
+            "bad_images": bad_images, "loss_first": finite(first_loss), "loss_last": finite(last_loss),
+            "seconds": round(seconds, 1), "encoder_weights": str(run_dir / "encoder.safetensors"),
+            "run_dir": str(run_dir)}
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "encoder.safetensors", "bad_images.txt", CheckpointManager.PATTERN)
+
+
+def _claim_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
+    """Make ``run_dir`` this run's own folder; the reason it cannot be, or None.
+
+    A folder holding another run's files is refused unless the run continues it (``--resume``
+    auto, or a checkpoint inside it) or ``--overwrite`` moves the old run aside, to
+    ``OUT.old-<time>``. A folder holding only the files of a run that never wrote a checkpoint
+    is moved aside the same way when ``--resume auto`` starts afresh."""
+    held = sorted(p.name for pattern in RUN_FILES for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+    resume_inside = cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent == run_dir.resolve()
+    checkpoints = CheckpointManager(run_dir).paths() if held else []
+    if held and not resume_inside and not (cfg.resume == "auto" and checkpoints):
+        if not cfg.overwrite and not (cfg.resume == "auto" and not checkpoints):
+            listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            return (f"{run_dir} already holds a run ({listed}): continue it with --resume auto, choose another "
+                    f"--out, or pass --overwrite to move the old run aside")
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(json.dumps({"event": "overwrite", "note": f"the earlier run in {run_dir} was moved to {aside}"}),
+              flush=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        return f"cannot write to the run folder {run_dir}: {e.strerror or e}"
+    if resume_inside:
+        later = [p.name for p in CheckpointManager(run_dir).paths()
+                 if CheckpointManager.step_of(p) > CheckpointManager.step_of(Path(cfg.resume))]
+        if later:
+            warnings.warn(f"resuming from {cfg.resume}: the later checkpoints {', '.join(later)} belong to the "
+                          f"run before this resume and are deleted when this run saves its first checkpoint",
+                          stacklevel=2)
+    return None
+
+
+def _resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its state: the newest readable one for ``auto`` (None
+    when there is none), else the named one. Refuses another per-device batch or accumulation
+    (the data order and the schedule are counted in their batches)."""
+    if cfg.resume == "auto":
+        found = ckpts.latest_readable(cfg)
+        if found is None and main:
+            print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
+                  flush=True)
+    else:
+        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg)
+    if found is not None:
+        saved = found[1].get("config", {})
+        was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))
+        if was != (cfg.batch_size, cfg.accum_steps):
+            raise ConfigError(f"cannot resume {found[0]} with batch_size {cfg.batch_size} x accum_steps "
+                              f"{cfg.accum_steps}: the run was started with batch_size {was[0]} x accum_steps "
+                              f"{was[1]}; resume with --batch-size {was[0]} --accum-steps {was[1]}, or start a "
+                              f"new --out")
+    return found
+
+
+def _check_free_space(run_dir: Path, model: nn.Module, keep_last: int) -> None:
+    """Warn when the disk cannot hold the checkpoints this run keeps (weights, buffers and two LAMB
+    moments per trained parameter; ``keep_last`` of them plus the one being written)."""
+    weights = state_bytes(model.state_dict())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = (weights + moments) * (keep_last + 1) + weights
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        warnings.warn(f"{run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints need about "
+                      f"{need / 2**20:,.0f} MiB ({keep_last} kept + 1 being written, {(weights + moments) / 2**20:,.0f} "
+                      f"MiB each); free space or lower --keep-last", stacklevel=2)
+
+
+def _display_images(dataset: ImageFiles, seed: int, bad_files: BadFiles, count: int = 8) -> torch.Tensor:
+    """``count`` readable images spread over the (sorted) data set, so a class-per-folder tree shows
+    several classes; unreadable files met on the way are reported like those met in training."""
+    n = min(count, len(dataset))
+    images = []
+    for i in sorted({k * len(dataset) // n for k in range(n)}):
+        image, bad = dataset.readable((seed, -1, i))
+        bad_files.add(bad)
+        images.append(image)
+    return torch.stack(images)
+
+
+def _every(n: int, i: int) -> bool:
+    """True every ``n``-th count ``i``; never when ``n`` is 0 (off)."""
+    return n > 0 and i % n == 0
 
 
 def _yaml(cfg: PretrainConfig) -> str:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import create_backbone
-from .checkpoint import load_encoder_weights, read_weights
+from .checkpoint import atomic_write, load_encoder_weights, read_weights
 from .config import _opt
 from .data import IMAGE_EXTENSIONS, compute_stats, default_stats, load_image
 from .encoder import SparseEncoder
@@ -531,9 +531,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def format_table(results: dict) -> str:

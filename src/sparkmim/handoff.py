@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import KeyMismatchError, key_report
+from .checkpoint import KeyMismatchError, atomic_write, key_report, state_bytes
 
 __all__ = ["to_torchvision", "timm_convnext_to_torchvision", "detection_backbone", "fasterrcnn", "maskrcnn"]
 
@@ -134,10 +134,11 @@ def maskrcnn(weights, arch: str = "resnet50", num_classes: int = 91, **kwargs):
 
 
 def save_torchvision(weights, arch: str, out: str | Path) -> dict:
-    """Write the exported weights with torchvision ``arch``'s keys (``torch.save``); the report."""
+    """Write a complete state dict of torchvision ``arch`` (``torch.save``): the exported weights
+    under torchvision's keys, and the classifier (which SparK does not train) at its fresh
+    initialisation, listed in the report as ``classifier_kept``; so the file loads with
+    ``strict=True`` into ``torchvision.models.get_model(arch)``. Returns the report."""
     model, report = to_torchvision(weights, arch, strict=True)
-    state = {k: v for k, v in model.state_dict().items() if k not in report["classifier_kept"]}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    state = model.state_dict()
+    atomic_write(out, lambda tmp: torch.save(state, tmp), state_bytes(state))
     return report

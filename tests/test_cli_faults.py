@@ -1,0 +1,275 @@
+"""A new user's faults and messy folders, driven through the command line: runs never mix,
+unreadable files are counted once, bad values and broken files end in one clear line (exit 2, no
+traceback), a full disk leaves no partial file.
+
+What a user sees printed (warnings, the file-size limit of a full disk) is checked in a
+subprocess; the other cases call the CLI's ``main`` in this process, where a traceback would be
+an exception escaping it (and a subprocess would cost seconds of start-up per case)."""
+
+import contextlib
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import write_noise_images
+from sparkmim.checkpoint import CheckpointManager
+
+TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
+        "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--tensorboard", "false", "--progress", "false",
+        "--log-every-steps", "1"]
+
+
+def sparkmim(*args, limit_file_bytes: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m sparkmim ARGS`` in a fresh process; optionally with a cap on the size of any
+    file it writes (a full disk, as the process sees it)."""
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+
+    return subprocess.run([sys.executable, "-m", "sparkmim", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=cap if limit_file_bytes else None,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+
+
+class Result:
+    """What ``main(argv)`` returned and printed, shaped like a finished subprocess."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: the command line in this process; an exception escaping ``main`` fails the test."""
+    from sparkmim.cli import main
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The process failed with exit 2 and exactly one error line holding every fragment, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def summary_of(result) -> dict:
+    """The last stdout line: the run summary, which must be strict JSON (no NaN)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1],
+                      parse_constant=lambda c: pytest.fail(f"summary holds {c}, not JSON"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_noise_images(tmp_path_factory.mktemp("imgs"), 8, (70, 90), seed=1, suffix=".png")
+
+
+@pytest.fixture(scope="module")
+def finished(images, tmp_path_factory):
+    """A finished one-epoch run (2 steps) and its summary."""
+    from sparkmim.cli import main
+
+    out, printed = tmp_path_factory.mktemp("runs") / "done", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["pretrain", *TINY, "--data", str(images), "--out", str(out)])
+    return out, summary_of(Result(code, printed.getvalue(), ""))
+
+
+def test_a_folder_that_holds_a_run_is_refused_and_overwrite_moves_it_aside(images, finished, tmp_path, cli):
+    out, _ = finished
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out),
+                   f"{out} already holds a run", "--resume auto", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    # a copy of the finished run, overwritten: the old run is moved aside whole
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(out), str(copy)], check=True)
+    summary = summary_of(cli("pretrain", *TINY, "--data", images, "--out", copy, "--overwrite", "true",
+                             "--seed", "1"))
+    (aside,) = tmp_path.glob("copy.old-*")
+    assert sorted(p.name for p in aside.iterdir()) == sorted(before)
+    assert summary["steps"] == 2 and [p.name for p in CheckpointManager(copy).paths()] == ["checkpoint-00000002.pth"]
+    assert yaml.safe_load((copy / "config.yaml").read_text())["seed"] == 1
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Checkpoints of a later step are left over from before a resume from an earlier one: the
+    new run's checkpoint stays, they go (so --resume auto continues the new run)."""
+    ckpts = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 11, 12):
+        ckpts.save({"model": {}, "step": step}, step)
+    assert [p.name for p in ckpts.paths()] == ["checkpoint-00000011.pth", "checkpoint-00000012.pth"]
+    ckpts.save({"model": {}, "step": 5}, 5)
+    assert [p.name for p in ckpts.paths()] == ["checkpoint-00000005.pth"]
+    for step in (6, 7):
+        ckpts.save({"model": {}, "step": step}, step)
+    assert [p.name for p in ckpts.paths()] == ["checkpoint-00000006.pth", "checkpoint-00000007.pth"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_cluster_of_unreadable_files_is_counted_once_per_file(tmp_path):
+    """13 readable images and, in one sub-folder, 2 truncated JPEGs (13 %): the run finishes over
+    2 epochs, bad_images counts 2 distinct files, each announced on one line once and listed in
+    bad_images.txt."""
+    data = tmp_path / "data"
+    (data / "ok").mkdir(parents=True)
+    (data / "broken").mkdir()
+    write_noise_images(data / "ok", 13, (70, 90), seed=2, suffix=".jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 80), (9, 99, 199)).save(buf, "JPEG")
+    for i in range(2):
+        (data / "broken" / f"cut{i}.jpg").write_bytes(buf.getvalue()[:150])
+    out = tmp_path / "run"
+    result = sparkmim("pretrain", *TINY, "--data", data, "--out", out, "--epochs", "2", "--log-every-steps", "100")
+    summary = summary_of(result)
+    assert summary["bad_images"] == 2 and summary["steps"] == 6
+    announced = [line for line in result.stderr.splitlines() if "skipping unreadable image" in line]
+    assert sorted(Path(line.split()[6]).name for line in announced) == ["cut0.jpg", "cut1.jpg"]
+    assert all(line.startswith("sparkmim pretrain: warning: ") for line in announced)  # one line each
+    listed = [line.split("\t")[0] for line in (out / "bad_images.txt").read_text().splitlines()]
+    assert sorted(Path(p).name for p in listed) == ["cut0.jpg", "cut1.jpg"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["bad_images"] == 2
+
+
+def test_a_file_list_with_missing_paths(images, tmp_path, cli):
+    names = sorted(p.name for p in images.iterdir())
+    gone = tmp_path / "gone.txt"
+    gone.write_text("a.png\nb.png\nc.png\n")
+    one_line_error(cli("pretrain", *TINY, "--data", gone, "--out", tmp_path / "o1"),
+                   "none of the 3 files listed in", "a.png")
+    some = tmp_path / "some.txt"
+    some.write_text("".join(f"{images / n}\n" for n in names) + "missing.png\n")
+    summary = summary_of(cli("pretrain", *TINY, "--data", some, "--out", tmp_path / "o2"))
+    assert summary["bad_images"] == 1 and summary["steps"] == 2
+    assert (tmp_path / "o2" / "bad_images.txt").read_text().startswith(str(tmp_path / "missing.png"))
+
+
+def test_mostly_unreadable_data_stops_in_one_line(tmp_path, cli):
+    for i in range(14):
+        (tmp_path / f"broken{i:02d}.jpg").write_bytes(b"garbage")
+    write_noise_images(tmp_path, 2, (64, 64), seed=3)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        result = cli("pretrain", *TINY, "--data", tmp_path, "--out", tmp_path / "out", "--epochs", "2")
+    one_line_error(result, "14 of the 16 image files read so far are unreadable", "--max-bad-fraction")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--log-every-steps", "0"], "log_every_steps must be >= 1, got 0"),
+    (["--save-every-steps", "-1"], "save_every_steps must be >= 0, got -1"),
+    (["--decoder-width", "0"], "decoder_width must be >= 1, got 0"),
+    (["--decoder-width", "48"], "decoder width 48 must be divisible by 2**5"),
+    (["--keep-last", "0"], "keep_last must be >= 1"),
+    (["--device", "gpu"], "unknown device 'gpu'; use cpu, cuda, cuda:N or auto"),
+    (["--model", "vit_tiny_patch16_224"], "not a convolutional network sparkmim can make sparse"),
+    (["--model", "botnet26t_256"], "failed in layer 'stages.2.1.self_attn' (BottleneckAttn)"),
+])
+def test_bad_values_and_models_fail_at_once_in_one_line(flags, fragment, images, tmp_path, cli):
+    result = cli("pretrain", *TINY, "--data", images, "--out", tmp_path / "o", *flags)
+    one_line_error(result, fragment)
+    assert not list(tmp_path.glob("o/checkpoint-*"))
+
+
+def test_zero_means_only_at_the_end(images, tmp_path, cli):
+    out = tmp_path / "o"
+    with pytest.warns(UserWarning, match=r"the warm-up \(6 steps, 3 epochs\) is not shorter than the run \(4 steps\)"):
+        summary_of(cli("pretrain", *TINY, "--data", images, "--out", out, "--epochs", "2",
+                       "--save-every-epochs", "0", "--vis-every-epochs", "0", "--warmup-epochs", "3"))
+    assert [p.name for p in CheckpointManager(out).paths()] == ["checkpoint-00000004.pth"]
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == ["epoch0000_start.png", "epoch0002.png"]
+
+
+def test_invalid_yaml_names_the_file(images, tmp_path, cli):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("model: resnet18\nepochs: [1, 2\n")
+    one_line_error(cli("pretrain", "--config", bad, "--data", images), f"config file {bad} is not valid YAML")
+
+
+def test_an_unwritable_output_folder_is_one_line(images, tmp_path, cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", blocker / "run"), str(blocker))
+
+
+def test_resume_with_another_batch_size_is_refused_and_a_finished_run_says_so(images, finished, cli):
+    out, first = finished
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out, "--resume", "auto", "--batch-size", "2"),
+                   "cannot resume", "--batch-size 4 --accum-steps 1")
+    again = cli("pretrain", *TINY, "--data", images, "--out", out, "--resume", "auto")
+    summary = summary_of(again)
+    assert "had already finished" in again.stdout and summary["steps"] == first["steps"] == 2
+    assert summary["loss_first"] == first["loss_first"] and summary["loss_last"] == first["loss_last"]
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(images, tmp_path, cli):
+    out = tmp_path / "run"
+    summary_of(cli("pretrain", *TINY, "--data", images, "--out", out, "--epochs", "2", "--keep-last", "2"))
+    older, newest = CheckpointManager(out).paths()
+    newest.write_bytes(newest.read_bytes()[:4096])  # truncated, as by a crash mid-copy
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out, "--epochs", "2", "--resume", newest),
+                   f"cannot read checkpoint {newest}")
+    resumed = sparkmim("pretrain", *TINY, "--data", images, "--out", out, "--epochs", "2", "--resume", "auto")
+    summary = summary_of(resumed)
+    assert f"cannot read checkpoint {newest}" in resumed.stderr and "trying the previous checkpoint" in resumed.stderr
+    assert f'"checkpoint": "{older}"' in resumed.stdout and summary["steps"] == 4
+    state = torch.load(CheckpointManager(out).latest(), weights_only=True)  # the truncated one was replaced
+    assert state["step"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # lines after the checkpoint were logged once, not twice
+    export = cli("export", out)
+    assert export.returncode == 0 and json.loads(export.stdout.splitlines()[-1])["checkpoint"].endswith("04.pth")
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(images, tmp_path):
+    out = tmp_path / "run"
+    line = one_line_error(sparkmim("pretrain", *TINY, "--data", images, "--out", out,
+                                   limit_file_bytes=2 * 2**20),
+                          f"could not write {out / 'checkpoint-00000002.pth'}", "MiB needed")
+    assert "the disk is full or a file-size limit was reached" in line
+    assert not list(out.glob("*.tmp")) and not CheckpointManager(out).paths()
+
+
+def test_reconstruct_on_an_unreadable_image_and_file_modes(finished, tmp_path, cli):
+    out, _ = finished
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"nope")
+    one_line_error(cli("reconstruct", out, broken, "--out", tmp_path / "grid.png"), f"cannot read image {broken}")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("encoder.safetensors", "config.yaml", "checkpoint-00000002.pth"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_too_little_free_space_is_warned_at_start(monkeypatch, tmp_path):
+    import shutil
+
+    from sparkmim import SparK, SparseEncoder
+    from sparkmim.engine import _check_free_space
+
+    model = SparK(SparseEncoder.from_timm("resnet10t"), decoder_width=32)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.warns(UserWarning, match=r"has 1 MiB free, but this run's checkpoints need about \d+ MiB \(3 kept"):
+        _check_free_space(tmp_path, model, keep_last=3)
