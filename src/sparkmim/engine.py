@@ -115,8 +115,13 @@ class _Metrics:
         path = run_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:  # a line cut short by the crash
+                return False
+
+        keep = [line for line in path.read_text().splitlines(keepends=True) if kept(line)]
         atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
 
     def log(self, record: dict) -> None:
