@@ -500,8 +500,10 @@ def _claim_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
     held = sorted(p.name for pattern in RUN_FILES for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
     resume_inside = cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent == run_dir.resolve()
     checkpoints = CheckpointManager(run_dir).paths() if held else []
-    if held and not resume_inside and not (cfg.resume == "auto" and checkpoints):
-        if not cfg.overwrite and not (cfg.resume == "auto" and not checkpoints):
+    continuing = resume_inside or (cfg.resume == "auto" and checkpoints)
+    if held and not continuing:
+        never_saved = cfg.resume == "auto"  # --resume auto, but the run there wrote no checkpoint
+        if not (cfg.overwrite or never_saved):
             listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             return (f"{run_dir} already holds a run ({listed}): continue it with --resume auto, choose another "
                     f"--out, or pass --overwrite to move the old run aside")
