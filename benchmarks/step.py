@@ -92,7 +92,7 @@ def build(args, variant: Variant, base, device):
 
 
 def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
-    from sparkmim.optim import clip_grad_norm_
+    from sparkmim.train import train_step
 
     autocast = (lambda: torch.autocast(device.type, dtype=variant.dtype)) if variant.dtype else contextlib.nullcontext
     gen = torch.Generator(device=device).manual_seed(0)
@@ -100,7 +100,7 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
     fixed = {}
 
     def step():
-        masks = model.random_masks(x, gen)
+        masks = model.draw_masks(x, gen)
         if part == "encoder":
             with autocast():
                 feats = model.forward_encoder(x, masks)
@@ -116,14 +116,8 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
                 pred = model.forward_decoder(model.forward_densify(fixed["feats"], masks))
                 loss = model.forward_loss(x, pred, masks.visible)
             loss.backward()
-        else:
-            with autocast():
-                out = model(x, masks)
-            scaler.scale(out.loss).backward()
-            scaler.unscale_(opt)
-            clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
+        else:  # the run loop's own step: forward, backward, the one clip, LAMB
+            train_step(model, opt, scaler, [(x, masks)], clip_grad=5.0, autocast=autocast)
         opt.zero_grad(set_to_none=True)
 
     return step

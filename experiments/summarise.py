@@ -6,13 +6,19 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from sparkmim.evaluate import mean_std
-
 METRICS = [("knn", "top1_k20", "k-NN (k=20)"), ("knn", "top1_k10", "k-NN (k=10)"),
            ("linear", "top1", "linear probe"), ("finetune", "top1", "fine-tune, 1,000 labels")]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
 
 
 def main(root: Path) -> None:

@@ -8,9 +8,9 @@ import yaml
 from PIL import Image
 
 from conftest import write_noise_images
-from sparkmim.checkpoint import load_encoder_weights
 from sparkmim.cli import RECIPES, build_parser, main
 from sparkmim.config import ConfigError, PretrainConfig, load_config
+from sparkmim.weights import load_encoder_weights
 
 TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
         "--workers", "0", "--epochs", "1", "--tensorboard", "false", "--progress", "false", "--log-every-steps", "1"]
@@ -53,7 +53,7 @@ def test_channels_last_is_auto_true_or_false(tmp_path):
     booleans and flag values both work; anything else is refused."""
     import torch
 
-    from sparkmim.engine import resolve_channels_last
+    from sparkmim.train.setup import resolve_channels_last
 
     assert load_config().channels_last == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -66,7 +66,7 @@ def test_channels_last_is_auto_true_or_false(tmp_path):
     from sparkmim.config import config_from_args
 
     assert resolve_channels_last(config_from_args(args).channels_last, cpu) is True
-    with pytest.raises(ConfigError, match="channels_last must be auto, true or false"):
+    with pytest.raises(ConfigError, match="channels_last must be one of auto, true, false, got .sometimes."):
         load_config(None, {"channels_last": "sometimes"})
 
 

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from conftest import write_noise_images
-from sparkmim.checkpoint import CheckpointManager
+from sparkmim.train.checkpoint import CheckpointManager
 
 TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
         "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--tensorboard", "false", "--progress", "false",
@@ -267,9 +267,9 @@ def test_too_little_free_space_is_warned_at_start(monkeypatch, tmp_path):
     import shutil
 
     from sparkmim import SparK, SparseEncoder
-    from sparkmim.engine import _check_free_space
+    from sparkmim.train.checkpoint import check_free_space
 
     model = SparK(SparseEncoder.from_timm("resnet10t"), decoder_width=32)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
     with pytest.warns(UserWarning, match=r"has 1 MiB free, but this run's checkpoints need about \d+ MiB \(3 kept"):
-        _check_free_space(tmp_path, model, keep_last=3)
+        check_free_space(tmp_path, model, keep_last=3)

@@ -63,9 +63,21 @@ def test_odd_formats_are_converted(tmp_path):
 
 
 def test_small_images_are_upscaled_to_the_crop():
+    """A 10x12 image becomes a 64x64 crop of its own content: a flat colour stays that colour
+    (normalised), and a left/right split keeps its two colours on the two sides (the crop keeps at
+    least 67 % of the area, so both halves are in it; a flip only swaps them)."""
+    from sparkmim.data import IMAGENET_MEAN, IMAGENET_STD
+
     tf = pretrain_transform(64)
-    out = tf(_rgb(10, 12))
+    out = tf(Image.new("RGB", (12, 10), (200, 100, 50)))
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected[:, None, None].expand(3, 64, 64), atol=2e-2, rtol=0)
+    split = np.zeros((10, 12, 3), np.uint8)
+    split[:, 6:] = 255
+    out = tf(Image.fromarray(split)).mean(0)  # (64, 64), dark on one side, bright on the other
+    left, right = out[:, :8].mean(), out[:, -8:].mean()
+    assert abs(float(left - right)) > 3.0
 
 
 def test_corrupt_files_are_left_out_of_their_batch_and_reported(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import write_noise_images
-from sparkmim.checkpoint import CheckpointManager
 from sparkmim.config import load_config
-from sparkmim.engine import pretrain
+from sparkmim.train import pretrain
+from sparkmim.train.checkpoint import CheckpointManager
 
 BASE = dict(model="resnet10t", input_size=64, decoder_width=32, workers=0, warmup_epochs=0.5, lr=2e-3,
             log_every_steps=1, vis_every_epochs=100, tensorboard=False, progress=False, dist_timeout=60)

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from sparkmim.checkpoint import KeyMismatchError, save_encoder_weights
 from sparkmim.cli import main
 from sparkmim.handoff import detection_backbone, fasterrcnn, maskrcnn, to_torchvision
+from sparkmim.weights import KeyMismatchError, save_encoder_weights
 
 
 def _exported(name, tmp_path):

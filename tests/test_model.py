@@ -142,12 +142,14 @@ def test_pos_embed_and_loss_on_all():
 
 @pytest.mark.parametrize("chans", [1, 5])
 def test_any_channel_count(chans):
-    model = tiny(in_chans=chans, dtype=torch.float32)
-    x = torch.randn(2, chans, 64, 96)
-    out = model(x)
+    """With any channel count the decoder predicts every channel and the loss is the paper's
+    (each target patch normalised over all its channels and pixels), as written out independently."""
+    model = tiny(in_chans=chans)
+    x = torch.randn(2, chans, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(chans))
+    m = masks(2, (2, 3))
+    out = model(x, m)
     assert out.prediction.shape == x.shape
-    out.loss.backward()
-    assert model.encoder.model.conv1.weight.grad is not None
+    torch.testing.assert_close(out.loss, reference_loss(model, x, m.visible), rtol=1e-10, atol=0)
 
 
 def test_reconstruct_pastes_prediction_over_masked_patches():
@@ -161,13 +163,19 @@ def test_reconstruct_pastes_prediction_over_masked_patches():
     assert torch.equal(r.masked[~full], torch.zeros_like(x[~full]))
 
 
-def test_random_masks_follow_the_generator_and_ratio():
+def test_drawn_masks_follow_the_generator_and_ratio():
     model = tiny(dtype=torch.float32)
     x = torch.randn(4, 3, 96, 128)
     a = model(x, generator=torch.Generator().manual_seed(5)).visible
     b = model(x, generator=torch.Generator().manual_seed(5)).visible
     assert torch.equal(a, b) and a.shape == (4, 1, 3, 4)
     assert (a.flatten(1).sum(1) == round(12 * 0.4)).all()
+    # with several ranks each takes its rows of the global batch's masks: any world size, same masks
+    whole = model.draw_masks(x, torch.Generator().manual_seed(9)).visible
+    for rank in range(2):
+        part = model.draw_masks(x[:2], torch.Generator().manual_seed(9), rank=rank, world=2).visible
+        assert torch.equal(part, whole[rank::2])
+    assert (model.draw_masks(x, ratio=0.25).visible.flatten(1).sum(1) == 9).all()
 
 
 def test_bad_inputs_are_clear_errors():
@@ -255,7 +263,7 @@ def test_parameters_that_reach_no_feature_are_found_at_build(name, unused):
     assert model.unused_parameters() == [f"encoder.model.{n}" for n in unused]
     # they really get no gradient, and every other parameter does
     x = torch.randn(2, 3, 64, 96)
-    model(x, model.random_masks(x, torch.Generator().manual_seed(0))).loss.backward()
+    model(x, model.draw_masks(x, torch.Generator().manual_seed(0))).loss.backward()
     no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None)
     assert no_grad == sorted(model.unused_parameters())
 
@@ -348,7 +356,7 @@ def test_whole_model_runs_on_the_meta_device(name):
     here as on a GPU) and no value is read by the host."""
     model = tiny(name, dtype=torch.float32).to("meta").train()
     x = torch.empty(2, 3, 64, 96, device="meta")
-    masks = model.random_masks(x)
+    masks = model.draw_masks(x)
     assert masks.visible.device.type == "meta" and masks.keep is not None
     out = model(x, masks)
     assert out.loss.device.type == "meta" and out.loss.shape == ()
@@ -375,7 +383,7 @@ def test_fast_training_step_has_no_host_synchronising_op(name):
 
     model = tiny(name, dtype=torch.float32)
     x = torch.randn(2, 3, 64, 96)
-    masks = model.random_masks(x, torch.Generator().manual_seed(0))
+    masks = model.draw_masks(x, torch.Generator().manual_seed(0))
     with Record():
         out = model(x, masks)
         out.loss.backward()

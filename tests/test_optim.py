@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from sparkmim.config import load_config
-from sparkmim.engine import build_optimizer, optimizer_step
 from sparkmim.optim import Schedule, clip_grad_norm_, param_groups
+from sparkmim.train import build_optimizer, optimizer_step
 
 NORMS = [3.0, 0.4, 2.0, 8.0, 0.7, 1.5]  # global gradient norms: some above the clip (5), some between 1 and 5
 

@@ -1,5 +1,6 @@
 """sparkmim: SparK masked image modeling pre-training for any convolutional network."""
 
+from .api import pretrain
 from .decoder import Densify, LightDecoder
 from .encoder import FeatureSpec, SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
@@ -10,6 +11,7 @@ from .sparse import SparseMode, SparseSemanticsError
 __version__ = "0.1.0"
 
 __all__ = [
+    "pretrain",
     "SparK",
     "SparKOutput",
     "Reconstruction",

@@ -7,7 +7,8 @@ from functools import partial
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_backbone", "stochastic_depth_rates", "strip_classifier", "TESTED_TIMM",
+__all__ = ["create_timm", "create_torchvision", "create_backbone", "stochastic_depth_rates", "norm_kind",
+           "strip_classifier", "TESTED_TIMM",
            "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
@@ -65,14 +66,17 @@ TESTED_TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regn
 
 
 
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def create_timm(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0, ...)``; unknown names get close suggestions."""
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown timm model '{name}'{hint}")
+        raise ValueError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
     kwargs.setdefault("num_classes", 0)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
@@ -91,9 +95,7 @@ def create_torchvision(name: str, **kwargs) -> nn.Module:
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown torchvision model '{name}'{hint}")
+        raise ValueError(f"unknown torchvision model '{name}'{_suggest(name, known)}")
     kwargs.setdefault("weights", None)
     return strip_classifier(torchvision.models.get_model(name, **kwargs))
 
@@ -141,3 +143,14 @@ def stochastic_depth_rates(model: nn.Module) -> list[float]:
     rates = [m.drop_prob if isinstance(m, DropPath) else m.p
              for m in model.modules() if isinstance(m, (DropPath, StochasticDepth))]
     return [float(r) for r in rates if r > 0]
+
+
+def norm_kind(model: nn.Module) -> str:
+    """'bn' for a backbone with batch norms, 'ln' for one with layer norms only, else 'bn' (the
+    reference recipe's choice between its BatchNorm and LayerNorm settings)."""
+    modules = list(model.modules())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        return "bn"
+    if any(isinstance(m, nn.LayerNorm) for m in modules):
+        return "ln"
+    return "bn"

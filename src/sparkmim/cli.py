@@ -4,43 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from .config import RECIPES, add_config_arguments
 
-RECIPES = Path(__file__).parent / "configs"
-
-
-def _recipe(name_or_path: str | None) -> str | None:
-    """A YAML path, or the name of a built-in recipe (``sparkmim/configs/NAME.yaml``)."""
-    if name_or_path is None or Path(name_or_path).is_file():
-        return name_or_path
-    builtin = RECIPES / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return str(builtin)
-    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-    raise FileNotFoundError(f"config {name_or_path} is neither a file nor a built-in recipe ({names})")
+__all__ = ["main", "build_parser", "RECIPES"]
 
 
 def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
-    from .config import config_from_args
-    from .engine import pretrain
+    from .config import config_from_args, recipe_path
+    from .distributed import launch_info
+    from .train import pretrain
 
-    args.config = _recipe(args.config or recipe)
+    args.config = recipe_path(args.config or recipe)
     cfg = config_from_args(args)
     summary = pretrain(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary from rank 0
+    if launch_info().main:  # under torchrun, one summary from rank 0
         print(json.dumps(summary), flush=True)
     return 0
 
 
 def _load_run(path: str):
     """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file."""
-    from .checkpoint import CheckpointManager
     from .config import PretrainConfig
+    from .train.checkpoint import CheckpointManager
 
     src = Path(path)
     if src.is_dir():
@@ -55,22 +44,26 @@ def _load_run(path: str):
 
 def _export(args: argparse.Namespace) -> int:
     from .backbones import create_backbone
-    from .checkpoint import load_encoder_weights, save_encoder_weights
+    from .data import default_stats
+    from .weights import encoder_weights, load_encoder_weights, save_encoder_weights, save_timm_folder
 
     ckpt, state, cfg = _load_run(args.run)
-    prefix = "encoder.model."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
-    load_encoder_weights(backbone, weights, strict=True)
+    load_encoder_weights(backbone, encoder_weights(state["model"]), strict=True)
     fmt = args.format
     out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
     save_encoder_weights(backbone, out)
     fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
     report = load_encoder_weights(fresh, out, strict=True)
+    timm_folder = None
+    if isinstance(getattr(backbone, "pretrained_cfg", None), dict):  # a timm model: also a timm model folder
+        default_mean, default_std = default_stats(cfg.in_chans)
+        timm_folder = save_timm_folder(backbone, out.parent / "timm", mean=state.get("norm_mean", default_mean),
+                                       std=state.get("norm_std", default_std), input_size=cfg.input_size)
     print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
                       "matched": len(report["matched"]), "missing": report["missing"],
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
-                      "strict_load": "ok"}), flush=True)
+                      "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
     return 0
 
 
@@ -78,8 +71,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from .data import default_stats, load_image
-    from .engine import build_model
-    from .masking import random_visible
+    from .eval.data import eval_transform
+    from .train.setup import build_model
     from .visualize import save_reconstruction_grid
 
     ckpt, state, cfg = _load_run(args.checkpoint)
@@ -90,10 +83,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     mean, std = state.get("norm_mean"), state.get("norm_std")
     if mean is None:
         mean, std = default_stats(cfg.in_chans)
-    from torchvision.transforms import v2
+    tf = eval_transform(size, 1.0, mean, std)
 
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                     v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     def read(path: str):
         try:
             return load_image(path, cfg.in_chans)
@@ -101,9 +92,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
 
     images = torch.stack([tf(read(p)) for p in args.images])
-    g = torch.Generator().manual_seed(args.seed)
-    visible = random_visible(images.shape[0], model.grid(images), args.mask_ratio or cfg.mask_ratio, generator=g)
-    path = save_reconstruction_grid(model.reconstruct(images, visible=visible), args.out, mean, std,
+    masks = model.draw_masks(images, torch.Generator().manual_seed(args.seed), ratio=args.mask_ratio)
+    path = save_reconstruction_grid(model.reconstruct(images, visible=masks), args.out, mean, std,
                                     max_images=len(args.images))
     print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(path)}))
     return 0
@@ -112,7 +102,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .evaluate import EvalConfig, evaluate
+    from .eval.config import EvalConfig
+    from .eval.run import evaluate
 
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
     evaluate(EvalConfig(**values))
@@ -144,7 +135,6 @@ def _models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="sparkmim", description="SparK masked image modeling for any convnet.")
     parser.add_argument("--version", action="version", version=f"sparkmim {__version__}")
@@ -178,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_reconstruct)
 
-    from .evaluate import MODES, EvalConfig
+    from .eval.config import MODES, EvalConfig
 
     v = sub.add_parser("evaluate", help="k-NN, linear probe or fine-tuning accuracy on a labelled image folder",
                        description="Evaluate backbone weights on a labelled folder (one sub-folder per class). "
@@ -206,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine import NonFiniteLossError
     from .sparse import SparseSemanticsError
+    from .train.loop import NonFiniteLossError
 
     def one_line(message, category, filename, lineno, line=None):  # warnings as one line each, no source
         return f"sparkmim {args.command}: warning: {message}\n"

@@ -1,4 +1,9 @@
-"""Typed pre-training configuration: defaults from the paper, YAML files, command-line overrides."""
+"""Typed pre-training configuration: defaults from the paper, YAML files, command-line overrides.
+
+Each option is a field with its type, default, help and bounds; the values a string option takes
+are its ``Literal`` type. Validation, conversion of YAML and flag values and the ``--help`` groups
+all read these declarations, so an option is declared once. (This module imports no torch, so
+``sparkmim --help`` and bad options answer at once.)"""
 
 from __future__ import annotations
 
@@ -6,102 +11,109 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError"]
+__all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "opt",
+           "recipe_path", "RECIPES", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+
+RECIPES = Path(__file__).parent / "configs"
+
+# the values of the string options (the model's constructors validate against the same aliases)
+NormStats = Literal["imagenet", "data"]
+DensifyNorm = Literal["auto", "bn", "ln", "none"]
+SparseImpl = Literal["fast", "reference"]
+LossOn = Literal["masked", "all"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "fp64"]
+ChannelsLast = Literal["auto", "true", "false"]
+ImageChannels = Literal[1, 3, 4]
 
 
 class ConfigError(ValueError):
     """An invalid configuration value, with a message that says what to do."""
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def opt(default, help: str, *, group: str | None = None, **bounds):
+    """A config field: its default, its help text, its ``--help`` group, and numeric bounds
+    (``gt``, ``ge``, ``lt``, ``le``) checked by :func:`validate`."""
+    return field(default=default, metadata={"help": help, "group": group, **bounds})
+
+
+_data, _model, _optim, _run, _out = (partial(opt, group=g) for g in
+                                     ("data", "model", "optimisation", "execution", "outputs"))
 
 
 @dataclass
 class PretrainConfig:
-    # data
-    data: str | None = _opt(None, "image folder (searched recursively) or a text file listing image paths; "
+    data: str | None = _data(None, "image folder (searched recursively) or a text file listing image paths; "
                                   "empty: the built-in demo photographs")
-    input_size: int = _opt(224, "crop size in pixels (a multiple of the encoder's total stride)", gt=0)
-    in_chans: int = _opt(3, "image channels: 3 (RGB), 1 (grayscale) or 4 (RGBA)")
-    norm_stats: str = _opt("imagenet", "normalisation: 'imagenet', or 'data' to compute mean/std from the images")
-    crop_scale_min: float = _opt(0.67, "RandomResizedCrop minimum area fraction", gt=0.0, le=1.0)
-    max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of the distinct image files read so far "
+    input_size: int = _data(224, "crop size in pixels (a multiple of the encoder's total stride)", gt=0)
+    in_chans: ImageChannels = _data(3, "image channels: 3 (RGB), 1 (grayscale) or 4 (RGBA)")
+    norm_stats: NormStats = _data("imagenet", "normalisation: 'imagenet', or 'data' to compute mean/std from the images")
+    crop_scale_min: float = _data(0.67, "RandomResizedCrop minimum area fraction", gt=0.0, le=1.0)
+    max_bad_fraction: float = _data(0.5, "stop when more than this fraction of the distinct image files read so far "
                                         "are unreadable", ge=0.0, le=1.0)
-    demo_length: int = _opt(512, "images per epoch when using the demo photographs", ge=1)
-    workers: int = _opt(2, "data-loading worker processes", ge=0)
-    fast_decode: bool = _opt(True, "JPEGs: decode at 1/2-1/8 scale when even the smallest crop stays larger than "
+    demo_length: int = _data(512, "images per epoch when using the demo photographs", ge=1)
+    workers: int = _data(2, "data-loading worker processes", ge=0)
+    fast_decode: bool = _data(True, "JPEGs: decode at 1/2-1/8 scale when even the smallest crop stays larger than "
                                    "input_size (draft mode), else with torchvision's decoder")
-    # model
-    model: str = _opt("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
-    mask_ratio: float = _opt(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
-    decoder_width: int = _opt(768, "decoder width (halved per upsampling block)", ge=1)
-    densify_norm: str = _opt("auto", "densify norm: auto, bn, ln or none")
-    hierarchical: bool = _opt(True, "decode from all scales (False: coarsest only)")
-    sparse: bool = _opt(True, "sparse encoder (False: zero-out masking ablation)")
-    sparse_impl: str = _opt("fast", "sparse encoder implementation: 'fast' (visible sites only) or 'reference' "
+    model: str = _model("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
+    mask_ratio: float = _model(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
+    decoder_width: int = _model(768, "decoder width (halved per upsampling block)", ge=1)
+    densify_norm: DensifyNorm = _model("auto", "densify norm: auto, bn, ln or none")
+    hierarchical: bool = _model(True, "decode from all scales (False: coarsest only)")
+    sparse: bool = _model(True, "sparse encoder (False: zero-out masking ablation)")
+    sparse_impl: SparseImpl = _model("fast", "sparse encoder implementation: 'fast' (visible sites only) or 'reference' "
                                     "(dense then mask); same results")
-    pos_embed: bool = _opt(False, "add 2-D sine-cosine position embeddings to densified maps")
-    loss_on: str = _opt("masked", "loss on 'masked' patches or 'all'")
-    init: str | None = _opt(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
-    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone (timm drop_path_rate, torchvision "
+    pos_embed: bool = _model(False, "add 2-D sine-cosine position embeddings to densified maps")
+    loss_on: LossOn = _model("masked", "loss on 'masked' patches or 'all'")
+    init: str | None = _model(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
+    drop_path: float = _model(0.0, "stochastic depth rate of the backbone (timm drop_path_rate, torchvision "
                                  "stochastic_depth_prob); 0: off; the paper recipes use 0.05 (ResNet-50), "
                                  "0.2 (ConvNeXt-S)", ge=0.0, lt=1.0)
-    # optimisation (paper section 4.1 and the reference code's defaults)
-    epochs: int = _opt(1600, "epochs", ge=1)
-    warmup_epochs: float = _opt(40, "linear warm-up epochs", ge=0.0)
-    batch_size: int = _opt(32, "images per step per device", ge=1)
-    accum_steps: int = _opt(1, "gradient accumulation steps (effective batch = batch_size x accum_steps x devices)", ge=1)
-    base_lr: float = _opt(2e-4, "lr = base_lr x effective batch / 256", gt=0.0)
-    lr: float | None = _opt(None, "absolute peak lr (overrides base_lr)", gt=0.0)
-    warmup_start_ratio: float = _opt(0.005, "lr at the start of warm-up, as a fraction of the peak", ge=0.0, le=1.0)
-    final_lr_ratio: float = _opt(0.001, "lr at the end of the cosine, as a fraction of the peak", ge=0.0, le=1.0)
-    weight_decay: float = _opt(0.04, "weight decay at the start of the cosine schedule", ge=0.0)
-    weight_decay_end: float = _opt(0.2, "weight decay at the end", ge=0.0)
-    betas: str = _opt("auto", "LAMB betas 'b1,b2'; auto: 0.9,0.95 for BatchNorm models, 0.9,0.999 for LayerNorm models")
-    clip_grad: float = _opt(5.0, "clip the global gradient norm to this value, once per step (0: no clipping)", ge=0.0)
-    # execution
-    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
-    precision: str = _opt("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks)")
-    channels_last: str = _opt("auto", "channels_last memory format for the model and images: auto (on for CUDA, off "
-                                      "for CPU, where it slows convolution backward), true or false")
-    compile: bool = _opt(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
-    seed: int = _opt(0, "random seed (data order, augmentation, masks)", ge=0)
-    sync_bn: bool = _opt(True, "with several ranks: batch statistics over the visible sites of all ranks")
-    dist_timeout: float = _opt(300.0, "seconds a collective may wait for another rank before the run fails", gt=0.0)
-    # outputs
-    out: str = _opt("runs/pretrain", "run directory: checkpoints, metrics, reconstructions, exported weights")
-    save_every_epochs: int = _opt(1, "checkpoint every N epochs (0: only at the end of the run)", ge=0)
-    save_every_steps: int = _opt(0, "also checkpoint every N optimiser steps (0: off)", ge=0)
-    keep_last: int = _opt(3, "checkpoints kept", ge=1)
-    log_every_steps: int = _opt(20, "metrics every N optimiser steps", ge=1)
-    vis_every_epochs: int = _opt(10, "reconstruction grid every N epochs, and at start and end (0: only at start "
+    epochs: int = _optim(1600, "epochs", ge=1)
+    warmup_epochs: float = _optim(40, "linear warm-up epochs", ge=0.0)
+    batch_size: int = _optim(32, "images per step per device", ge=1)
+    accum_steps: int = _optim(1, "gradient accumulation steps (effective batch = batch_size x accum_steps x devices)", ge=1)
+    base_lr: float = _optim(2e-4, "lr = base_lr x effective batch / 256", gt=0.0)
+    lr: float | None = _optim(None, "absolute peak lr (overrides base_lr)", gt=0.0)
+    warmup_start_ratio: float = _optim(0.005, "lr at the start of warm-up, as a fraction of the peak", ge=0.0, le=1.0)
+    final_lr_ratio: float = _optim(0.001, "lr at the end of the cosine, as a fraction of the peak", ge=0.0, le=1.0)
+    weight_decay: float = _optim(0.04, "weight decay at the start of the cosine schedule", ge=0.0)
+    weight_decay_end: float = _optim(0.2, "weight decay at the end", ge=0.0)
+    betas: str = _optim("auto", "LAMB betas 'b1,b2'; auto: 0.9,0.95 for BatchNorm models, 0.9,0.999 for LayerNorm models")
+    clip_grad: float = _optim(5.0, "clip the global gradient norm to this value, once per step (0: no clipping)", ge=0.0)
+    device: str = _run("auto", "cpu, cuda, cuda:N or auto")
+    precision: Precision = _run("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks); "
+                                      "CPUs without bf16/fp16 arithmetic run bf16 and fp16 about 15x slower than fp32")
+    channels_last: ChannelsLast = _run("auto", "channels_last memory format for the model and images: auto (on for CUDA, off "
+                                      "for CPU, where it slows convolution backward), true or false; every feature map, "
+                                      "densified map and decoder map follows the images' layout")
+    compile: bool = _run(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
+    seed: int = _run(0, "random seed (data order, augmentation, masks)", ge=0)
+    sync_bn: bool = _run(True, "with several ranks: batch statistics over the visible sites of all ranks")
+    dist_timeout: float = _run(300.0, "seconds a collective may wait for another rank before the run fails", gt=0.0)
+    out: str = _out("runs/pretrain", "run directory: checkpoints, metrics, reconstructions, exported weights")
+    save_every_epochs: int = _out(1, "checkpoint every N epochs (0: only at the end of the run)", ge=0)
+    save_every_steps: int = _out(0, "also checkpoint every N optimiser steps (0: off)", ge=0)
+    keep_last: int = _out(3, "checkpoints kept", ge=1)
+    log_every_steps: int = _out(20, "metrics every N optimiser steps", ge=1)
+    vis_every_epochs: int = _out(10, "reconstruction grid every N epochs, and at start and end (0: only at start "
                                      "and end)", ge=0)
-    tensorboard: bool = _opt(True, "write TensorBoard logs (needs the tensorboard package)")
-    resume: str | None = _opt(None, "checkpoint to resume from, or 'auto' for the newest readable one in --out")
-    overwrite: bool = _opt(False, "start afresh in an --out that holds another run, moving that run aside to "
+    tensorboard: bool = _out(True, "write TensorBoard logs (needs the tensorboard package)")
+    resume: str | None = _out(None, "checkpoint to resume from, or 'auto' for the newest readable one in --out")
+    overwrite: bool = _out(False, "start afresh in an --out that holds another run, moving that run aside to "
                                   "OUT.old-<time> (without it such a folder is refused)")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _out(True, "show a progress bar")
 
     def __post_init__(self):
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
 
-        _check_bounds(self)
-        need(self.in_chans in (1, 3, 4), f"in_chans must be 1, 3 or 4 for image files, got {self.in_chans}")
-        need(self.norm_stats in ("imagenet", "data"), f"norm_stats must be 'imagenet' or 'data', got {self.norm_stats!r}")
-        need(self.sparse_impl in ("fast", "reference"),
-             f"sparse_impl must be 'fast' or 'reference', got {self.sparse_impl!r}")
-        need(self.loss_on in ("masked", "all"), f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
-        need(self.densify_norm in ("auto", "bn", "ln", "none"), f"densify_norm must be auto, bn, ln or none, got {self.densify_norm!r}")
-        need(self.precision in ("auto", "fp32", "bf16", "fp16", "fp64"),
-             f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
         self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
-        need(self.channels_last in ("auto", "true", "false"),
-             f"channels_last must be auto, true or false, got {self.channels_last!r}")
+        validate(self)
         if self.betas != "auto":
             try:
                 b = tuple(float(v) for v in self.betas.split(","))
@@ -120,11 +132,16 @@ _BOUNDS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
            "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
 
 
-def _check_bounds(config) -> None:
-    """Every numeric option against the bounds in its field metadata (``gt``, ``ge``, ``lt``,
-    ``le``); one message naming the option, its flag, the allowed range and the value."""
+def validate(config) -> None:
+    """Every option of a config dataclass against its declaration: a ``Literal`` type's values,
+    and the numeric bounds in its field metadata (``gt``, ``ge``, ``lt``, ``le``); one message
+    naming the option, what it takes and the value."""
+    hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
+        choices = _choices(hints[f.name])
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         if value is None or isinstance(value, bool):
             continue
         limits = [(k, f.metadata[k]) for k in _BOUNDS if k in f.metadata]
@@ -142,15 +159,38 @@ def _check_bounds(config) -> None:
             raise ConfigError(f"{f.name} must be {allowed}, got {value}")
 
 
+def _choices(hint) -> tuple:
+    """The values of a ``Literal`` type (also inside ``X | None``); empty for other types."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return next((_choices(a) for a in typing.get_args(hint) if _choices(a)), ())
+
+
 def _types(cls=None) -> dict[str, type]:
+    """The plain type of each field (``int`` for ``int | None``, ``str`` for a string ``Literal``)."""
     cls = cls or PretrainConfig
     hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
         t = hints[f.name]
+        choices = _choices(t)
+        if choices:
+            out[f.name] = type(choices[0])
+            continue
         args = [a for a in typing.get_args(t) if a is not type(None)]
         out[f.name] = args[0] if args else t
     return out
+
+
+def recipe_path(name_or_path: str | None) -> str | None:
+    """A YAML path, or the name of a built-in recipe (``sparkmim/configs/NAME.yaml``)."""
+    if name_or_path is None or Path(name_or_path).is_file():
+        return name_or_path
+    builtin = RECIPES / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return str(builtin)
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path} is neither a file nor a built-in recipe ({names})")
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PretrainConfig:
@@ -203,19 +243,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, skip: tuple[
     which also takes ``--config`` YAML files; defaults shown, they apply unless a YAML file sets them)."""
     if cls is None:
         cls = PretrainConfig
-        parser.add_argument("--config", help="YAML file with options (command-line flags override it)")
+        parser.add_argument("--config", help="YAML file with options, or a built-in recipe name (command-line flags "
+                                             "override it)")
     types = _types(cls)
+    hints = typing.get_type_hints(cls)
+    groups: dict[str | None, argparse._ArgumentGroup] = {}
     for f in fields(cls):
         if f.name in skip:
             continue
+        group = f.metadata.get("group")
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} options") if group else parser
         t = types[f.name]
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f"{f.metadata['help']} (default: {f.default})"
         if t is bool:
-            parser.add_argument(flag, type=_bool, metavar="{true,false}", default=None, help=help_)
+            groups[group].add_argument(flag, type=_bool, metavar="{true,false}", default=None, help=help_)
         else:
-            parser.add_argument(flag, type=t, default=None, help=help_)
+            groups[group].add_argument(flag, type=t, default=None, choices=_choices(hints[f.name]) or None, help=help_)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Iterator
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from .masking import seed_for
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,6 @@ def read_image(path: str | Path, channels: int = 3, min_side: int | None = None,
     return load_image(path, channels)
 
 
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class ImageFiles(Dataset):
     """Augmented crops of image files. Indexed by ``(seed, epoch, index)`` keys from
     :class:`EpochSampler`, so each sample's augmentation depends only on its key, whatever
@@ -195,7 +191,7 @@ class ImageFiles(Dataset):
         except Exception as e:  # corrupt, truncated, unsupported, vanished: reported, never a crash
             return None, (str(path), _reason(e)), key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_for(seed, epoch, index))
+            torch.manual_seed(seed_for(seed, epoch, index))
             return self.transform(image), None, key
 
     def readable(self, key) -> tuple[torch.Tensor, list[tuple[str, str]]]:
@@ -277,7 +273,7 @@ class EpochSampler(Sampler):
         return self.batches_per_epoch() * self.batch_size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, -1))
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, -1))
         order = torch.randperm(self.length, generator=g)
         n = self.batches_per_epoch() * self.batch_size * self.world
         mine = order[:n][self.rank::self.world].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -9,8 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_sum", "broadcast_object", "all_gather_objects",
-           "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "launch_info", "barrier", "all_reduce_sum", "broadcast_object",
+           "all_gather_objects", "cleanup"]
 
 
 @dataclass
@@ -24,13 +25,17 @@ class DistInfo:
         return self.rank == 0
 
 
+def launch_info() -> DistInfo:
+    """This process's rank, world size and local rank as torchrun set them (one process: 0, 1, 0)."""
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU); otherwise a
     single process. With several ranks each uses GPU ``LOCAL_RANK``. Collectives time out after
     ``timeout_s``, so a dead rank fails the run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = dataclasses.astuple(launch_info())
     use_cuda = device.type == "cuda"
     if use_cuda:
         if world > 1 or device.index is None:

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import KeyMismatchError, atomic_write, key_report, state_bytes
+from .weights import (
+    KeyMismatchError,
+    atomic_write,
+    key_report,
+    mismatch_message,
+    mismatches,
+    state_bytes,
+    weights_state,
+)
 
 __all__ = ["to_torchvision", "timm_convnext_to_torchvision", "detection_backbone", "fasterrcnn", "maskrcnn"]
 
@@ -64,8 +72,6 @@ def to_torchvision(weights, arch: str, strict: bool = True) -> tuple[nn.Module, 
     fresh initialisation; with ``strict`` any other missing, unexpected or mis-shaped key raises."""
     import torchvision
 
-    from .evaluate import weights_state
-
     state = weights if isinstance(weights, dict) else weights_state(weights)
     if _is_timm_convnext(state):
         state = timm_convnext_to_torchvision(state)
@@ -74,10 +80,8 @@ def to_torchvision(weights, arch: str, strict: bool = True) -> tuple[nn.Module, 
     allowed = _classifier_keys(arch, model.state_dict())
     report["missing"] = [k for k in report["missing"] if k not in allowed]
     report["classifier_kept"] = sorted(k for k in allowed if k not in state)
-    bad = {k: v for k, v in report.items() if k in ("missing", "unexpected", "shape_mismatch") and v}
-    if strict and bad:
-        lines = [f"{k} ({len(v)}): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}" for k, v in bad.items()]
-        raise KeyMismatchError(f"weights do not fit torchvision {arch}:\n  " + "\n  ".join(lines))
+    if strict and mismatches(report):
+        raise KeyMismatchError(mismatch_message(f"weights do not fit torchvision {arch}", report))
     model.load_state_dict({k: state[k] for k in report["matched"]}, strict=False)
     return model, report
 

@@ -7,10 +7,19 @@ encoder's total stride). ``True`` marks a kept (visible) patch.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
-__all__ = ["grid_size", "num_visible", "random_visible", "MaskPyramid"]
+__all__ = ["grid_size", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
+
+
+def seed_for(*parts) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (a run's seed, an epoch, a step, ...), for
+    random numbers that must come out the same after a resume, in any process."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -32,10 +41,15 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return h, w
 
 
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Number of kept patches per sample, ``round(L * (1 - ratio))``, at least 1 and at most L - 1."""
+def check_mask_ratio(mask_ratio: float) -> float:
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask ratio must be strictly between 0 and 1, got {mask_ratio}")
+    return mask_ratio
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Number of kept patches per sample, ``round(L * (1 - ratio))``, at least 1 and at most L - 1."""
+    check_mask_ratio(mask_ratio)
     keep = round(num_patches * (1.0 - mask_ratio))
     return min(max(keep, 1), num_patches - 1)
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .backbones import norm_kind
+from .config import LossOn
 from .decoder import Densify, LightDecoder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import MaskPyramid, grid_size, num_visible, random_visible
+from .masking import MaskPyramid, check_mask_ratio, grid_size, num_visible, random_visible
 
 __all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
 
@@ -44,12 +47,7 @@ class Reconstruction:
 
 def default_densify_norm(encoder: SparseEncoder) -> str:
     """'bn' for BatchNorm backbones, 'ln' for LayerNorm backbones (BatchNorm wins if both)."""
-    modules = list(encoder.model.modules())
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
-        return "bn"
-    if any(isinstance(m, nn.LayerNorm) for m in modules):
-        return "ln"
-    return "bn"
+    return norm_kind(encoder.model)
 
 
 class SparK(nn.Module):
@@ -86,9 +84,9 @@ class SparK(nn.Module):
         mask_token_std: float = 0.02,
     ):
         super().__init__()
-        if loss_on not in ("masked", "all"):
-            raise ValueError(f"loss_on must be 'masked' or 'all', got {loss_on!r}")
-        num_visible(4, mask_ratio)  # validates the ratio
+        if loss_on not in typing.get_args(LossOn):
+            raise ValueError(f"loss_on must be one of {', '.join(typing.get_args(LossOn))}, got {loss_on!r}")
+        check_mask_ratio(mask_ratio)
         self.encoder = encoder
         encoder.sparse = sparse
         self.mask_ratio = mask_ratio
@@ -115,13 +113,20 @@ class SparK(nn.Module):
     def grid(self, images: Tensor) -> tuple[int, int]:
         return grid_size(images.shape[-2], images.shape[-1], self.patch_size)
 
-    def random_masks(self, images: Tensor, generator: torch.Generator | None = None) -> MaskPyramid:
+    def draw_masks(self, images: Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
+                   ratio: float | None = None) -> MaskPyramid:
+        """Random masks for ``images`` (``ratio`` or the model's mask ratio, exactly the same number
+        of visible patches per sample), on the images' device. With several ranks, the masks are
+        drawn for the global batch of ``world`` x ``len(images)`` and this rank takes rows ``rank,
+        rank + world, ...`` (the positions its samples hold in the global batch), so a seeded
+        generator gives every world size the same masks."""
         grid = self.grid(images)
-        visible = random_visible(images.shape[0], grid, self.mask_ratio, generator=generator,
-                                 device=images.device if generator is None else None)
+        ratio = self.mask_ratio if ratio is None else ratio
+        visible = random_visible(images.shape[0] * world, grid, ratio, generator=generator,
+                                 device=images.device if generator is None else None)[rank::world]
         if visible.device != images.device:
-            visible = visible.to(images.device)
-        return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], self.mask_ratio))
+            visible = visible.to(images.device, non_blocking=True)
+        return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], ratio))
 
     def forward_encoder(self, images: Tensor, masks: MaskPyramid) -> list[Tensor]:
         """Sparse features, coarsest first: ``[(B, C_i, H / s_i, W / s_i)]``."""
@@ -144,7 +149,7 @@ class SparK(nn.Module):
 
     def _masks(self, images: Tensor, visible, generator) -> MaskPyramid:
         if visible is None:
-            return self.random_masks(images, generator)
+            return self.draw_masks(images, generator)
         masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
         if (masks.h, masks.w) != self.grid(images):
             raise ValueError(f"mask grid {masks.h}x{masks.w} does not match the input grid {self.grid(images)}")
@@ -166,7 +171,7 @@ class SparK(nn.Module):
         p, grid, c = self.patch_size, self.grid(images), images.shape[1]
         _, mean, std = normalize_patches(patchify(images, p), self.norm_pix_eps)
         pred = unpatchify(patchify(out.prediction, p) * std + mean, p, grid, c)
-        full = out.visible.repeat_interleave(p, 2).repeat_interleave(p, 3)
+        full = MaskPyramid.from_visible(out.visible).at(p)
         return Reconstruction(
             input=images,
             masked=torch.where(full, images, 0.0),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["param_groups", "Schedule", "clip_grad_norm_", "lamb"]
+__all__ = ["param_groups", "Schedule", "clip_grad_norm_", "lamb", "default_betas"]
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -69,6 +69,14 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> Tens
     if max_norm > 0:
         torch._foreach_div_(grads, (norm / max_norm).clamp(min=1.0))
     return norm
+
+
+def default_betas(backbone: nn.Module) -> tuple[float, float]:
+    """LAMB betas of the reference recipe, by the backbone's norm layers: (0.9, 0.95) for batch-norm
+    networks (ResNets), (0.9, 0.999) for layer-norm networks (ConvNeXts)."""
+    from .backbones import norm_kind
+
+    return (0.9, 0.999) if norm_kind(backbone) == "ln" else (0.9, 0.95)
 
 
 def lamb(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),

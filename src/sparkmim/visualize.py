@@ -13,7 +13,9 @@ __all__ = ["reconstruction_grid", "save_grid", "save_reconstruction_grid"]
 
 def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> torch.Tensor:
     """A ``(3, H', W')`` image in [0, 1] (grayscale inputs are shown as gray, more than 3
-    channels by their first 3)."""
+    channels by their first 3). The reconstruction column de-normalises the prediction of each
+    masked patch with the true patch's mean and variance (the model predicts per-patch normalised
+    pixels), as is usual for such grids."""
     from torchvision.utils import make_grid
 
     n = min(max_images, rec.input.shape[0])
@@ -28,11 +30,8 @@ def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> 
         x = x.clamp(0, 1)
         return x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
 
-    masked = show(rec.input)
-    full = rec.visible[:n].cpu().repeat_interleave(rec.input.shape[2] // rec.visible.shape[2], 2)
-    full = full.repeat_interleave(rec.input.shape[3] // rec.visible.shape[3], 3)
-    masked = torch.where(full, masked, torch.full_like(masked, 0.5))  # masked patches in gray
-    rows = torch.stack([show(rec.input), masked, show(rec.reconstruction)], dim=1).flatten(0, 1)
+    # masked patches are zero in normalised space, so they show in the data's mean colour
+    rows = torch.stack([show(rec.input), show(rec.masked), show(rec.reconstruction)], dim=1).flatten(0, 1)
     return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 

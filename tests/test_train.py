@@ -15,10 +15,11 @@ import timm
 import torch
 from PIL import Image
 
-from sparkmim.checkpoint import CheckpointManager, load_encoder_weights
 from sparkmim.config import load_config
 from sparkmim.data import DataError
-from sparkmim.engine import NonFiniteLossError, pretrain
+from sparkmim.train import NonFiniteLossError, pretrain
+from sparkmim.train.checkpoint import CheckpointManager
+from sparkmim.weights import encoder_weights, load_encoder_weights
 
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, workers=0, epochs=2,
             warmup_epochs=0.5, lr=1e-3, log_every_steps=1, vis_every_epochs=1, tensorboard=False, progress=False)
@@ -57,6 +58,44 @@ def test_tiny_run_writes_everything_and_exports_strictly(folder, tmp_path):
     fresh = timm.create_model("resnet10t", num_classes=0)
     report = load_encoder_weights(fresh, out / "encoder.safetensors", strict=True)
     assert not report["missing"] and not report["unexpected"]
+    # the timm model folder loads in one call and computes the trained encoder's features
+    trained = timm.create_model("resnet10t", num_classes=0)
+    trained.load_state_dict(encoder_weights(state["model"]), strict=True)
+    loaded = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.eval()(x), trained.eval()(x))
+    assert list(loaded.pretrained_cfg["mean"]) == state["norm_mean"] and loaded.pretrained_cfg["tag"] == "sparkmim"
+    head = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True, num_classes=5)  # for fine-tuning
+    assert head.get_classifier().out_features == 5
+    assert torch.equal(head.eval().forward_features(x), trained.forward_features(x))
+
+
+def test_one_python_call_runs_like_the_command(folder, tmp_path):
+    import sparkmim
+
+    summary = sparkmim.pretrain(data=str(folder), out=str(tmp_path / "api"), **{**TINY, "epochs": 1})
+    assert summary["steps"] == 4 and summary["run_dir"] == str(tmp_path / "api")
+    assert (tmp_path / "api" / "encoder.safetensors").is_file()
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        sparkmim.pretrain(data=str(folder), epochs=0)
+
+
+def test_a_checkpoint_written_before_bad_files_and_loss_last_were_saved_resumes(folder, tmp_path):
+    """The checkpoint format gained ``bad_files`` and ``loss_last``; a checkpoint without them (as
+    written by earlier releases) resumes, and the resumed run ends like an uninterrupted one."""
+    straight = tmp_path / "straight"
+    pretrain(cfg(folder, straight))
+    first_epoch = CheckpointManager(straight).paths()[0]
+    state = torch.load(first_epoch, weights_only=True)
+    assert state["step"] == 4
+    for key in ("bad_files", "loss_last"):
+        del state[key]
+    out = tmp_path / "old"
+    out.mkdir()
+    torch.save(state, out / first_epoch.name)
+    summary = pretrain(cfg(folder, out, resume="auto"))
+    assert summary["steps"] == 8
+    _assert_same_training_state(_final_state(straight), _final_state(out))
 
 
 def test_loss_first_is_the_first_steps_loss_whatever_the_logging_interval(folder, tmp_path):

@@ -1,0 +1,99 @@
+"""Options of ``sparkmim evaluate``."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, ImageChannels, NormStats, opt, validate
+
+__all__ = ["EvalConfig", "MODES"]
+
+Mode = Literal["knn", "linear", "finetune"]
+MODES = typing.get_args(Mode)
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``sparkmim evaluate``; each is a ``--flag`` of the same name."""
+
+    mode: Mode = opt("knn", "knn, linear or finetune")
+    data: str = opt("", "labelled image folder: one sub-folder per class")
+    val: str | None = opt(None, "validation folder with the same class sub-folders (default: a seeded split of --data)")
+    val_fraction: float = opt(0.2, "fraction of each class held out for validation when --val is not given",
+                              gt=0.0, lt=1.0)
+    train_fraction: float = opt(1.0, "fraction of each class of the training part that is used (few-label runs)",
+                                gt=0.0, le=1.0)
+    model: str = opt("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
+    weights: str = opt("random", "comma-separated weight sources, each 'random', 'pretrained' (timm/torchvision "
+                                  "weights), or a sparkmim run folder / exported .safetensors / checkpoint; "
+                                  "optionally named as NAME=SOURCE")
+    in_chans: ImageChannels = opt(3, "image channels the backbone takes (1 for grayscale)")
+    input_size: int = opt(224, "image size in pixels", gt=0)
+    crop_ratio: float = opt(0.875, "evaluation images are resized to input_size / crop_ratio, then centre-cropped",
+                             gt=0.0, le=1.0)
+    norm_stats: NormStats = opt("imagenet", "normalisation: 'imagenet' or 'data' (computed from the training images)")
+    batch_size: int = opt(64, "images per batch", ge=1)
+    workers: int = opt(2, "data-loading worker processes", ge=0)
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    seed: int = opt(0, "seed of the split, the random initialisation, the head and the data order")
+    out: str = opt("runs/eval", "run folder: results.json and the per-epoch history")
+    progress: bool = opt(True, "show progress bars")
+    # k-NN
+    k: str = opt("20", "k-NN: comma-separated neighbour counts")
+    temperature: float = opt(0.07, "k-NN: temperature of the exp(similarity / T) vote weights")
+    # linear probe and fine-tuning
+    epochs: int = opt(0, "training epochs (0: 100 for linear, 20 for finetune)", ge=0)
+    lr: float = opt(0.0, "peak lr (0: 1e-3 for linear; finetune: base_lr x batch / 256)")
+    base_lr: float = opt(4e-3, "finetune: lr = base_lr x batch / 256 when --lr is 0")
+    optimizer: Literal["adamw", "lamb"] = opt("adamw", "finetune: adamw or lamb")
+    weight_decay: float = opt(0.05, "finetune weight decay (linear probe: none)")
+    warmup_epochs: float = opt(2.0, "linear lr warm-up epochs, then cosine decay")
+    label_smoothing: float = opt(0.1, "finetune: label smoothing")
+    layer_decay: float = opt(0.7, "finetune: layer-wise lr decay (1: off)")
+    mixup: float = opt(0.0, "finetune: mixup alpha (0: off)")
+    cutmix: float = opt(0.0, "finetune: cutmix alpha (0: off)")
+    drop_path: float = opt(0.0, "finetune: stochastic depth rate (models that have it: timm drop_path_rate, "
+                                 "torchvision stochastic_depth_prob)", ge=0.0, lt=1.0)
+    clip_grad: float = opt(0.0, "finetune: clip the global gradient norm to this value (0: off, as in the "
+                                 "paper's fine-tuning recipes)", ge=0.0)
+    crop_scale_min: float = opt(0.35, "finetune: RandomResizedCrop minimum area fraction", gt=0.0, le=1.0)
+    hflip: float = opt(0.5, "finetune: horizontal-flip probability (0 for digits and text)", ge=0.0, le=1.0)
+
+    def __post_init__(self):
+        validate(self)
+        try:
+            ks = self.ks
+            if not ks or min(ks) < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"k must be comma-separated positive integers, got '{self.k}'") from None
+
+    @property
+    def ks(self) -> list[int]:
+        return [int(v) for v in str(self.k).split(",") if v.strip()]
+
+    @property
+    def sources(self) -> list[tuple[str, str]]:
+        """``[(label, source)]`` from ``--weights``."""
+        out = []
+        for item in (s.strip() for s in self.weights.split(",")):
+            if not item:
+                continue
+            label, _, source = item.rpartition("=")
+            out.append((label or _short(source), source))
+        if not out:
+            raise ValueError("--weights names no weight source")
+        return out
+
+    def train_epochs(self) -> int:
+        return self.epochs or (100 if self.mode == "linear" else 20)
+
+
+def _short(source: str) -> str:
+    if source in ("random", "pretrained"):
+        return source
+    p = Path(source)
+    return p.parent.name if p.name in ("encoder.safetensors",) else p.stem if p.is_file() else p.name

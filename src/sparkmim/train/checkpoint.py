@@ -1,0 +1,195 @@
+"""A run's folder and its checkpoints: who owns the folder, what a checkpoint holds (the model, the
+optimiser and the :class:`RunState`), which one a resume starts from, and the disk it needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, PretrainConfig
+from ..weights import (
+    CHECKPOINT_PATTERN,
+    CheckpointError,
+    atomic_write,
+    checkpoint_paths,
+    checkpoint_step,
+    read_checkpoint,
+    state_bytes,
+)
+
+__all__ = ["CheckpointManager", "RunState", "RUN_FILES", "claim_run_dir", "resume_checkpoint", "check_free_space"]
+
+# the files that make a folder a run's folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "encoder.safetensors", "bad_images.txt", CHECKPOINT_PATTERN)
+
+
+class CheckpointManager:
+    """Training checkpoints in a run directory: ``checkpoint-<step>.pth``, written atomically
+    (:func:`~sparkmim.weights.atomic_write`), the newest ``keep_last`` kept. Each holds plain data
+    (tensors, numbers, strings, the resolved config) and loads with ``weights_only=True``."""
+
+    PATTERN = CHECKPOINT_PATTERN
+    step_of = staticmethod(checkpoint_step)
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+
+    def paths(self) -> list[Path]:
+        return checkpoint_paths(self.run_dir)
+
+    def latest(self) -> Path | None:
+        paths = self.paths()
+        return paths[-1] if paths else None
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write ``checkpoint-<step>.pth``, then prune: the newest ``keep_last`` checkpoints up to
+        this step stay (this one always among them); checkpoints of a later step are left over from
+        before a resume from an earlier checkpoint, and go, so ``--resume auto`` continues this run."""
+        path = atomic_write(self.run_dir / f"checkpoint-{step:08d}.pth", lambda tmp: torch.save(state, tmp),
+                            state_bytes(state))
+        older = [p for p in self.paths() if checkpoint_step(p) < step]
+        later = [p for p in self.paths() if checkpoint_step(p) > step]
+        for old in older[: max(0, len(older) - (self.keep_last - 1))] + later:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest_readable(self, cfg: PretrainConfig | None = None) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its state; unreadable newer ones are skipped with a
+        warning naming them. None when the directory holds no checkpoint."""
+        for path in reversed(self.paths()):
+            try:
+                return path, self.load(path, cfg)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+        return None
+
+    @staticmethod
+    def load(path: str | Path, cfg: PretrainConfig | None = None) -> dict:
+        """Load a checkpoint; with ``cfg``, refuse one whose architecture settings differ.
+        Raises :class:`~sparkmim.weights.CheckpointError` naming the file when it cannot be read."""
+        state = read_checkpoint(path)
+        if cfg is not None:
+            saved = state.get("config", {})
+            diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"
+                    for k in cfg.ARCHITECTURE if k in saved and saved[k] != getattr(cfg, k)]
+            if diff:
+                raise ValueError(f"cannot resume from {path}: the configuration changed ({'; '.join(diff)}); "
+                                 f"resume with the original settings or start a new run directory")
+        return state
+
+
+@dataclass
+class RunState:
+    """Where a run stands, as saved in its checkpoints (beside the model, optimiser and scaler).
+
+    ``epoch`` is the epoch to continue in and ``batch`` the batches of it this rank has consumed;
+    ``images_seen`` counts positions of the data order over all ranks (unreadable files included);
+    ``bad_files`` maps each distinct unreadable file to the reason."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    images_seen: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    bad_files: dict[str, str] = field(default_factory=dict)
+    world: int = 1
+
+    def to_checkpoint(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "images_seen": self.images_seen,
+                "bad_images": len(self.bad_files), "bad_files": dict(self.bad_files), "first_loss": self.first_loss,
+                "loss_last": self.last_loss, "world": self.world}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, world: int, batch_size: int, effective_batch: int) -> RunState:
+        """The state of a checkpoint, re-expressed for ``world`` ranks: with another world size the
+        images already consumed this epoch (a prefix of the epoch's order) and the images seen are
+        kept, rounded down to whole global batches. (Checkpoints written before ``bad_files`` and
+        ``loss_last`` were saved load too.)"""
+        run = cls(state["epoch"], state["batch"], state["step"], state["images_seen"], state.get("first_loss"),
+                  state.get("loss_last"), dict(state.get("bad_files", {})), world)
+        old_world = state.get("world", 1)
+        if old_world != world:
+            run.batch = run.batch * batch_size * old_world // (batch_size * world)
+            run.step = run.images_seen // effective_batch
+        return run
+
+
+def claim_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
+    """Make ``run_dir`` this run's own folder; the reason it cannot be, or None.
+
+    A folder holding another run's files is refused unless the run continues it (``--resume``
+    auto, or a checkpoint inside it) or ``--overwrite`` moves the old run aside, to
+    ``OUT.old-<time>``. A folder holding only the files of a run that never wrote a checkpoint
+    is moved aside the same way when ``--resume auto`` starts afresh."""
+    held = sorted(p.name for pattern in RUN_FILES for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+    resume_inside = cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent == run_dir.resolve()
+    checkpoints = checkpoint_paths(run_dir) if held else []
+    continuing = resume_inside or (cfg.resume == "auto" and checkpoints)
+    if held and not continuing:
+        never_saved = cfg.resume == "auto"  # --resume auto, but the run there wrote no checkpoint
+        if not (cfg.overwrite or never_saved):
+            listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            return (f"{run_dir} already holds a run ({listed}): continue it with --resume auto, choose another "
+                    f"--out, or pass --overwrite to move the old run aside")
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(json.dumps({"event": "overwrite", "note": f"the earlier run in {run_dir} was moved to {aside}"}),
+              flush=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        return f"cannot write to the run folder {run_dir}: {e.strerror or e}"
+    if resume_inside:
+        later = [p.name for p in checkpoint_paths(run_dir) if checkpoint_step(p) > checkpoint_step(Path(cfg.resume))]
+        if later:
+            warnings.warn(f"resuming from {cfg.resume}: the later checkpoints {', '.join(later)} belong to the "
+                          f"run before this resume and are deleted when this run saves its first checkpoint",
+                          stacklevel=2)
+    return None
+
+
+def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its state: the newest readable one for ``auto`` (None
+    when there is none), else the named one. Refuses another per-device batch or accumulation
+    (the data order and the schedule are counted in their batches)."""
+    if cfg.resume == "auto":
+        found = ckpts.latest_readable(cfg)
+        if found is None and main:
+            print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
+                  flush=True)
+    else:
+        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg)
+    if found is not None:
+        saved = found[1].get("config", {})
+        was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))
+        if was != (cfg.batch_size, cfg.accum_steps):
+            raise ConfigError(f"cannot resume {found[0]} with batch_size {cfg.batch_size} x accum_steps "
+                              f"{cfg.accum_steps}: the run was started with batch_size {was[0]} x accum_steps "
+                              f"{was[1]}; resume with --batch-size {was[0]} --accum-steps {was[1]}, or start a "
+                              f"new --out")
+    return found
+
+
+def check_free_space(run_dir: Path, model: nn.Module, keep_last: int) -> None:
+    """Warn when the disk cannot hold the checkpoints this run keeps (weights, buffers and two LAMB
+    moments per trained parameter; ``keep_last`` of them plus the one being written)."""
+    weights = state_bytes(model.state_dict())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = (weights + moments) * (keep_last + 1) + weights
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        warnings.warn(f"{run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints need about "
+                      f"{need / 2**20:,.0f} MiB ({keep_last} kept + 1 being written, {(weights + moments) / 2**20:,.0f} "
+                      f"MiB each); free space or lower --keep-last", stacklevel=2)

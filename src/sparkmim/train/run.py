@@ -1,0 +1,367 @@
+"""A pre-training run: set-up, resume, the epoch loop around :func:`train_step`, checkpoints,
+reconstruction grids and the summary (no argparse here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, PretrainConfig
+from ..data import BadFiles, DataError, EpochSampler
+from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
+from ..masking import MaskPyramid, seed_for
+from ..optim import Schedule
+from ..visualize import reconstruction_grid, save_grid
+from ..weights import atomic_write, save_encoder_weights, save_timm_folder
+from .checkpoint import CheckpointManager, RunState, check_free_space, claim_run_dir, resume_checkpoint
+from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
+from .metrics import Metrics, Window
+from .setup import (
+    autocast_for,
+    build_data,
+    build_model,
+    build_optimizer,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
+
+__all__ = ["pretrain", "Run"]
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pre-training job described by ``cfg``; returns the final summary."""
+    from ..distributed import cleanup, init_distributed
+
+    info, device = init_distributed(resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        run = Run(cfg, info, device)
+        return run.summary(0.0) if run.finished else run.train()
+    finally:
+        cleanup()
+
+
+class Run:
+    """One run in its folder, on one rank. Building it claims the folder, builds data, model and
+    optimiser, and resumes from a checkpoint when asked (``finished`` tells whether anything is
+    left to do); :meth:`train` runs the remaining epochs and returns the summary."""
+
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, device: torch.device):
+        if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            cfg = dataclasses.replace(cfg, resume="auto")  # torchrun restarted the workers: continue the run
+        self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
+        self.run_dir = Path(cfg.out)
+        problem = broadcast_object(claim_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
+        if problem:
+            raise ConfigError(problem)
+        barrier()
+        self._build()
+        self.state = RunState(world=info.world, bad_files=dict(self.missing))
+        self.finished = self._resume()
+        if not self.finished:
+            self._prepare()
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.device)
+        self.dtype = torch.float64 if self.precision == "fp64" else None
+        torch.manual_seed(cfg.seed)
+        self.dataset, self.mean, self.std, self.missing = build_data(cfg)
+        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world)
+        steps_per_epoch = self.sampler.batches_per_epoch() // cfg.accum_steps
+        if steps_per_epoch < 1:
+            raise ConfigError(f"an epoch of {self.sampler.batches_per_epoch()} batches is shorter than "
+                              f"accum_steps={cfg.accum_steps}")
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
+        self._build_model()
+        self.effective_batch = cfg.batch_size * cfg.accum_steps * info.world
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * self.effective_batch / 256
+        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
+        self.schedule = Schedule(self.peak_lr, self.total_steps, round(cfg.warmup_epochs * steps_per_epoch),
+                                 cfg.warmup_start_ratio, cfg.final_lr_ratio, cfg.weight_decay, cfg.weight_decay_end)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.autocast = autocast_for(self.precision, self.device)
+        self.ckpts = CheckpointManager(self.run_dir, cfg.keep_last)
+
+    def _build_model(self) -> None:
+        import torch.distributed as dist
+
+        model = build_model(self.cfg).to(self.device, self.dtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.info.world > 1 and self.cfg.sync_bn:
+            model.set_sync_group(dist.group.WORLD)
+        # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
+        # need not search the graph for them each step; they are still exported unchanged
+        self.unused = model.unused_parameters()
+        for name in self.unused or ():
+            model.get_parameter(name).requires_grad_(False)
+        if self.cfg.compile:
+            # the dense decoder holds most of the arithmetic; the sparse encoder stays eager (its
+            # torch-function mode traces with PyTorch 2.14 but not with every older release)
+            model.decoder.compile()
+        self.model = model
+
+    def _resume(self) -> bool:
+        """Load the checkpoint to resume from, if any; True when the run had already finished."""
+        found = resume_checkpoint(self.cfg, self.ckpts, self.main) if self.cfg.resume else None
+        if found is None:
+            return False
+        path, saved = found
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state = RunState.from_checkpoint(saved, self.info.world, self.cfg.batch_size, self.effective_batch)
+        self.state.bad_files = {**self.missing, **self.state.bad_files}
+        finished = self.state.epoch >= self.cfg.epochs
+        if self.main:
+            print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": self.state.epoch,
+                              "step": self.state.step, "world": self.info.world,
+                              "checkpoint_world": saved.get("world", 1)}), flush=True)
+            Metrics.truncate(self.run_dir, self.state.step)  # lines logged after the checkpoint come again
+            if finished:
+                print(json.dumps({"event": "resume", "note": f"the run in {self.run_dir} had already finished "
+                                  f"({self.state.epoch} of {self.cfg.epochs} epochs, step {self.state.step}); "
+                                  f"nothing to do"}), flush=True)
+        return finished
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        self.bad = BadFiles(self.state.bad_files)
+        if self.main:
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg)))
+            if self.bad.files:  # the list as of the checkpoint (a resume finds later ones again)
+                atomic_write(self.run_dir / "bad_images.txt", lambda tmp: BadFiles.write(tmp, self.bad.files.items()))
+            else:
+                (self.run_dir / "bad_images.txt").unlink(missing_ok=True)
+            check_free_space(self.run_dir, self.model, cfg.keep_last)
+        self.ddp = self._wrap_ddp()
+        loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                         pin_memory=self.device.type == "cuda")
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
+                                                  collate_fn=self.dataset.collate, drop_last=True, **loader_kw)
+        self.metrics = Metrics(self.run_dir, cfg.tensorboard) if self.main else None
+        self.vis_images = self._display_images() if self.main else None
+        self.window = Window(self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.step_images = 0
+
+    def _wrap_ddp(self):
+        if self.info.world == 1:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers: with sparse SyncBatchNorm every rank computes the same running statistics, so
+        # copying rank 0's before each forward is wasted work (the keyword was renamed in torch 2.12)
+        sync_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers"
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=self.unused is None, **{sync_buffers: not self.cfg.sync_bn})
+
+    def _display_images(self, count: int = 8) -> Tensor:
+        """``count`` readable images spread over the (sorted) data set, so a class-per-folder tree
+        shows several classes; unreadable files met on the way are reported like those in training."""
+        n = min(count, len(self.dataset))
+        images = []
+        for i in sorted({k * len(self.dataset) // n for k in range(n)}):
+            image, bad = self.dataset.readable((self.cfg.seed, -1, i))
+            self.bad.add(bad)
+            images.append(image)
+        return torch.stack(images)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """The remaining epochs; then the encoder weights are exported. Returns the summary."""
+        started = time.perf_counter()
+        self._announce()
+        if self.state.step == 0:
+            self._visualise("epoch0000_start")
+        if self.metrics is not None and self.cfg.progress:
+            self.metrics.open_bar(self.total_steps, self.state.step)
+        self.model.train()
+        try:
+            for epoch in range(self.state.epoch, self.cfg.epochs):
+                self._epoch(epoch)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        if self.main:
+            self._export()
+        barrier()
+        return self.summary(time.perf_counter() - started)
+
+    def _announce(self) -> None:
+        if not self.main:
+            return
+        if self.schedule.warmup_steps >= self.total_steps > 0:
+            warnings.warn(f"the warm-up ({self.schedule.warmup_steps} steps, {self.cfg.warmup_epochs:g} epochs) is not "
+                          f"shorter than the run ({self.total_steps} steps): the lr never reaches its peak "
+                          f"{self.peak_lr:.3g}; lower --warmup-epochs", stacklevel=3)
+        print(json.dumps({"event": "start", "model": self.cfg.model, "images": len(self.dataset),
+                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                          "effective_batch": self.effective_batch, "peak_lr": self.peak_lr, "device": str(self.device),
+                          "precision": self.precision, "channels_last": self.channels_last,
+                          "strides": self.model.encoder.strides, "world": self.info.world,
+                          "sync_bn": self.info.world > 1 and self.cfg.sync_bn,
+                          "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
+                          "run_dir": str(self.run_dir)}), flush=True)
+
+    def _epoch(self, epoch: int) -> None:
+        cfg, state = self.cfg, self.state
+        skip = state.batch if epoch == state.epoch else 0
+        state.epoch, state.batch = epoch, skip
+        self.sampler.set_epoch(epoch, skip)
+        batches = enumerate(self.loader, start=skip)
+        for _ in range((self.sampler.batches_per_epoch() - skip) // cfg.accum_steps):
+            apply_schedule(self.optimizer, self.schedule, state.step)
+            stats = train_step(self.model, self.optimizer, self.scaler, self._micro_batches(batches),
+                               accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, autocast=self.autocast,
+                               ddp=self.ddp)
+            self._after_step(stats)
+        state.epoch, state.batch = epoch + 1, 0
+        if _every(cfg.save_every_epochs, epoch + 1) or epoch + 1 == cfg.epochs:
+            self._save()
+        if _every(cfg.vis_every_epochs, epoch + 1) or epoch + 1 == cfg.epochs:
+            self._visualise(f"epoch{epoch + 1:04d}")
+
+    def _micro_batches(self, batches: Iterator) -> Iterator[tuple[Tensor, MaskPyramid]]:
+        """The step's micro-batches on the device, each with its masks and the seed of stochastic
+        layers: pure functions of (seed, step, micro-batch), so a resumed run draws the same."""
+        for micro in range(self.cfg.accum_steps):
+            index, (images, bad) = next(batches)
+            self.bad.add(bad)
+            self.state.batch = index + 1
+            images = images.to(self.device, self.dtype, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            self.step_images += images.shape[0]
+            torch.manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "layers"))  # stochastic depth etc.
+            masks = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "masks"))
+            yield images, self.model.draw_masks(images, masks, self.info.rank, self.info.world)
+
+    def _after_step(self, stats: StepStats) -> None:
+        cfg, state = self.cfg, self.state
+        self.nonfinite |= stats.nonfinite
+        self.window.add(stats, self.step_images)
+        self.step_images = 0
+        state.step += 1
+        state.images_seen += self.effective_batch
+        if state.first_loss is None and state.step == 1:
+            state.first_loss = self._mean_loss(stats.loss_sum, stats.micro_batches)  # one host read per run
+        if state.step % cfg.log_every_steps == 0 or state.step == self.total_steps:
+            self._log()
+        if self.metrics is not None:
+            self.metrics.stepped()
+        if _every(cfg.save_every_steps, state.step) and state.batch < self.sampler.batches_per_epoch():
+            self._save()
+
+    def _mean_loss(self, loss_sum: Tensor, micro_batches: int) -> float:
+        """The mean loss over the micro-batches of all ranks."""
+        totals = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(micro_batches))]))
+        return float(totals[0] / totals[1])
+
+    def _log(self) -> None:
+        self._check_finite("logging")
+        state, window = self.state, self.window
+        state.last_loss = self._mean_loss(window.loss_sum, window.micro_batches)
+        self._sync_bad_files()
+        elapsed = time.perf_counter() - window.started
+        record = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss, "grad_norm": window.grad_norm(),
+                  "lr": self.schedule.lr(state.step - 1), "weight_decay": self.schedule.weight_decay(state.step - 1),
+                  "img_per_s": window.images * self.info.world / max(elapsed, 1e-9), "bad_images": len(self.bad),
+                  "images_seen": state.images_seen}
+        if self.metrics is not None:
+            self.metrics.log(record)
+        window.reset()
+
+    def _check_finite(self, where: str) -> None:
+        if bool(all_reduce_sum(self.nonfinite.float())):
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite before {where} (step {self.state.step}); the run stopped and the "
+                f"last good checkpoint in {self.run_dir} was kept. Lower the learning rate, use bf16 instead of fp16, "
+                f"or check the data.")
+
+    def _sync_bad_files(self) -> None:
+        """Unreadable files found by any rank since the last call: recorded on every rank, announced
+        (one line each) and appended to bad_images.txt by rank 0; then the --max-bad-fraction rule."""
+        pending, self.bad.pending = self.bad.pending, []
+        if self.info.world > 1 and int(all_reduce_sum(torch.tensor(float(len(pending)), device=self.device))) > 0:
+            pending = [p for part in all_gather_objects(pending) for p in part]
+        new = self.bad.merge(pending)
+        listing = self.run_dir / "bad_images.txt"
+        if self.main and new:
+            for path, reason in new:
+                warnings.warn(f"skipping unreadable image {path} ({reason}); listed in {listing}", stacklevel=2)
+            BadFiles.write(listing, new)
+        read = min(len(self.dataset), self.state.images_seen) + len(self.missing)
+        if read >= min(64, len(self.dataset) + len(self.missing)) and len(self.bad) > self.cfg.max_bad_fraction * read:
+            raise DataError(f"{len(self.bad)} of the {read} image files read so far are unreadable (more than "
+                            f"--max-bad-fraction {self.cfg.max_bad_fraction:g}); they are listed in {listing}: fix "
+                            f"or remove them, or raise --max-bad-fraction")
+
+    def _save(self) -> None:
+        """A checkpoint of the state after the last step, written by rank 0 (all ranks wait for it)."""
+        self._check_finite("a checkpoint")
+        self._sync_bad_files()
+        self.state.bad_files = dict(self.bad.files)
+        if self.main:
+            self.ckpts.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scaler": self.scaler.state_dict(), **self.state.to_checkpoint(),
+                             "config": self.cfg.to_dict(), "norm_mean": list(self.mean), "norm_std": list(self.std)},
+                            self.state.step)
+        barrier()  # no rank runs ahead of a checkpoint being written
+
+    def _visualise(self, tag: str) -> None:
+        if not self.main:
+            return
+        model = self.model
+        model.eval()
+        images = self.vis_images.to(self.device, next(model.parameters()).dtype)
+        rec = model.reconstruct(images, visible=model.draw_masks(images, torch.Generator().manual_seed(self.cfg.seed)))
+        model.train()
+        grid = reconstruction_grid(rec, self.mean, self.std)
+        save_grid(grid, self.run_dir / "reconstructions" / f"{tag}.png")
+        self.metrics.image("reconstruction", grid, self.state.step)
+
+    def _export(self) -> None:
+        """The encoder's weights with the original model's keys; for a timm backbone also a timm
+        model folder, ``timm/``."""
+        save_encoder_weights(self.model.encoder_state_dict(), self.run_dir / "encoder.safetensors")
+        backbone = self.model.encoder.model
+        if isinstance(getattr(backbone, "pretrained_cfg", None), dict):
+            save_timm_folder(backbone, self.run_dir / "timm", mean=self.mean, std=self.std,
+                             input_size=self.cfg.input_size)
+
+    def summary(self, seconds: float) -> dict:
+        """The run's last line; valid JSON (a loss never logged is null)."""
+        def finite(v):
+            return v if v is not None and math.isfinite(v) else None
+
+        state = self.state
+        return {"event": "done", "epochs": self.cfg.epochs, "steps": state.step, "images_seen": state.images_seen,
+                "bad_images": len(state.bad_files if self.finished else self.bad), "loss_first": finite(state.first_loss),
+                "loss_last": finite(state.last_loss), "seconds": round(seconds, 1),
+                "encoder_weights": str(self.run_dir / "encoder.safetensors"), "run_dir": str(self.run_dir)}
+
+
+def _every(n: int, i: int) -> bool:
+    """True every ``n``-th count ``i``; never when ``n`` is 0 (off)."""
+    return n > 0 and i % n == 0
+
+
+def _yaml(cfg: PretrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,124 @@
+"""Everything a run is built from: device, precision and memory format, the model, the optimiser,
+the data set."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..backbones import create_backbone
+from ..config import ConfigError, PretrainConfig
+from ..data import (
+    DataError,
+    ImageFiles,
+    compute_stats,
+    default_stats,
+    demo_photo_paths,
+    list_images,
+    pretrain_transform,
+)
+from ..encoder import SparseEncoder
+from ..model import SparK
+from ..optim import default_betas, lamb, param_groups
+from ..weights import load_encoder_weights
+
+__all__ = ["resolve_device", "resolve_precision", "resolve_channels_last", "autocast_for", "build_model",
+           "build_optimizer", "build_data"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return name
+
+
+def resolve_channels_last(value: str, device: torch.device) -> bool:
+    """A config's ``channels_last`` (``auto``, ``true`` or ``false``) for ``device``. ``auto``:
+    channels-last on CUDA (tensor-core convolutions), contiguous on CPU (where a convolution's
+    weight gradient is much slower channels-last)."""
+    if value == "auto":
+        return device.type == "cuda"
+    if value not in ("true", "false"):
+        raise ConfigError(f"channels_last must be auto, true or false, got {value!r}")
+    return value == "true"
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context: bf16 / fp16 autocast, or nothing."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_model(cfg: PretrainConfig) -> SparK:
+    """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK."""
+    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
+    if cfg.init:
+        report = load_encoder_weights(backbone, cfg.init, strict=True)
+        print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
+    encoder = SparseEncoder(backbone, in_chans=cfg.in_chans, sparse_impl=cfg.sparse_impl)
+    if cfg.input_size % encoder.patch_size:
+        raise ConfigError(f"input_size {cfg.input_size} is not a multiple of {cfg.model}'s total stride "
+                          f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")
+    return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
+                 hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on)
+
+
+def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    """LAMB over :func:`param_groups` with the config's betas (auto: by the backbone's norm layers,
+    :func:`default_betas`) and initial weight decay; it does not clip."""
+    if cfg.betas == "auto":
+        betas = default_betas(model.encoder.model)
+    else:
+        betas = tuple(float(v) for v in cfg.betas.split(","))
+    return lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+
+
+def build_data(cfg: PretrainConfig) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
+    """The data set, its normalisation statistics, and the listed files that do not exist
+    (``{path: reason}``; a file list may name files that are gone)."""
+    missing: dict[str, str] = {}
+    if cfg.data:
+        paths = list_images(cfg.data)
+        if Path(cfg.data).is_file():
+            paths, missing = _drop_missing(paths, cfg)
+    else:
+        photos = demo_photo_paths()
+        paths = [photos[i % len(photos)] for i in range(cfg.demo_length)]
+    if cfg.norm_stats == "data":
+        mean, std = compute_stats(paths, cfg.in_chans)
+    else:
+        mean, std = default_stats(cfg.in_chans)
+    transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
+    fast = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
+    return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std, missing
+
+
+def _drop_missing(paths: list[Path], cfg: PretrainConfig) -> tuple[list[Path], dict[str, str]]:
+    missing = {str(p): "FileNotFoundError: no such file" for p in paths if not p.is_file()}
+    present = [p for p in paths if str(p) not in missing]
+    if not present:
+        raise DataError(f"none of the {len(missing)} files listed in {cfg.data} exist (first: {next(iter(missing))})")
+    if len(missing) > cfg.max_bad_fraction * len(paths):
+        raise DataError(f"{len(missing)} of the {len(paths)} files listed in {cfg.data} do not exist (more than "
+                        f"--max-bad-fraction {cfg.max_bad_fraction:g}; first: {next(iter(missing))})")
+    return present, missing

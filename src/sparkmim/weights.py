@@ -1,0 +1,246 @@
+"""Weight files: the encoder weights with the original model's keys (safetensors or torch
+files, a timm model folder), key reports, checkpoint files as plain data, and the one atomic
+writer every file of sparkmim goes through."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "ENCODER_PREFIX", "CHECKPOINT_PATTERN", "atomic_write",
+           "state_bytes",
+           "save_encoder_weights", "read_weights", "key_report", "mismatches", "mismatch_message",
+           "load_encoder_weights", "encoder_weights", "checkpoint_paths", "checkpoint_step", "read_checkpoint",
+           "weights_state", "save_timm_folder"]
+
+# where SparK keeps the user's model: its parameters in a checkpoint are "encoder.model.<original key>"
+ENCODER_PREFIX = "encoder.model."
+CHECKPOINT_PATTERN = "checkpoint-*.pth"
+
+
+class KeyMismatchError(ValueError):
+    """Weights whose keys or shapes do not match the target model."""
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); nothing partial was left behind."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its file."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], expected_bytes: int = 0) -> Path:
+    """Write ``path`` through ``write(tmp)`` on a temporary file beside it, flushed to disk,
+    given the usual permissions (0666 less the umask), then renamed over ``path``: a reader sees
+    the old file or the new one, never a partial one. On failure (disk full, no permission) the
+    temporary file is removed and :class:`WriteError` names the path, the bytes needed and the
+    bytes free."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.replace(path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        need = f"about {expected_bytes / 2**20:,.1f} MiB needed, " if expected_bytes else ""
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, RuntimeError) and "inline_container" in reason:  # torch.save's report of a short write
+            reason = f"the write stopped part-way: the disk is full or a file-size limit was reached ({reason})"
+        raise WriteError(f"could not write {path} ({need}{free}): {reason}") from e
+    return path
+
+
+def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # clone: safetensors refuses tensors that share storage or are not contiguous
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+
+def save_encoder_weights(model: nn.Module | dict[str, Tensor], path: str | Path) -> Path:
+    """Write the weights of the original model (``.safetensors``, or ``.pth`` / ``.pt`` via
+    torch.save) with :func:`atomic_write`. ``model`` is the backbone, a ``SparseEncoder`` (its
+    ``.model`` is written), or a state dict."""
+    if hasattr(model, "sparse_impl") and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # a SparseEncoder: the user's model it runs
+    path = Path(path)
+    state = _plain(model if isinstance(model, dict) else model.state_dict())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp)), state_bytes(state))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), state_bytes(state))
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def key_report(model: nn.Module, state: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Keys missing from ``state``, unexpected in it, and present with a different shape."""
+    own = model.state_dict()
+    return {
+        "matched": sorted(k for k in own if k in state and tuple(own[k].shape) == tuple(state[k].shape)),
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+        "shape_mismatch": sorted(
+            f"{k}: model {tuple(own[k].shape)} vs file {tuple(state[k].shape)}"
+            for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+        ),
+    }
+
+
+def load_encoder_weights(model: nn.Module, path_or_state, *, strict: bool = True) -> dict[str, list[str]]:
+    """Load weights into ``model``; with ``strict`` any mismatch raises a readable report."""
+    state = path_or_state if isinstance(path_or_state, dict) else read_weights(path_or_state)
+    report = key_report(model, state)
+    if strict and mismatches(report):
+        raise KeyMismatchError(mismatch_message("weights do not match the model", report))
+    if strict:
+        model.load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict({k: state[k] for k in report["matched"]}, strict=False)
+    return report
+
+
+def mismatches(report: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The non-empty problem lists of a :func:`key_report` (missing, unexpected, shape mismatch)."""
+    return {k: v for k, v in report.items() if k in ("missing", "unexpected", "shape_mismatch") and v}
+
+
+def mismatch_message(title: str, report: dict[str, list[str]]) -> str:
+    lines = [f"{k} ({len(v)}): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}" for k, v in mismatches(report).items()]
+    return title + ":\n  " + "\n  ".join(lines)
+
+
+def encoder_weights(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's weights, with its own keys, out of a SparK state dict (a checkpoint's ``model``)."""
+    return {k[len(ENCODER_PREFIX):]: v for k, v in model_state.items() if k.startswith(ENCODER_PREFIX)}
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of ``checkpoint-<step>.pth``; -1 for another name."""
+    try:
+        return int(Path(path).stem.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def checkpoint_paths(folder: str | Path) -> list[Path]:
+    """The training checkpoints of a run folder, oldest step first."""
+    return sorted((p for p in Path(folder).glob(CHECKPOINT_PATTERN) if checkpoint_step(p) >= 0), key=checkpoint_step)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint's plain data (``weights_only=True``); :class:`CheckpointError` naming the
+    file when it cannot be read or is not a sparkmim checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, refused pickle: name the file, not the reader
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a sparkmim training checkpoint")
+    return state
+
+
+def weights_state(source: str | Path) -> dict[str, Tensor]:
+    """The backbone weights (original model keys) in a sparkmim run folder (its exported
+    ``encoder.safetensors``, else its newest checkpoint), an exported ``.safetensors``/``.pth``
+    file, or a pre-training checkpoint."""
+    p = Path(source)
+    if p.is_dir():
+        if (p / "encoder.safetensors").is_file():
+            p = p / "encoder.safetensors"
+        else:
+            ckpts = checkpoint_paths(p)
+            if not ckpts:
+                raise FileNotFoundError(f"{p} holds neither encoder.safetensors nor a checkpoint")
+            p = ckpts[-1]
+    if not p.is_file():
+        raise FileNotFoundError(f"weights '{source}' not found (give 'random', 'pretrained' or a file/run folder)")
+    if p.suffix == ".pth":
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a pre-training checkpoint
+            return encoder_weights(state["model"])
+    return read_weights(p)
+
+
+def save_timm_folder(backbone: nn.Module, folder: str | Path, *, mean, std, input_size: int) -> Path:
+    """Write a timm backbone as a timm model folder: ``model.safetensors`` and ``config.json``
+    (architecture, constructor arguments, and a ``pretrained_cfg`` with the run's normalisation and
+    input size), written by timm itself; ``timm.create_model("local-dir:FOLDER", pretrained=True)``
+    loads it (``num_classes=N`` adds a fresh head), and the folder can be uploaded to a model hub
+    as it is."""
+    from timm.models import save_for_hf
+
+    if not isinstance(getattr(backbone, "pretrained_cfg", None), dict):
+        raise ValueError(f"{type(backbone).__name__} is not a timm model; write its weights with save_encoder_weights")
+    folder = Path(folder)
+    cfg = {k: v for k, v in backbone.pretrained_cfg.items() if k not in ("url", "hf_hub_id", "file", "state_dict")}
+    cfg.update(tag="sparkmim", mean=tuple(mean), std=tuple(std), num_classes=0, license=None, origin_url=None,
+               paper_ids=None, input_size=(len(mean), input_size, input_size), test_input_size=None,
+               notes="SparK masked image modeling pre-training with sparkmim")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    original, backbone.pretrained_cfg = backbone.pretrained_cfg, cfg
+    staging = folder.with_name(folder.name + ".tmp")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        save_for_hf(backbone, str(staging), model_args={"num_classes": 0, "in_chans": len(mean)},
+                    safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.replace(folder)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteError(f"could not write the timm model folder {folder}: {e}") from e
+    finally:
+        backbone.pretrained_cfg = original
+    return folder
