@@ -34,6 +34,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..masking import MaskPyramid
+from ..norms import batch_norm_rows, like_format, masked_batch_norm
+from ..norms import masked_group_stats_norm as _masked_group_stats_norm
 
 __all__ = ["SparseMode", "SparseSemanticsError", "masked_batch_norm", "batch_norm_rows", "like_format"]
 
@@ -46,94 +48,6 @@ def _pair(v) -> tuple:
     if isinstance(v, (tuple, list)):
         return tuple(v) if len(v) == 2 else (v[0], v[0])
     return (v, v)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks of ``group``; the gradient of every rank's input is the sum of the
-    gradients of every rank's output."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, group) -> Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        import torch.distributed as dist
-
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
-                    group=None) -> Tensor:
-    """Batch norm of ``(N, C)`` rows; with a process ``group`` in training, the batch statistics
-    are those of the rows of every rank (two all-reduces, differentiable)."""
-    if group is None or not training:
-        return F.batch_norm(rows, running_mean, running_var, weight, bias, training,
-                            0.1 if momentum is None else momentum, eps)
-    c = rows.shape[1]
-    local = torch.cat([rows.sum(0), rows.new_full((1,), float(rows.shape[0]))])
-    total = _AllReduceSum.apply(local, group)
-    count = total[c]
-    mean = total[:c] / count
-    centred = rows - mean
-    var = _AllReduceSum.apply(centred.pow(2).sum(0), group) / count
-    out = centred * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight + bias
-    if running_mean is not None:
-        m = 0.1 if momentum is None else momentum
-        with torch.no_grad():
-            running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp_min(1), alpha=m)
-    return out
-
-
-def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, running_var, weight, bias,
-                      training: bool, momentum, eps: float, group=None) -> Tensor:
-    """Batch norm of an NCHW map whose statistics come from visible sites only (of all ranks in
-    ``group``); zero elsewhere."""
-    b, c, h, w = x.shape
-    visible = masks.at(factor)
-    if not training and running_mean is not None:
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum or 0.0, eps)
-        return torch.where(visible, out, 0.0)
-    idx = masks.rows(factor)
-    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, idx)
-    out_rows = batch_norm_rows(rows, running_mean, running_var, weight, bias, training, momentum, eps, group)
-    out = out_rows.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
-    return like_format(out.view(b, h, w, c).permute(0, 3, 1, 2), x)
-
-
-def like_format(out: Tensor, like: Tensor) -> Tensor:
-    """``out`` (4-D) in ``like``'s memory format: channels-last if ``like`` is, else contiguous.
-    Layers that compute on channels-last rows use it so that a model keeps the layout of its
-    input (on CPUs, convolution backward is much slower on channels-last maps of few channels)."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def _masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bias, eps: float) -> Tensor:
-    """Per-sample, per-group normalisation with moments over visible sites only (NCHW)."""
-    b, c, h, w = x.shape
-    m = visible.to(x.dtype).view(b, 1, 1, h * w)
-    xg = x.reshape(b, groups, c // groups, h * w)
-    count = m.sum(dim=(2, 3), keepdim=True) * (c // groups)
-    mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
-    centred = (xg - mean) * m
-    var = (centred * centred).sum(dim=(2, 3), keepdim=True) / count
-    out = (centred * torch.rsqrt(var + eps)).view(b, c, h, w)
-    if weight is not None:
-        out = out * weight.view(1, c, 1, 1)
-    if bias is not None:
-        out = out + bias.view(1, c, 1, 1)
-    return torch.where(visible, out, 0.0)
 
 
 # Operations that act on each site independently (elementwise, casts, metadata) or create tensors.
