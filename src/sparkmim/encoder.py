@@ -17,11 +17,9 @@ from .features import (
     discover_features,
 )
 from .masking import MaskPyramid, grid_size
-from .sparse import FastSparseMode, SparseMap, SparseMode, SparseSemanticsError, like_format, supports_fast
+from .sparse import SPARSE_IMPLS, SparseSemanticsError, sparse_form
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
-
-SPARSE_IMPLS = ("fast", "reference")
 
 
 class _CaptureHook:
@@ -221,19 +219,12 @@ class SparseEncoder(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def _encode(self, x: Tensor, masks: MaskPyramid, path=None) -> list[Tensor]:
-        full = masks.at(self.patch_size)
-        x = torch.where(full, x, 0.0)
+        x = torch.where(masks.at(self.patch_size), x, 0.0)
         if not self.sparse:
             return self._run(x)
-        if self.sparse_impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling():
-            mode = FastSparseMode(masks, path, self.sync_group)
-            images, x = x, mode.wrap_input(x)
-            with mode:
-                feats = self._run(x)
-            return [like_format(_dense_feature(mode, f), images) for f in feats]
-        with SparseMode(masks, path, self.sync_group):
-            feats = self._run(x)
-        return [like_format(torch.where(masks.at(self.patch_size // s), f, 0.0), x) for f, s in zip(feats, self.strides)]
+        with sparse_form(self.sparse_impl, masks, self.sync_group, path) as form:
+            feats = self._run(form.enter(x))
+        return [form.exit(f, self.patch_size // s) for f, s in zip(feats, self.strides)]
 
     def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
         """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides``."""
@@ -253,13 +244,6 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}, "
                 f"sparse_impl={self.sparse_impl!r}")
-
-
-def _dense_feature(mode: FastSparseMode, f: Tensor) -> Tensor:
-    """An encoder output as a dense map, zero at masked sites."""
-    if isinstance(f, SparseMap):
-        return f.canvas()
-    return torch.where(mode.cf_mask(f, mode.cf_factor(f)), f, 0.0)
 
 
 def _graph_leaves(outputs: list[Tensor]) -> set[int]:
