@@ -11,14 +11,20 @@ from sparkmim import MaskPyramid, SparseEncoder, SparseSemanticsError
 from sparkmim.sparse import to_dense
 
 P = 8
-IMPL = "fast"
 
 
-@pytest.fixture(params=["fast", "reference"], autouse=True)
-def impl(request, monkeypatch):
-    """Every layer-level check runs on both implementations of the sparse semantics."""
-    monkeypatch.setitem(globals(), "IMPL", request.param)
-    return request.param
+@pytest.fixture(params=["fast", "reference"])
+def encoder(request):
+    """Every layer-level check runs on both implementations of the sparse semantics: a builder of
+    encoders of ``model`` (features "a" and "b") in the form of this run, which it really uses."""
+
+    def build(model, **kw):
+        kw.setdefault("sparse_impl", request.param)
+        enc = SparseEncoder(model.double(), ["a", "b"], probe_size=32, **kw)
+        assert enc.sparse_impl == kw["sparse_impl"], "the build-time check fell back to the reference form"
+        return enc
+
+    return build
 
 
 class Tiny(nn.Module):
@@ -32,11 +38,6 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.b(self.a(self.stem(x)))
-
-
-def encoder(model, **kw):
-    kw.setdefault("sparse_impl", IMPL)
-    return SparseEncoder(model.double(), ["a", "b"], probe_size=32, **kw)
 
 
 def batch(seed=0, b=2, grid=(2, 3)):
@@ -53,12 +54,12 @@ def capture_input(module):
     return seen
 
 
-def test_feature_modules_and_strides_for_a_custom_model():
+def test_feature_modules_and_strides_for_a_custom_model(encoder):
     enc = encoder(Tiny())
     assert enc.strides == (4, 8) and enc.channels == (8, 16) and enc.patch_size == 8
 
 
-def test_batch_norm_statistics_from_visible_sites_only():
+def test_batch_norm_statistics_from_visible_sites_only(encoder):
     enc = encoder(Tiny()).train()
     bn = enc.model.a[1]
     seen = capture_input(bn)
@@ -78,7 +79,7 @@ def test_batch_norm_statistics_from_visible_sites_only():
     assert out.permute(0, 2, 3, 1)[~vis].abs().sum() == 0
 
 
-def test_group_norm_statistics_per_sample_over_visible_sites():
+def test_group_norm_statistics_per_sample_over_visible_sites(encoder):
     enc = encoder(Tiny(norm=lambda c: nn.GroupNorm(2, c))).train()
     gn = enc.model.a[1]
     seen = capture_input(gn)
@@ -102,7 +103,7 @@ class SE(nn.Module):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
 
-def test_global_pooling_in_blocks_averages_visible_sites_only():
+def test_global_pooling_in_blocks_averages_visible_sites_only(encoder):
     enc = encoder(Tiny(middle=SE(8))).eval()
     se = enc.model.a[3]
     seen = capture_input(se)
@@ -115,7 +116,7 @@ def test_global_pooling_in_blocks_averages_visible_sites_only():
     torch.testing.assert_close(gate["in"], expected)
 
 
-def test_max_pooling_ignores_masked_sites():
+def test_max_pooling_ignores_masked_sites(encoder):
     model = Tiny(middle=nn.MaxPool2d(3, 1, 1))
     enc = encoder(model).eval()
     seen = capture_input(enc.model.a[3])
@@ -145,12 +146,12 @@ class Rolled(nn.Module):
 
 
 @pytest.mark.parametrize("layer,what", [(Attention(), "flatten"), (Rolled(), "roll")])
-def test_unsupported_layers_fail_at_build_time_with_the_module_path(layer, what):
+def test_unsupported_layers_fail_at_build_time_with_the_module_path(layer, what, encoder):
     with pytest.raises(SparseSemanticsError, match=rf"{what}.*in module 'a\.3' \({type(layer).__name__}\)"):
         encoder(Tiny(middle=layer))
 
 
-def test_the_wrapped_model_still_works_on_its_own_and_copies_are_independent():
+def test_the_wrapped_model_still_works_on_its_own_and_copies_are_independent(encoder):
     model = Tiny().double().eval()
     reference = copy.deepcopy(model)
     enc = encoder(model).eval()
@@ -163,7 +164,7 @@ def test_the_wrapped_model_still_works_on_its_own_and_copies_are_independent():
     assert enc.model.state_dict().keys() == reference.state_dict().keys()
 
 
-def test_build_leaves_weights_buffers_and_modes_untouched():
+def test_build_leaves_weights_buffers_and_modes_untouched(encoder):
     model = Tiny().double()
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
@@ -176,7 +177,7 @@ def test_build_leaves_weights_buffers_and_modes_untouched():
         assert torch.equal(v, before[k]), k
 
 
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(encoder):
     enc = encoder(Tiny(middle=SE(8))).train()
     x, m = batch()
     eager = copy.deepcopy(enc)
@@ -200,7 +201,7 @@ class LowLevel(nn.Module):
         return torch.group_norm(x, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps, False)
 
 
-def test_low_level_spellings_have_the_same_sparse_meaning():
+def test_low_level_spellings_have_the_same_sparse_meaning(encoder):
     conv, bn, gn = nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.GroupNorm(2, 8)
     high = Tiny(middle=nn.Sequential(conv, bn, gn))
     low = copy.deepcopy(high)
@@ -213,7 +214,7 @@ def test_low_level_spellings_have_the_same_sparse_meaning():
 
 
 @pytest.mark.parametrize("include_pad", [True, False])
-def test_average_pooling_treats_masked_sites_like_padding(include_pad):
+def test_average_pooling_treats_masked_sites_like_padding(include_pad, encoder):
     enc = encoder(Tiny(middle=nn.AvgPool2d(3, 1, 1, count_include_pad=include_pad))).eval()
     seen = capture_input(enc.model.a[3])
     out = {}

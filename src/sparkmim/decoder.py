@@ -5,53 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import MaskPyramid
-from .sparse import batch_norm_rows, like_format, masked_batch_norm
+from .norms import MaskedBatchNorm2d, MaskedLayerNorm2d, SyncableBatchNorm2d
 
 __all__ = ["LightDecoder", "DecoderBlock", "Densify", "SyncableBatchNorm2d", "MaskedBatchNorm2d",
            "MaskedLayerNorm2d", "sincos_2d"]
-
-
-class SyncableBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, once ``sync_group`` is set, takes training statistics over all ranks
-    (on CPU/gloo as well as on GPUs); the state-dict keys are BatchNorm2d's."""
-
-    sync_group = None
-
-    def _args(self):
-        momentum = self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        keep_running = not self.training or self.track_running_stats
-        return (self.running_mean if keep_running else None, self.running_var if keep_running else None,
-                self.weight, self.bias, self.training or self.running_mean is None, momentum, self.eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sync_group is None or not self.training:
-            return super().forward(x)
-        b, c, h, w = x.shape
-        rows = batch_norm_rows(x.permute(0, 2, 3, 1).reshape(-1, c), *self._args(), group=self.sync_group)
-        return like_format(rows.view(b, h, w, c).permute(0, 3, 1, 2), x)
-
-
-class MaskedBatchNorm2d(SyncableBatchNorm2d):
-    """BatchNorm whose batch (and running) statistics come from visible sites only."""
-
-    def forward(self, x: Tensor, masks: MaskPyramid, factor: int) -> Tensor:  # type: ignore[override]
-        return masked_batch_norm(x, masks, factor, *self._args(), group=self.sync_group)
-
-
-class MaskedLayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map, at every site (masked sites are replaced later)."""
-
-    def forward(self, x: Tensor, masks: MaskPyramid | None = None, factor: int = 1) -> Tensor:  # type: ignore[override]
-        out = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return like_format(out.permute(0, 3, 1, 2), x)
 
 
 def sincos_2d(channels: int, height: int, width: int, *, device=None, dtype=None) -> Tensor:

@@ -2,81 +2,24 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .features import (
+    FeatureSpec,
+    _first_conv_in_chans,
+    _param_kwargs,
+    _pick_tensor,
+    _StopForward,
+    discover_features,
+)
 from .masking import MaskPyramid, grid_size
-from .sparse import FastSparseMode, SparseMap, SparseMode, SparseSemanticsError, like_format, supports_fast
+from .sparse import SPARSE_IMPLS, SparseSemanticsError, sparse_form
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
-
-SPARSE_IMPLS = ("fast", "reference")
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the last feature module so the rest of the model (its head) is skipped."""
-
-
-class FeatureSpec:
-    """Where one feature map comes from: module name, stride and channel count."""
-
-    def __init__(self, module: str, stride: int, channels: int):
-        self.module, self.stride, self.channels = module, stride, channels
-
-    def __repr__(self) -> str:
-        return f"FeatureSpec(module={self.module!r}, stride={self.stride}, channels={self.channels})"
-
-
-def _first_conv_in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
-
-
-# layer classes of self-attention models; ResNeSt's and SK-Net's attention over channels is supported
-_ATTENTION = re.compile(r"attn|attention|transformer|lambdalayer", re.IGNORECASE)
-_CHANNEL_ATTENTION = ("SplitAttn", "SelectiveKernelAttn")
-
-
-def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: int, chans: int,
-                   error: Exception) -> str:
-    """Why a dense probe forward failed, naming the layer that raised; for self-attention and
-    fixed-size models (ViT, Swin, BoTNet, MaxViT, ...) says that they cannot be made sparse."""
-    layer = running[-1] if running else model
-    where = f"layer '{names.get(layer) or type(model).__name__}' ({type(layer).__name__})"
-    reason = " ".join(str(error).split()).rstrip(".")
-    reason = f"{type(error).__name__}: {reason}" if reason else f"{type(error).__name__} (no message)"
-
-    def is_attention(m: nn.Module) -> bool:
-        return bool(_ATTENTION.search(type(m).__name__)) and type(m).__name__ not in _CHANNEL_ATTENTION
-
-    layers = [m for _, m in list(model.named_modules())[1:]]
-    attention = [m for m in running if is_attention(m)] or [m for m in layers if is_attention(m)]
-    text = (f"a probe forward of {type(model).__name__} on a {size}x{size} input with {chans} channels failed "
-            f"in {where}: {reason}")
-    if attention:
-        first = attention[0]
-        text += (f". {type(model).__name__} has self-attention or windowed layers ('{names.get(first, '?')}', "
-                 f"{type(first).__name__}) and a fixed input size: it is not a convolutional network sparkmim can "
-                 f"make sparse (attention mixes all positions). See the README section 'Supported backbones'")
-    return text
-
-
-def _pick_tensor(out, size: tuple[int, int] | None = None):
-    """A module's output as one feature map: the tensor itself, or the element of a list/tuple
-    (multi-branch stages such as HRNet's) with the wanted spatial size."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (list, tuple)):
-        for t in out:
-            if isinstance(t, Tensor) and t.dim() == 4 and (size is None or tuple(t.shape[-2:]) == size):
-                return t
-    return None
 
 
 class _CaptureHook:
@@ -149,10 +92,9 @@ class SparseEncoder(nn.Module):
         self.in_chans = in_chans or _first_conv_in_chans(model)
         self._capture: dict[str, Tensor] | None = None
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
-        self._stop_at: str | None = None
         # parameters that do not reach any feature map (e.g. a classifier head), found by check()
         self.unused_parameters: list[str] | None = None
-        specs = self._discover(feature_modules, probe_size, min_stride)
+        specs, self._stop_at = discover_features(model, feature_modules, self.in_chans, probe_size, min_stride)
         self.features: list[FeatureSpec] = specs
         self.strides = tuple(s.stride for s in specs)
         self.channels = tuple(s.channels for s in specs)
@@ -196,112 +138,6 @@ class SparseEncoder(nn.Module):
         if missing:
             raise RuntimeError(f"feature modules {missing} were not run by the model's forward")
         return [captured[s.module] for s in self.features]
-
-    @torch.no_grad()
-    def _discover(self, names, probe_size: int, min_stride: int) -> list[FeatureSpec]:
-        model = self.model
-        if names is None:
-            info = getattr(model, "feature_info", None)
-            if isinstance(info, list) and info and isinstance(info[0], dict) and "module" in info[0]:
-                by_stride = {}
-                for d in info:
-                    if d["reduction"] >= min_stride:
-                        by_stride[d["reduction"]] = d["module"]
-                names = [by_stride[k] for k in sorted(by_stride)]
-                try:
-                    for n in names:
-                        model.get_submodule(n)
-                except AttributeError:  # names of timm's features_only wrapper, not of this model
-                    names = None
-        # One dense probe forward records the output size of candidate modules and the order in
-        # which they finish, for stride discovery and to know where the forward may stop.
-        candidates = dict(model.named_modules()) if names is None else {n: model.get_submodule(n) for n in names}
-        candidates.pop("", None)
-        seen: dict[str, tuple[int, ...]] = {}
-        order: list[str] = []
-
-        def recorder(name):
-            def hook(module, args, out):
-                t = _pick_tensor(out)
-                if t is not None:
-                    seen[name] = (tuple(t.shape), out if isinstance(out, (list, tuple)) else None)
-                    if name in order:
-                        order.remove(name)
-                    order.append(name)
-
-            return hook
-
-        handles = [m.register_forward_hook(recorder(n)) for n, m in candidates.items()]
-        # the modules being run, outermost first (a module leaves the list only when it finishes,
-        # so after a failure the list ends with the layer that raised)
-        module_names = {m: n for n, m in model.named_modules()}
-        running: list[nn.Module] = []
-
-        def enter(module, args):
-            running.append(module)
-
-        def leave(module, args, out):
-            running.pop()
-
-        handles += [m.register_forward_pre_hook(enter) for m in model.modules()]
-        handles += [m.register_forward_hook(leave) for m in model.modules()]
-        was_training = model.training
-        model.eval()
-        try:
-            x = torch.zeros(1, self.in_chans, probe_size, probe_size, **_param_kwargs(model))
-            (getattr(model, "forward_features", None) or model)(x)
-        except Exception as e:
-            raise SparseSemanticsError(_probe_failure(model, running, module_names, probe_size, self.in_chans, e)) from e
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
-
-        def stride_of(name):
-            shape, multi = seen[name]
-            if multi is not None:  # multi-branch stage: take its finest new branch per stride below
-                return None
-            if len(shape) != 4 or shape[-2] <= 1 or shape[-2] != shape[-1] or probe_size % shape[-1]:
-                return None
-            return probe_size // shape[-1]
-
-        specs: list[FeatureSpec] = []
-        if names is not None:
-            expected = None
-            for n in names:
-                if n not in seen:
-                    raise ValueError(f"feature module '{n}' produced no 4-D feature map in a probe forward")
-                shape, multi = seen[n]
-                if multi is not None:
-                    # a stage returning several resolutions: the i-th listed module gives stride 4 * 2**i
-                    expected = min_stride if expected is None else expected * 2
-                    t = next((t for t in multi if t.dim() == 4 and probe_size // t.shape[-1] == expected), None)
-                    if t is None:
-                        raise ValueError(f"feature module '{n}' has no output at stride {expected}")
-                    specs.append(FeatureSpec(n, expected, t.shape[1]))
-                    continue
-                s = stride_of(n)
-                if s is None:
-                    raise ValueError(f"feature module '{n}' output {shape} is not a square map of a {probe_size}px probe")
-                expected = s
-                specs.append(FeatureSpec(n, s, shape[1]))
-        else:
-            by_stride: dict[int, str] = {}
-            for n in order:  # later modules override earlier ones at the same stride
-                s = stride_of(n)
-                if s is not None and s >= min_stride:
-                    by_stride[s] = n
-            if not by_stride:
-                raise ValueError(f"no module of {type(model).__name__} produced a feature map with stride >= {min_stride}")
-            top = max(by_stride)
-            specs = [FeatureSpec(by_stride[s], s, seen[by_stride[s]][0][1]) for s in sorted(by_stride)
-                     if top % s == 0]
-        specs.sort(key=lambda s: s.stride)
-        if len({s.stride for s in specs}) != len(specs):
-            raise ValueError(f"feature modules must have distinct strides, got {specs}")
-        finish = {n: i for i, n in enumerate(order)}
-        self._stop_at = max((s.module for s in specs), key=lambda n: finish.get(n, -1))
-        return specs
 
     def check(self) -> None:
         """Run one sparse forward in training mode on a small non-square input and restore all
@@ -383,19 +219,12 @@ class SparseEncoder(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def _encode(self, x: Tensor, masks: MaskPyramid, path=None) -> list[Tensor]:
-        full = masks.at(self.patch_size)
-        x = torch.where(full, x, 0.0)
+        x = torch.where(masks.at(self.patch_size), x, 0.0)
         if not self.sparse:
             return self._run(x)
-        if self.sparse_impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling():
-            mode = FastSparseMode(masks, path, self.sync_group)
-            images, x = x, mode.wrap_input(x)
-            with mode:
-                feats = self._run(x)
-            return [like_format(_dense_feature(mode, f), images) for f in feats]
-        with SparseMode(masks, path, self.sync_group):
-            feats = self._run(x)
-        return [like_format(torch.where(masks.at(self.patch_size // s), f, 0.0), x) for f, s in zip(feats, self.strides)]
+        with sparse_form(self.sparse_impl, masks, self.sync_group, path) as form:
+            feats = self._run(form.enter(x))
+        return [form.exit(f, self.patch_size // s) for f, s in zip(feats, self.strides)]
 
     def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
         """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides``."""
@@ -417,13 +246,6 @@ class SparseEncoder(nn.Module):
                 f"sparse_impl={self.sparse_impl!r}")
 
 
-def _dense_feature(mode: FastSparseMode, f: Tensor) -> Tensor:
-    """An encoder output as a dense map, zero at masked sites."""
-    if isinstance(f, SparseMap):
-        return f.canvas()
-    return torch.where(mode.cf_mask(f, mode.cf_factor(f)), f, 0.0)
-
-
 def _graph_leaves(outputs: list[Tensor]) -> set[int]:
     """``id`` of each leaf tensor (parameter) that the autograd graph of ``outputs`` reaches."""
     seen, leaves, stack = set(), set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -436,10 +258,3 @@ def _graph_leaves(outputs: list[Tensor]) -> set[int]:
             leaves.add(id(fn.variable))
         stack.extend(f for f, _ in fn.next_functions)
     return leaves
-
-
-def _param_kwargs(model: nn.Module) -> dict:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        return {}
-    return {"device": p.device, "dtype": p.dtype}

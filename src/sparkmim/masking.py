@@ -96,7 +96,7 @@ class MaskPyramid:
         self.keep = keep
         self._masks: dict[int, Tensor] = {1: self.visible}
         self._rows: dict[int, Tensor] = {}
-        self.cache: dict = {}  # per-batch index tensors of the fast sparse form
+        self._patch_ids: Tensor | None = None
 
     @classmethod
     def from_visible(cls, visible: Tensor) -> MaskPyramid:
@@ -124,6 +124,17 @@ class MaskPyramid:
             self._masks[factor] = m
         return m
 
+    def visible_patch_ids(self) -> Tensor:
+        """``(B, keep)`` indices of each sample's visible patches on the ``h x w`` grid (row-major),
+        ascending; needs the same count ``keep`` in every sample, and no host synchronisation."""
+        if self.keep is None:
+            raise ValueError("visible patch indices need the same number of visible patches in every sample")
+        if self._patch_ids is None:
+            flat = self.visible.reshape(self.batch, self.h * self.w).to(torch.uint8)
+            ids = torch.argsort(flat, dim=1, descending=True, stable=True)[:, : self.keep]
+            self._patch_ids = ids.sort(dim=1).values
+        return self._patch_ids
+
     def rows(self, factor: int) -> Tensor:
         """Indices of the visible sites in a ``(B * H * W)`` row-major flattening, ascending.
 
@@ -132,12 +143,14 @@ class MaskPyramid:
         """
         idx = self._rows.get(factor)
         if idx is None:
-            flat = self.at(factor).reshape(-1)
-            if self.keep is not None:
-                n = self.batch * self.keep * factor * factor
-                idx = torch.argsort(flat.to(torch.uint8), descending=True, stable=True)[:n]
-                idx = idx.sort().values
+            if self.keep is not None:  # the sites of the visible patches, in row-major order
+                ids = self.visible_patch_ids()
+                dev, f = ids.device, factor
+                y = (ids // self.w).view(self.batch, -1, 1, 1) * f + torch.arange(f, device=dev).view(1, 1, f, 1)
+                x = (ids % self.w).view(self.batch, -1, 1, 1) * f + torch.arange(f, device=dev).view(1, 1, 1, f)
+                sample = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
+                idx = ((sample * (self.h * f) + y) * (self.w * f) + x).reshape(-1).sort().values
             else:
-                idx = flat.nonzero().squeeze(1)
+                idx = self.at(factor).reshape(-1).nonzero().squeeze(1)
             self._rows[factor] = idx
         return idx

@@ -183,7 +183,7 @@ class SparK(nn.Module):
     def set_sync_group(self, group) -> None:
         """Batch statistics over all ranks of ``group`` (None: per process) for the encoder's batch
         norms (visible sites of every rank), the densify norms and the decoder's batch norms."""
-        from .decoder import SyncableBatchNorm2d
+        from .norms import SyncableBatchNorm2d
 
         self.encoder.sync_group = group
         for m in self.modules():

@@ -1,0 +1,226 @@
+"""Where a convnet's hierarchical feature maps come from: feature modules, strides and channels.
+
+:func:`discover_features` reads timm's ``feature_info`` when the model has it, and otherwise runs
+one dense probe forward that records the output size of every module and the order in which
+modules finish: for each stride (4, 8, 16, 32, ...) the last module with that stride gives the
+feature map. The module that finishes last among the chosen ones is where an encoder's forward
+may stop (:class:`_StopForward`), so a classifier head is never run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .sparse import SparseSemanticsError
+
+__all__ = ["FeatureSpec", "discover_features"]
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last feature module so the rest of the model (its head) is skipped."""
+
+
+class FeatureSpec:
+    """Where one feature map comes from: module name, stride and channel count."""
+
+    def __init__(self, module: str, stride: int, channels: int):
+        self.module, self.stride, self.channels = module, stride, channels
+
+    def __repr__(self) -> str:
+        return f"FeatureSpec(module={self.module!r}, stride={self.stride}, channels={self.channels})"
+
+
+def _first_conv_in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def _param_kwargs(model: nn.Module) -> dict:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        return {}
+    return {"device": p.device, "dtype": p.dtype}
+
+
+def _pick_tensor(out, size: tuple[int, int] | None = None):
+    """A module's output as one feature map: the tensor itself, or the element of a list/tuple
+    (multi-branch stages such as HRNet's) with the wanted spatial size."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        for t in out:
+            if isinstance(t, Tensor) and t.dim() == 4 and (size is None or tuple(t.shape[-2:]) == size):
+                return t
+    return None
+
+
+# layer classes of self-attention models; ResNeSt's and SK-Net's attention over channels is supported
+_ATTENTION = re.compile(r"attn|attention|transformer|lambdalayer", re.IGNORECASE)
+_CHANNEL_ATTENTION = ("SplitAttn", "SelectiveKernelAttn")
+
+
+def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: int, chans: int,
+                   error: Exception) -> str:
+    """Why a dense probe forward failed, naming the layer that raised; for self-attention and
+    fixed-size models (ViT, Swin, BoTNet, MaxViT, ...) says that they cannot be made sparse."""
+    layer = running[-1] if running else model
+    where = f"layer '{names.get(layer) or type(model).__name__}' ({type(layer).__name__})"
+    reason = " ".join(str(error).split()).rstrip(".")
+    reason = f"{type(error).__name__}: {reason}" if reason else f"{type(error).__name__} (no message)"
+
+    def is_attention(m: nn.Module) -> bool:
+        return bool(_ATTENTION.search(type(m).__name__)) and type(m).__name__ not in _CHANNEL_ATTENTION
+
+    layers = [m for _, m in list(model.named_modules())[1:]]
+    attention = [m for m in running if is_attention(m)] or [m for m in layers if is_attention(m)]
+    text = (f"a probe forward of {type(model).__name__} on a {size}x{size} input with {chans} channels failed "
+            f"in {where}: {reason}")
+    if attention:
+        first = attention[0]
+        text += (f". {type(model).__name__} has self-attention or windowed layers ('{names.get(first, '?')}', "
+                 f"{type(first).__name__}) and a fixed input size: it is not a convolutional network sparkmim can "
+                 f"make sparse (attention mixes all positions). See the README section 'Supported backbones'")
+    return text
+
+
+def _timm_feature_modules(model: nn.Module, min_stride: int) -> list[str] | None:
+    """The modules timm's ``feature_info`` names, one per stride >= ``min_stride``; None when the
+    model has no usable ``feature_info``."""
+    info = getattr(model, "feature_info", None)
+    if not (isinstance(info, list) and info and isinstance(info[0], dict) and "module" in info[0]):
+        return None
+    by_stride = {d["reduction"]: d["module"] for d in info if d["reduction"] >= min_stride}
+    names = [by_stride[k] for k in sorted(by_stride)]
+    try:
+        for n in names:
+            model.get_submodule(n)
+    except AttributeError:  # names of timm's features_only wrapper, not of this model
+        return None
+    return names
+
+
+class _Probe:
+    """One dense forward that records, for candidate modules, the output shape (and, for stages
+    returning several maps, the outputs themselves) and the order in which they finish."""
+
+    def __init__(self, model: nn.Module, candidates: dict[str, nn.Module]):
+        self.model, self.candidates = model, candidates
+        self.seen: dict[str, tuple[tuple[int, ...], list | tuple | None]] = {}
+        self.order: list[str] = []
+        # the modules being run, outermost first (a module leaves the list only when it finishes,
+        # so after a failure the list ends with the layer that raised)
+        self.running: list[nn.Module] = []
+
+    def _recorder(self, name: str):
+        def hook(module, args, out):
+            t = _pick_tensor(out)
+            if t is not None:
+                self.seen[name] = (tuple(t.shape), out if isinstance(out, (list, tuple)) else None)
+                if name in self.order:
+                    self.order.remove(name)
+                self.order.append(name)
+
+        return hook
+
+    def _enter(self, module, args):
+        self.running.append(module)
+
+    def _leave(self, module, args, out):
+        self.running.pop()
+
+    def run(self, in_chans: int, size: int) -> None:
+        model = self.model
+        handles = [m.register_forward_hook(self._recorder(n)) for n, m in self.candidates.items()]
+        handles += [m.register_forward_pre_hook(self._enter) for m in model.modules()]
+        handles += [m.register_forward_hook(self._leave) for m in model.modules()]
+        was_training = model.training
+        model.eval()
+        try:
+            x = torch.zeros(1, in_chans, size, size, **_param_kwargs(model))
+            (getattr(model, "forward_features", None) or model)(x)
+        except Exception as e:
+            names = {m: n for n, m in model.named_modules()}
+            raise SparseSemanticsError(_probe_failure(model, self.running, names, size, in_chans, e)) from e
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+
+    def stride_of(self, name: str, size: int) -> int | None:
+        """The stride of a module's single square output map, or None."""
+        shape, multi = self.seen[name]
+        if multi is not None:  # multi-branch stage: its branches are picked by the listed order
+            return None
+        if len(shape) != 4 or shape[-2] <= 1 or shape[-2] != shape[-1] or size % shape[-1]:
+            return None
+        return size // shape[-1]
+
+
+def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: int) -> list[FeatureSpec]:
+    """Specs of the listed modules; a stage returning several resolutions gives, as the i-th
+    listed module, its map at stride ``min_stride * 2**i``."""
+    specs: list[FeatureSpec] = []
+    expected = None
+    for n in names:
+        if n not in probe.seen:
+            raise ValueError(f"feature module '{n}' produced no 4-D feature map in a probe forward")
+        shape, multi = probe.seen[n]
+        if multi is not None:
+            expected = min_stride if expected is None else expected * 2
+            t = next((t for t in multi if t.dim() == 4 and size // t.shape[-1] == expected), None)
+            if t is None:
+                raise ValueError(f"feature module '{n}' has no output at stride {expected}")
+            specs.append(FeatureSpec(n, expected, t.shape[1]))
+            continue
+        s = probe.stride_of(n, size)
+        if s is None:
+            raise ValueError(f"feature module '{n}' output {shape} is not a square map of a {size}px probe")
+        expected = s
+        specs.append(FeatureSpec(n, s, shape[1]))
+    return specs
+
+
+def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureSpec]:
+    """For each stride >= ``min_stride`` dividing the largest, the last module to finish with it."""
+    by_stride: dict[int, str] = {}
+    for n in probe.order:  # later modules override earlier ones at the same stride
+        s = probe.stride_of(n, size)
+        if s is not None and s >= min_stride:
+            by_stride[s] = n
+    if not by_stride:
+        raise ValueError(f"no module of {type(probe.model).__name__} produced a feature map with stride >= {min_stride}")
+    top = max(by_stride)
+    return [FeatureSpec(by_stride[s], s, probe.seen[by_stride[s]][0][1]) for s in sorted(by_stride) if top % s == 0]
+
+
+@torch.no_grad()
+def discover_features(model: nn.Module, names: Sequence[str] | None, in_chans: int, probe_size: int,
+                      min_stride: int) -> tuple[list[FeatureSpec], str]:
+    """The feature maps of ``model`` (ascending stride) and the name of the feature module that
+    finishes last (where a forward may stop).
+
+    ``names``: the feature modules, or None to read timm's ``feature_info`` or else pick, for each
+    stride, the last module with that stride in a dense probe forward on a ``probe_size`` square.
+    A probe forward that fails raises :class:`SparseSemanticsError` naming the failing layer."""
+    if names is None:
+        names = _timm_feature_modules(model, min_stride)
+    candidates = dict(model.named_modules()) if names is None else {n: model.get_submodule(n) for n in names}
+    candidates.pop("", None)
+    probe = _Probe(model, candidates)
+    probe.run(in_chans, probe_size)
+    if names is not None:
+        specs = _specs_of_named(probe, names, probe_size, min_stride)
+    else:
+        specs = _specs_by_stride(probe, probe_size, min_stride)
+    specs.sort(key=lambda s: s.stride)
+    if len({s.stride for s in specs}) != len(specs):
+        raise ValueError(f"feature modules must have distinct strides, got {specs}")
+    finish = {n: i for i, n in enumerate(probe.order)}
+    stop_at = max((s.module for s in specs), key=lambda n: finish.get(n, -1))
+    return specs, stop_at

@@ -1,0 +1,117 @@
+"""Feature discovery (sparkmim.features): timm metadata, the dense probe, multi-branch stages."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparkmim
+from sparkmim import SparseEncoder, SparseSemanticsError, encoder, features
+from sparkmim.features import FeatureSpec, discover_features
+
+
+class Tiny(nn.Module):
+    """stem (stride 2) -> a (stride 4) -> b (stride 8) -> a head that must never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(4, 6, 3, 2, 1), nn.ReLU())
+        self.b = nn.Conv2d(6, 10, 3, 2, 1)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        x = self.b(self.a(self.stem(x)))
+        if not torch.compiler.is_compiling() and getattr(self, "refuse_head", False):
+            raise AssertionError("the head ran")
+        return self.head(x.mean((2, 3)))
+
+
+def specs(found):
+    return [(s.module, s.stride, s.channels) for s in found]
+
+
+def test_feature_spec_keeps_its_old_import_paths():
+    assert encoder.FeatureSpec is features.FeatureSpec is sparkmim.FeatureSpec is FeatureSpec
+
+
+def test_probe_picks_the_last_module_of_each_stride_and_stops_after_the_last_feature():
+    found, stop_at = discover_features(Tiny(), None, 3, 32, 4)
+    assert specs(found) == [("a", 4, 6), ("b", 8, 10)]
+    assert stop_at == "b"
+    found, _ = discover_features(Tiny(), None, 3, 32, 2)
+    assert specs(found) == [("stem", 2, 4), ("a", 4, 6), ("b", 8, 10)]
+
+
+def test_named_modules_and_timm_feature_info():
+    assert specs(discover_features(Tiny(), ["a", "b"], 3, 32, 4)[0]) == [("a", 4, 6), ("b", 8, 10)]
+    model = Tiny()
+    model.feature_info = [{"module": "stem", "reduction": 2, "num_chs": 4},
+                          {"module": "a.0", "reduction": 4, "num_chs": 6}, {"module": "b", "reduction": 8, "num_chs": 10}]
+    assert specs(discover_features(model, None, 3, 32, 4)[0]) == [("a.0", 4, 6), ("b", 8, 10)]
+    model.feature_info = [{"module": "stages_1", "reduction": 4}]  # names of a features_only wrapper: probe instead
+    assert specs(discover_features(model, None, 3, 32, 4)[0]) == [("a", 4, 6), ("b", 8, 10)]
+
+
+class TwoBranches(nn.Module):
+    """A stage that returns its maps at strides 4 and 8 as a list (as HRNet's stages do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(4, 5, 3, 1, 1), nn.Conv2d(4, 7, 3, 2, 1)
+
+    def forward(self, x):
+        return [self.fine(x), self.coarse(x)]
+
+
+class MultiBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 4, 1)
+        self.stage = TwoBranches()
+        self.fuse = nn.Identity()
+
+    def forward(self, x):
+        fine, coarse = self.fuse(self.stage(self.stem(x)))
+        return coarse
+
+
+def test_a_multi_branch_stage_gives_its_branch_at_the_next_stride():
+    found, _ = discover_features(MultiBranch(), ["stem", "stage"], 3, 32, 4)
+    assert specs(found) == [("stem", 4, 4), ("stage", 8, 7)]
+    with pytest.raises(ValueError, match="no output at stride 2"):  # its first listed stage must give stride 2
+        discover_features(MultiBranch(), ["stage"], 3, 32, 2)
+
+
+def test_bad_feature_lists_are_refused():
+    with pytest.raises(ValueError, match="distinct strides"):
+        discover_features(Tiny(), ["a", "a.0"], 3, 32, 4)
+    with pytest.raises(ValueError, match="is not a square map"):
+        discover_features(Tiny(), ["head"], 3, 32, 4)
+    model = Tiny()
+    model.spare = nn.Conv2d(6, 6, 1)  # never run by the forward
+    with pytest.raises(ValueError, match="'spare' produced no 4-D feature map"):
+        discover_features(model, ["a", "spare"], 3, 32, 4)
+
+
+class SelfAttention(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("expected input size 224")
+
+
+def test_a_failing_probe_names_the_layer_and_recognises_attention():
+    model = Tiny()
+    model.a = nn.Sequential(nn.Conv2d(4, 6, 3, 2, 1), SelfAttention())
+    with pytest.raises(SparseSemanticsError, match=r"layer 'a\.1' \(SelfAttention\): RuntimeError: expected input size "
+                                                   r"224\. Tiny has self-attention"):
+        discover_features(model, None, 3, 32, 4)
+    assert model.training  # the probe restores the mode
+
+
+def test_the_encoder_skips_the_layers_after_its_last_feature():
+    model = Tiny()
+    enc = SparseEncoder(model, check=False)
+    model.refuse_head = True
+    x = torch.randn(2, 3, 16, 24)
+    v = torch.zeros(2, 1, 2, 3, dtype=torch.bool)
+    v[:, :, 0, 0] = True
+    assert [tuple(f.shape) for f in enc(x, v)] == [(2, 6, 4, 6), (2, 10, 2, 3)]
