@@ -43,7 +43,7 @@ class Densify(nn.Module):
             self.norm: nn.Module = MaskedBatchNorm2d(in_channels)
         elif norm == "ln":
             self.norm = MaskedLayerNorm2d(in_channels, eps=1e-6)
-        elif norm in ("none", "identity"):
+        elif norm == "none":
             self.norm = nn.Identity()
         else:
             raise ValueError(f"densify norm must be 'bn', 'ln' or 'none', got {norm!r}")

@@ -15,6 +15,7 @@ from .decoder import Densify, LightDecoder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
 from .masking import MaskPyramid, check_mask_ratio, grid_size, num_visible, random_visible
+from .weights import ENCODER_PREFIX
 
 __all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
 
@@ -195,7 +196,7 @@ class SparK(nn.Module):
         feature map, e.g. a classifier head); None when the encoder was built without its check."""
         if self.encoder.unused_parameters is None:
             return None
-        return [f"encoder.model.{n}" for n in self.encoder.unused_parameters]
+        return [ENCODER_PREFIX + n for n in self.encoder.unused_parameters]
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights with the original model's keys (what export writes)."""

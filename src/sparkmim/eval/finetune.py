@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..encoder import SparseEncoder
 from ..optim import Schedule, clip_grad_norm_, lamb
+from ..weights import ENCODER_PREFIX
 from .config import EvalConfig
 
 __all__ = ["PooledClassifier", "build_classifier", "layer_decay_groups", "finetune"]
@@ -60,7 +61,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        short = name.removeprefix("encoder.model.")
+        short = name.removeprefix(ENCODER_PREFIX)  # a PooledClassifier holds the backbone as SparK does
         layer = blocks.index(short.split(".")[0]) + 1 if short != name and short.split(".")[0] in blocks else depth
         decay = p.ndim > 1
         g = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
