@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from PIL import Image
 from sparkmim.config import load_config
 from sparkmim.data import DataError
 from sparkmim.train import NonFiniteLossError, pretrain
+from sparkmim.distributed import DistInfo
 from sparkmim.train.checkpoint import CheckpointManager
-from sparkmim.weights import encoder_weights, load_encoder_weights
+from sparkmim.train.run import Run
+from sparkmim.weights import encoder_weights, load_encoder_weights, weights_state
 
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, workers=0, epochs=2,
             warmup_epochs=0.5, lr=1e-3, log_every_steps=1, vis_every_epochs=1, tensorboard=False, progress=False)
@@ -96,6 +99,51 @@ def test_a_checkpoint_written_before_bad_files_and_loss_last_were_saved_resumes(
     summary = pretrain(cfg(folder, out, resume="auto"))
     assert summary["steps"] == 8
     _assert_same_training_state(_final_state(straight), _final_state(out))
+
+
+OLD_RUN = Path(__file__).parent / "data" / "run_3288624"
+
+
+def test_a_run_folder_written_before_the_renovation_resumes_and_exports(tmp_path):
+    """``tests/data/run_3288624`` was written by main at commit 3288624 (before the train/ and
+    weights.py split): ``sparkmim pretrain --model test_convnext --input-size 64 --decoder-width 32
+    --batch-size 4 --epochs 2 --save-every-epochs 1 --log-every-steps 1`` on the 8 images drawn
+    below; its config, first two metric lines and step-2 checkpoint are kept. Today's code restores
+    every tensor of it, continues it to the end, and exports its encoder with the original keys."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        yy, xx = np.mgrid[0:72, 0:80]
+        img = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 10) % 256, rng.integers(0, 256, (72, 80))], -1)
+        Image.fromarray(img.astype(np.uint8)).save(images / f"img{i}.png")
+    out = tmp_path / "old"
+    shutil.copytree(OLD_RUN, out)
+    saved = torch.load(out / "checkpoint-00000002.pth", weights_only=True)
+    c = load_config(None, dict(data=str(images), out=str(out), model="test_convnext", input_size=64, decoder_width=32,
+                               batch_size=4, workers=0, epochs=2, save_every_epochs=1, log_every_steps=1,
+                               tensorboard=False, progress=False, resume="auto"))
+    run = Run(c, DistInfo(), torch.device("cpu"))
+    assert not run.finished and run.state.step == 2 and run.state.first_loss == saved["first_loss"]
+    model = run.model.state_dict()
+    assert model.keys() == saved["model"].keys()
+    for k, v in saved["model"].items():
+        assert torch.equal(model[k], v), k
+    opt = run.optimizer.state_dict()["state"]
+    assert opt.keys() == saved["optimizer"]["state"].keys()
+    for pid, st in saved["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(opt[pid][k]), torch.as_tensor(v)), (pid, k)
+    summary = run.train()
+    assert summary["steps"] == 4 and summary["loss_first"] == saved["first_loss"]
+    old_lines = (OLD_RUN / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == old_lines and [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    for source in (OLD_RUN / "checkpoint-00000002.pth", out):  # the old checkpoint and the finished run
+        fresh = timm.create_model("test_convnext", num_classes=0)
+        fresh.load_state_dict(weights_state(source), strict=True)
+    assert torch.equal(weights_state(OLD_RUN / "checkpoint-00000002.pth")["stem.0.weight"],
+                       saved["model"]["encoder.model.stem.0.weight"])
 
 
 def test_loss_first_is_the_first_steps_loss_whatever_the_logging_interval(folder, tmp_path):
