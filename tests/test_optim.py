@@ -162,3 +162,88 @@ def test_no_weight_decay_on_biases_norms_and_mask_tokens():
     nd = {names[id(p)] for p in no_decay["params"]}
     assert any(n.endswith("mask_token") for n in nd) and any(n.endswith(".bias") for n in nd)
     assert "encoder.model.bn1.weight" in nd and no_decay["weight_decay"] == 0.0
+
+
+def _timm_lamb_trajectory(init, grads, lrs, wds, betas):
+    """The same steps through timm's ``Lamb`` (no clip of its own), floats written per step."""
+    from timm.optim import Lamb as TimmLamb
+
+    model = Params()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(init[n])
+    opt = TimmLamb(param_groups(model), lr=lrs[0], betas=betas, weight_decay=wds[0], max_grad_norm=None)
+    for g, lr, wd in zip(grads, lrs, wds):
+        for group in opt.param_groups:
+            group["lr"] = lr
+            if group["decay"]:
+                group["weight_decay"] = wd
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_lamb_equals_timms_lamb_with_tensor_or_float_hyper_parameters(on_device):
+    """sparkmim's all-tensors-at-once LAMB follows timm's per-tensor LAMB (float64, six steps, decay
+    and no-decay groups), with lr and weight decay held as tensors (pre-training) or written as
+    floats (fine-tuning); a weight decay that reaches 0 turns the trust ratio off as in timm."""
+    from sparkmim.optim import hold_on_device, lamb, set_hyper
+
+    init = {n: p.detach().clone() for n, p in Params().named_parameters()}
+    grads = fixed_gradients(Params(), len(NORMS))
+    lrs = [0.01, 0.03, 0.05, 0.04, 0.02, 0.01]
+    wds = [0.04, 0.1, 0.0, 0.2, 0.0, 0.05]  # zeros: no trust ratio at those steps
+    expected = _timm_lamb_trajectory(init, grads, lrs, wds, (0.9, 0.95))
+    model = Params()
+    opt = lamb(param_groups(model), lr=lrs[0], betas=(0.9, 0.95), weight_decay=wds[0])
+    if on_device:
+        hold_on_device(opt)
+        assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.param_groups[1]["weight_decay"] == 0.0
+    for g, lr, wd in zip(grads, lrs, wds):
+        for group in opt.param_groups:
+            set_hyper(group, "lr", lr)
+            if group["decay"]:
+                set_hyper(group, "weight_decay", wd)
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+    for n, p in model.named_parameters():
+        assert (p - init[n]).abs().max() > 1e-4
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-13, msg=lambda m, n=n: f"{n}: {m}")
+    assert float(opt.param_groups[0]["step"]) == len(NORMS)
+
+
+def test_optimizer_step_reads_no_host_value_and_costs_a_handful_of_operations():
+    """The engine's optimiser step (clip + LAMB over both groups) dispatches a fixed, small number of
+    operations whatever the number of tensors, none of which reads a value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparkmim import SparK, SparseEncoder
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for name in ("resnet10t", "resnet18"):
+        model = SparK(SparseEncoder.from_timm(name), decoder_width=32)
+        cfg = load_config(None, {"model": name})
+        opt = build_optimizer(model, cfg, 1e-3)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for step in range(2):  # the first step creates the state
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            rec = Record()
+            with rec:
+                optimizer_step(model, opt, scaler, 5.0)
+        assert not {"_local_scalar_dense", "item", "nonzero"} & set(rec.ops)
+        assert len(list(model.parameters())) > 60
+        counts.append(len(rec.ops))
+    assert counts[0] == counts[1] <= 60, counts  # independent of the number of tensors

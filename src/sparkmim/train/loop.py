@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..masking import MaskPyramid
-from ..optim import Schedule, clip_grad_norm_
+from ..optim import Schedule, clip_grad_norm_, set_hyper
 
 __all__ = ["NonFiniteLossError", "StepStats", "train_step", "optimizer_step", "apply_schedule"]
 
@@ -31,11 +31,12 @@ class StepStats:
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int) -> None:
-    """Write the step's lr into every parameter group and its weight decay into the decayed ones."""
+    """Write the step's lr into every parameter group and its weight decay into the decayed ones
+    (in place where the optimiser holds them as device tensors)."""
     for group in optimizer.param_groups:
-        group["lr"] = schedule.lr(step)
+        set_hyper(group, "lr", schedule.lr(step))
         if group.get("decay"):
-            group["weight_decay"] = schedule.weight_decay(step)
+            set_hyper(group, "weight_decay", schedule.weight_decay(step))
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -23,7 +23,7 @@ from ..data import (
 )
 from ..encoder import SparseEncoder
 from ..model import SparK
-from ..optim import default_betas, lamb, param_groups
+from ..optim import default_betas, hold_on_device, lamb, param_groups
 from ..weights import load_encoder_weights
 
 __all__ = ["resolve_device", "resolve_precision", "resolve_channels_last", "autocast_for", "build_model",
@@ -85,12 +85,15 @@ def build_model(cfg: PretrainConfig) -> SparK:
 
 def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
     """LAMB over :func:`param_groups` with the config's betas (auto: by the backbone's norm layers,
-    :func:`default_betas`) and initial weight decay; it does not clip."""
+    :func:`default_betas`) and initial weight decay; it does not clip. lr and weight decay are held
+    as device tensors, so a step reads no host value."""
     if cfg.betas == "auto":
         betas = default_betas(model.encoder.model)
     else:
         betas = tuple(float(v) for v in cfg.betas.split(","))
-    return lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+    optimizer = lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
+    hold_on_device(optimizer)
+    return optimizer
 
 
 def build_data(cfg: PretrainConfig) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
