@@ -237,7 +237,7 @@ def test_optimizer_step_reads_no_host_value_and_costs_a_handful_of_operations():
         cfg = load_config(None, {"model": name})
         opt = build_optimizer(model, cfg, 1e-3)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        for step in range(2):  # the first step creates the state
+        for _ in range(2):  # the first step creates the state
             for p in model.parameters():
                 p.grad = torch.randn_like(p)
             rec = Record()

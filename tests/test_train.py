@@ -18,8 +18,8 @@ from PIL import Image
 
 from sparkmim.config import load_config
 from sparkmim.data import DataError
-from sparkmim.train import NonFiniteLossError, pretrain
 from sparkmim.distributed import DistInfo
+from sparkmim.train import NonFiniteLossError, pretrain
 from sparkmim.train.checkpoint import CheckpointManager
 from sparkmim.train.run import Run
 from sparkmim.weights import encoder_weights, load_encoder_weights, weights_state
