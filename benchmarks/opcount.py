@@ -8,7 +8,8 @@ backward), so it measures Python/dispatcher work per step the same way on any ma
 * ``step``: a step of the run loop itself: :class:`sparkmim.train.run.Run` on a tiny synthetic
   folder (``--size`` px, ``--batch`` images per step), counted around the engine's
   :func:`~sparkmim.train.loop.train_step` over steps 3 to 6 (mask drawing, forward, backward,
-  the one clip and the optimiser step), averaged;
+  the one clip and the optimiser step), averaged; reading and augmenting the images is counted
+  apart (``loading``: a run with ``--workers`` > 0 does it in worker processes);
 * ``model``: forward and backward of the SparK model (encoder, densify, decoder, loss);
 * ``encoder``: forward and backward of the sparse encoder alone (sum of its features);
 * ``dense``: the same for the plain dense backbone (``forward_intermediates``), for reference;
@@ -61,9 +62,27 @@ def count_run_steps(model: str, size: int, batch: int, impl: str, first: int = 3
     from sparkmim.config import load_config
     from sparkmim.distributed import DistInfo
 
-    counter = Count()
-    real_step = run_module.train_step
+    counter, loading = Count(), Count()
+    real_step, real_micro_batches = run_module.train_step, run_module.Run._micro_batches
     seen = {"step": 0}
+
+    class Paused:
+        """The loader's batches, fetched with the step's counter paused (a run with --workers > 0
+        reads and augments images in worker processes, not in the training process)."""
+
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            counter.on, loading.on = False, counter.on
+            try:
+                with loading:
+                    return next(self.batches)
+            finally:
+                counter.on, loading.on = loading.on, False
 
     def counted_step(*args, **kwargs):
         seen["step"] += 1
@@ -81,13 +100,14 @@ def count_run_steps(model: str, size: int, batch: int, impl: str, first: int = 3
                                      progress=False, vis_every_epochs=0, save_every_epochs=0, log_every_steps=1000,
                                      device="cpu", crop_scale_min=1.0))
         run_module.train_step = counted_step
+        run_module.Run._micro_batches = lambda self, batches: real_micro_batches(self, Paused(batches))
         try:
             run = run_module.Run(cfg, DistInfo(), torch.device("cpu"))
             run.train()
         finally:
-            run_module.train_step = real_step
-    counter.steps = last - first + 1
-    return counter
+            run_module.train_step, run_module.Run._micro_batches = real_step, real_micro_batches
+    counter.steps = loading.steps = last - first + 1
+    return counter, loading
 
 
 def count_parts(model: str, size: int, batch: int, impl: str) -> dict[str, Count]:
@@ -107,6 +127,7 @@ def count_parts(model: str, size: int, batch: int, impl: str) -> dict[str, Count
 
     def measure(name, fn):
         fn()  # warm caches (lazy initialisation, first-call paths)
+        spark.zero_grad(set_to_none=True)  # as after an optimiser step
         c = Count()
         with c:
             fn()
@@ -151,10 +172,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for model in args.models.split(","):
-        step = count_run_steps(model, args.size, args.batch, args.sparse_impl)
+        step, loading = count_run_steps(model, args.size, args.batch, args.sparse_impl)
         parts = count_parts(model, args.size, args.batch, args.sparse_impl)
         rec = {"model": model, "impl": args.sparse_impl, "size": args.size, "batch": args.batch,
-               "ops_per_step": round(step.total / step.steps), **{f"ops_{k}": c.total for k, c in parts.items()}}
+               "ops_per_step": round(step.total / step.steps),
+               "ops_loading_per_step": round(loading.total / loading.steps),
+               **{f"ops_{k}": c.total for k, c in parts.items()}}
         if args.ops:
             rec["top_step"] = dict(collections.Counter({k: v // step.steps for k, v in step.ops.items()}).most_common(25))
             rec["top_encoder"] = dict(parts["encoder"].ops.most_common(25))

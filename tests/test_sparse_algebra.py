@@ -1,4 +1,4 @@
-"""The fast form's tensor algebra on rows (sparkmim.sparse.algebra), one translation at a time.
+"""The fast form's tensor algebra on tiles (sparkmim.sparse.algebra), one translation at a time.
 
 Each case is a tiny module applied to a feature map inside a small BN network. It runs through
 ``SparseEncoder`` in both forms (float64, training mode), and:

@@ -36,7 +36,7 @@ def test_equal_counts_use_the_fast_form_unless_asked_or_compiling(monkeypatch):
     with sparse_form("fast", masks) as form:
         assert type(form.mode) is FastSparseMode and form.fast
         rows = form.enter(x)
-        assert isinstance(rows, SparseMap) and rows.rows.shape == (2, 2 * 8 * 8, 3)
+        assert isinstance(rows, SparseMap) and rows.tiles.shape == (2 * 2, 3, 8, 8)
         y = rows * 2.0
     torch.testing.assert_close(form.exit(y, 8), torch.where(masks.at(8), 2 * x, 0.0))
     assert type(sparse_form("reference", masks).mode) is SparseMode

@@ -13,7 +13,7 @@ from sparkmim.sparse.table import RULES, SPELLINGS, resolve
 # Layers whose fast form is, on purpose, the reference handler on the zero canvas (rare layers,
 # where a row kernel would not pay). A layer added to the registry with a reference handler only
 # must be added here too, so that the choice is made knowingly.
-CANVAS_FALLBACKS = {F.conv_transpose2d, F.interpolate, F.upsample, F.avg_pool2d,
+CANVAS_FALLBACKS = {F.conv_transpose2d, F.interpolate, F.upsample,
                     torch.convolution, torch._convolution}  # the last two: convolutions that are not 2-D
 
 
@@ -33,7 +33,7 @@ def test_rule_requires_both_forms_to_be_named():
 def test_every_op_kind_has_a_meaning_in_both_forms():
     assert PASS_THROUGH.isdisjoint(REARRANGING)
     assert PASS_THROUGH | REARRANGING | {OpKind.REDUCTION} == set(OpKind)  # reference form
-    assert set(algebra.ON_ROWS) == set(OpKind)  # fast form
+    assert set(algebra.ON_TILES) == set(OpKind)  # fast form
 
 
 def test_the_vocabulary_names_each_op_once_and_apart_from_the_registry():
@@ -86,11 +86,36 @@ def test_functions_without_a_rule_resolve_to_none():
 def test_the_tables_are_not_written_by_a_forward():
     from sparkmim import MaskPyramid, SparseEncoder
 
-    before = (dict(RULES), dict(SPELLINGS), dict(KIND_OF), dict(algebra.ON_ROWS))
+    before = (dict(RULES), dict(SPELLINGS), dict(KIND_OF), dict(algebra.ON_TILES))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 3, 2, 1))
     for impl in ("fast", "reference"):
         enc = SparseEncoder(model, ["1", "2"], probe_size=16, sparse_impl=impl)
         v = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
         v[:, :, 0, 1] = True
         enc(torch.randn(2, 3, 8, 8), MaskPyramid(v, keep=1))
-    assert (dict(RULES), dict(SPELLINGS), dict(KIND_OF), dict(algebra.ON_ROWS)) == before
+    assert (dict(RULES), dict(SPELLINGS), dict(KIND_OF), dict(algebra.ON_TILES)) == before
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=2), dict(kernel_size=2, stride=2, ceil_mode=True,
+                                                             count_include_pad=False),
+                                    dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1,
+                                                                                  count_include_pad=False)])
+def test_average_pooling_is_the_same_in_both_forms(kwargs):
+    """Windows that tile the patches run on the tiles, others on the canvas: both equal the
+    reference form (float64, train mode), values and gradients."""
+    from sparkmim import MaskPyramid, random_visible
+    from sparkmim.sparse import sparse_form
+
+    v = random_visible(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    masks = MaskPyramid(v, keep=int(v[0].sum()))
+    results = []
+    for impl in ("reference", "fast"):
+        x = torch.randn(2, 3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with sparse_form(impl, masks) as form:
+            y = F.avg_pool2d(form.enter(x), **kwargs)
+            out = form.exit(y, 4 // (kwargs.get("stride") or kwargs["kernel_size"]))
+        (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        results.append((out.detach(), x.grad))
+    assert results[0][0].abs().sum() > 0
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)

@@ -242,3 +242,49 @@ def test_mostly_unreadable_data_stops_with_a_clear_message(tmp_path):
         pretrain(cfg(tmp_path, tmp_path / "out"))
     listed = [line.split("\t")[0] for line in (tmp_path / "out" / "bad_images.txt").read_text().splitlines()]
     assert sorted(Path(p).name for p in listed) == [f"broken{i:02d}.jpg" for i in range(14)]  # each file once
+
+
+def test_captured_step_gives_the_eager_steps_weights():
+    """The step as :class:`CapturedStep` records it (static image and mask buffers, masks rebuilt
+    inside the step, the optimiser's device-held step count, lr and weight decay written in place)
+    gives, replayed, bit-identical weights, optimiser state and statistics to eager
+    :func:`train_step`, over warm-up, recording and replays with two micro-batches per step. (On
+    the CPU the replay runs the static function eagerly; on CUDA it is one graph launch.)"""
+    from sparkmim import SparK, SparseEncoder
+    from sparkmim.optim import Schedule
+    from sparkmim.train import apply_schedule, build_optimizer, train_step
+    from sparkmim.train.capture import CapturedStep
+
+    config = load_config(None, {"model": "resnet10t"})
+    sched = Schedule(1e-2, 8, 2)
+    runs = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = SparK(SparseEncoder.from_timm("resnet10t"), decoder_width=32).double()
+        opt = build_optimizer(model, config, 1e-2)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        step = CapturedStep(model, opt, scaler, accum_steps=2, warmup_steps=2) if captured else None
+        stats = []
+        for i in range(6):
+            apply_schedule(opt, sched, i)
+            g = torch.Generator().manual_seed(100 + i)
+            batches = [(x, model.draw_masks(x, g)) for x in torch.randn(2, 2, 3, 64, 64, generator=g, dtype=torch.float64)]
+            out = step(batches) if captured else train_step(model, opt, scaler, batches, accum_steps=2)
+            stats.append((out.loss_sum, out.grad_norm))
+        runs.append((model, opt, stats, step))
+    (eager, eager_opt, eager_stats, _), (cap, cap_opt, cap_stats, step) = runs
+    assert step.outputs is not None and len(step.images) == 2  # recorded at the third call, replayed after
+    assert eager_stats == cap_stats and len({float(s[0]) for s in cap_stats}) == 6
+    for (name, a), b in zip(eager.named_parameters(), cap.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(eager.buffers(), cap.buffers()):
+        assert torch.equal(a, b)
+    for p_a, p_b in zip(eager.parameters(), cap.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(eager_opt.state[p_a][k], cap_opt.state[p_b][k])
+    assert float(cap_opt.param_groups[0]["step"]) == 6
+
+
+def test_capture_is_refused_where_it_cannot_run(folder, tmp_path):
+    with pytest.raises(Exception, match="--capture needs a CUDA device"):
+        pretrain(cfg(folder, tmp_path / "cap", capture=True, epochs=1))

@@ -91,6 +91,9 @@ class PretrainConfig:
                                       "for CPU, where it slows convolution backward), true or false; every feature map, "
                                       "densified map and decoder map follows the images' layout")
     compile: bool = _run(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
+    capture: bool = _run(False, "CUDA: record the whole training step (forward, backward, clip, LAMB) once as a CUDA "
+                                "graph after 3 eager steps and replay it (one launch per step); one GPU, bf16 or "
+                                "fp32")
     seed: int = _run(0, "random seed (data order, augmentation, masks)", ge=0)
     sync_bn: bool = _run(True, "with several ranks: batch statistics over the visible sites of all ranks")
     dist_timeout: float = _run(300.0, "seconds a collective may wait for another rank before the run fails", gt=0.0)

@@ -91,6 +91,7 @@ class SparseEncoder(nn.Module):
         self.sparse_impl = sparse_impl
         self.in_chans = in_chans or _first_conv_in_chans(model)
         self._capture: dict[str, Tensor] | None = None
+        self._index_constants: dict = {}  # the fast form's mask-independent index pieces, per device and layer shape
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
         # parameters that do not reach any feature map (e.g. a classifier head), found by check()
         self.unused_parameters: list[str] | None = None
@@ -219,10 +220,12 @@ class SparseEncoder(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def _encode(self, x: Tensor, masks: MaskPyramid, path=None) -> list[Tensor]:
-        x = torch.where(masks.at(self.patch_size), x, 0.0)
         if not self.sparse:
-            return self._run(x)
-        with sparse_form(self.sparse_impl, masks, self.sync_group, path) as form:
+            return self._run(torch.where(masks.at(self.patch_size), x, 0.0))
+        form = sparse_form(self.sparse_impl, masks, self.sync_group, path, self._index_constants)
+        if not form.fast:  # the fast form keeps the visible tiles only; the reference form sees zeros there
+            x = torch.where(masks.at(self.patch_size), x, 0.0)
+        with form:
             feats = self._run(form.enter(x))
         return [form.exit(f, self.patch_size // s) for f, s in zip(feats, self.strides)]
 

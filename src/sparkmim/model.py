@@ -124,7 +124,9 @@ class SparK(nn.Module):
         grid = self.grid(images)
         ratio = self.mask_ratio if ratio is None else ratio
         visible = random_visible(images.shape[0] * world, grid, ratio, generator=generator,
-                                 device=images.device if generator is None else None)[rank::world]
+                                 device=images.device if generator is None else None)
+        if world > 1:
+            visible = visible[rank::world]
         if visible.device != images.device:
             visible = visible.to(images.device, non_blocking=True)
         return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], ratio))

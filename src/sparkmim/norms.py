@@ -42,21 +42,24 @@ class _AllReduceSum(torch.autograd.Function):
 
 def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, training: bool, momentum, eps: float,
                     group=None) -> Tensor:
-    """Batch norm of ``(N, C)`` rows; with a process ``group`` in training, the batch statistics
-    are those of the rows of every rank (two all-reduces, differentiable)."""
+    """Batch norm of ``(N, C)`` rows or ``(N, C, *)`` tiles (statistics over every dim but ``C``);
+    with a process ``group`` in training, the batch statistics are those of every rank (two
+    all-reduces, differentiable)."""
     if group is None or not training:
         return F.batch_norm(rows, running_mean, running_var, weight, bias, training,
                             0.1 if momentum is None else momentum, eps)
     c = rows.shape[1]
-    local = torch.cat([rows.sum(0), rows.new_full((1,), float(rows.shape[0]))])
+    dims = [0, *range(2, rows.dim())]
+    shape = (1, c, *([1] * (rows.dim() - 2)))
+    local = torch.cat([rows.sum(dims), rows.new_full((1,), float(rows.numel() // c))])
     total = _AllReduceSum.apply(local, group)
     count = total[c]
     mean = total[:c] / count
-    centred = rows - mean
-    var = _AllReduceSum.apply(centred.pow(2).sum(0), group) / count
-    out = centred * torch.rsqrt(var + eps)
+    centred = rows - mean.view(shape)
+    var = _AllReduceSum.apply(centred.pow(2).sum(dims), group) / count
+    out = centred * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
-        out = out * weight + bias
+        out = out * weight.view(shape) + bias.view(shape)
     if running_mean is not None:
         m = 0.1 if momentum is None else momentum
         with torch.no_grad():

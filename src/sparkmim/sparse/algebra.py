@@ -1,12 +1,12 @@
-"""The fast form's tensor algebra: shape, index, split, join and reduction ops translated onto rows.
+"""The fast form's tensor algebra: shape, index, split, join and reduction ops on tiles.
 
-A :class:`~.rows.SparseMap` of logical shape ``(B, *c_before, H, W, *c_after)`` holds rows
-``(B, n, *c_before, *c_after)``. An operation on its channel dims becomes the same operation on
-the matching rows dims (:meth:`~.rows.SparseMap.rows_dim`); an operation that would move, split
-or mix the batch or spatial dims is refused, as the reference form refuses it. A reduction over
-both spatial dims is a reduction over the rows (the visible sites) and gives a dense result.
+A :class:`~.tiles.SparseMap` of logical shape ``(B, *c_before, H, W, *c_after)`` holds tiles
+``(B*K, *c_before, f, f, *c_after)``: the same dims, so an operation on its channel dims is the
+same operation, with the same dims, on the tiles. An operation that would move, split or mix the
+batch or spatial dims is refused, as the reference form refuses it. A reduction over both
+spatial dims is a reduction over each sample's tiles (the visible sites) and gives a dense result.
 
-Each translation takes ``(mode, func, name, args, kwargs)``; :data:`ON_ROWS` maps every
+Each translation takes ``(mode, func, name, args, kwargs)``; :data:`ON_TILES` maps every
 :class:`~.ops.OpKind` to its translation.
 """
 
@@ -31,29 +31,33 @@ from .ops import (
     take_reduction_dim,
     tensors,
 )
-from .rows import SparseMap, meta_like, replace_maps, to_rows
+from .tiles import SparseMap, meta_like, replace_maps, to_tiles
 
 if TYPE_CHECKING:
     from .mode import FastSparseMode
 
-__all__ = ["ON_ROWS", "per_site", "reshape", "permute", "split", "slice_channels", "getitem", "join", "reduce"]
+__all__ = ["ON_TILES", "per_site", "reshape", "permute", "split", "slice_channels", "getitem", "join", "reduce"]
 
 
 def _first_map(args, kwargs) -> SparseMap:
     return next(tensors(args, kwargs, SparseMap))
 
 
-def _channel_rows_dim(mode: FastSparseMode, func, x: SparseMap, dim: int) -> int:
-    """The rows dim of logical channel dim ``dim``; refused for the batch or a spatial dim."""
-    r = x.rows_dim(dim)
-    if r < 2:
+def _channel_dim(mode: FastSparseMode, func, x: SparseMap, dim: int) -> int:
+    """Logical (and tiles) dim ``dim``, non-negative; refused for the batch or a spatial dim."""
+    d = dim % x.dim()
+    if d == 0 or d in (x.spatial_dim, x.spatial_dim + 1):
         mode.fail(func, x, f"splits or indexes the batch or spatial dims (dim {dim})")
-    return r
+    return d
 
 
 def _drops_dim_before_space(x: SparseMap, dim: int) -> int:
     """``spatial_dim`` after logical dim ``dim`` is removed."""
     return x.spatial_dim - 1 if (dim % x.dim()) < x.spatial_dim else x.spatial_dim
+
+
+def _tiles_of(a):
+    return a.tiles if isinstance(a, SparseMap) else a
 
 
 # -- metadata and per-site ops -------------------------------------------------------------------
@@ -63,41 +67,34 @@ def metadata(mode: FastSparseMode, func, name: str, args, kwargs):
 
 
 def read_property(mode: FastSparseMode, func, name: str, args, kwargs):
-    """Attribute reads: shape and metadata from the map, ``.data`` as a map of the rows' data."""
+    """Attribute reads: shape and metadata from the map, ``.data`` as a map of the tiles' data."""
     prop = getattr(getattr(func, "__self__", None), "__name__", None)
     if prop in METADATA_PROPERTIES:
         return func(*args, **kwargs)
     if prop == "data":
-        return args[0].with_rows(args[0].rows.data)
+        return args[0].with_tiles(args[0].tiles.data)
     mode.fail(func, args[0], f"reads the property '{prop}' of a sparse map")
 
 
 def create_dense(mode: FastSparseMode, func, name: str, args, kwargs):
-    """``new_*``: a fresh dense tensor with the rows' dtype and device."""
-    return func(args[0].rows, *args[1:], **kwargs)
+    """``new_*``: a fresh dense tensor with the tiles' dtype and device."""
+    return func(args[0].tiles, *args[1:], **kwargs)
 
 
 def like(mode: FastSparseMode, func, name: str, args, kwargs):
-    """``*_like``: a fresh map with the same rows shape."""
+    """``*_like``: a fresh map with the same tiles shape."""
     lead = _first_map(args, kwargs)
-    return lead.with_rows(func(lead.rows, *args[1:], **kwargs))
+    return lead.with_tiles(func(lead.tiles, *args[1:], **kwargs))
 
 
-def keep_layout(mode: FastSparseMode, func, name: str, args, kwargs):
-    """``contiguous``: rows have no memory format to change."""
-    return args[0]
-
-
-def move(mode: FastSparseMode, func, name: str, args, kwargs):
-    """``to``: dtype and device apply to the rows; the memory format has no meaning for rows."""
-    kwargs.pop("memory_format", None)
+def on_tiles(mode: FastSparseMode, func, name: str, args, kwargs):
+    """``contiguous`` and ``to``: the same call on the tiles (a memory format applies to them)."""
     x = args[0]
-    rest = [a.rows if isinstance(a, SparseMap) else a for a in args[1:]]
-    return x.with_rows(x.rows.to(*rest, **kwargs)) if rest or kwargs else x
+    return x.with_tiles(func(x.tiles, *[_tiles_of(a) for a in args[1:]], **kwargs))
 
 
 def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
-    """Elementwise ops on the rows of maps of one layout; dense operands are broadcast to rows."""
+    """Elementwise ops on the tiles of maps of one layout; dense operands are broadcast to tiles."""
     maps = list(tensors(args, kwargs, SparseMap))
     lead = maps[0]
     for m in maps[1:]:
@@ -111,50 +108,57 @@ def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
     if len(logical) != lead.dim():
         mode.fail(func, lead, f"broadcasts a sparse map to {tuple(logical)}")
 
-    def on_rows(a):
+    def as_tiles(a):
         if isinstance(a, SparseMap):
-            return a.rows
+            return a.tiles
         if isinstance(a, Tensor) and a.dim() > 0:
-            return dense_as_rows(a, lead, logical)
+            return dense_as_tiles(a, lead, logical)
         return a
 
     inplace = is_inplace(name)
     if inplace and not isinstance(args[0], SparseMap):
         mode.fail(func, lead, "writes a sparse map into a dense tensor in place")
-    out = func(*[on_rows(a) for a in args], **{k: on_rows(v) for k, v in kwargs.items()})
+    out = func(*[as_tiles(a) for a in args], **{k: as_tiles(v) for k, v in kwargs.items()})
     if inplace:
         return args[0]
-    if isinstance(out, Tensor) and out.dim() == lead.rows.dim() and out.shape[:2] == lead.rows.shape[:2]:
-        return lead.with_rows(out)
+    t = lead.tiles
+    s = lead.spatial_dim
+    if isinstance(out, Tensor) and out.dim() == t.dim() and out.shape[0] == t.shape[0] \
+            and out.shape[s: s + 2] == t.shape[s: s + 2]:
+        return lead.with_tiles(out)
     if isinstance(out, Tensor):
         mode.fail(func, lead, f"gives a result of unexpected shape {tuple(out.shape)}")
     return out
 
 
-def dense_as_rows(a: Tensor, lead: SparseMap, logical) -> Tensor:
-    """A dense operand of a per-site op in the rows layout of ``lead`` (broadcastable)."""
+def dense_as_tiles(a: Tensor, lead: SparseMap, logical) -> Tensor:
+    """A dense operand of a per-site op in the tiles layout of ``lead`` (broadcastable): as it is
+    when it is constant over samples and sites, repeated per tile when it varies by sample only,
+    else its tiles."""
     nd = len(logical)
     a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
     s = lead.spatial_dim
-    chans = [d for d in range(1, nd) if d not in (s, s + 1)]
     if a.shape[s] == 1 and a.shape[s + 1] == 1:
-        return a.permute(0, s, *chans, s + 1).squeeze(-1)
+        if a.shape[0] == 1:
+            return a
+        g = lead.geometry
+        return a.repeat_interleave(g.tiles // g.batch, dim=0)
     full = list(a.shape)
     g = lead.geometry
     full[0], full[s], full[s + 1] = g.batch, g.height, g.width
-    return to_rows(a.expand(full), g, s).rows
+    return to_tiles(a.expand(full), g, s).tiles
 
 
 # -- shapes ------------------------------------------------------------------------------------------
 def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
     """Views, reshapes and broadcasts that keep ``(B, ..., H, W, ...)`` with the same channels
-    before the spatial dims; a dense operand of ``expand_as`` (a gate) is broadcast to rows."""
+    before the spatial dims; a dense operand of ``expand_as`` (a gate) is broadcast to tiles."""
     x = args[0]
     if not isinstance(x, SparseMap):
         target = _first_map(args, kwargs)
         if name == "expand_as" and x.dim() <= target.dim():  # a broadcast operand, e.g. gates
-            rows = dense_as_rows(x, target, tuple(target.shape))
-            return target.with_rows(rows.expand(target.rows.shape[:2] + rows.shape[2:]))
+            t = dense_as_tiles(x, target, tuple(target.shape))
+            return target.with_tiles(t.expand(target.tiles.shape))
         mode.fail(func, target, "reshapes a dense tensor to a sparse map's shape")
     new = tuple(func(*[replace_maps(a, meta_like) for a in args],
                      **{k: replace_maps(v, meta_like) for k, v in kwargs.items()}).shape)
@@ -162,28 +166,42 @@ def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
     before = math.prod(x.shape[1: x.spatial_dim])
     for j in range(1, len(new) - 1):
         if new[j: j + 2] == (g.height, g.width) and new[0] == g.batch and math.prod(new[1:j]) == before:
-            chans = (*new[1:j], *new[j + 2:])
+            shape = (g.tiles, *new[1:j], g.factor, g.factor, *new[j + 2:])
             if name in ("expand", "expand_as", "broadcast_to"):
-                rows = x.rows.expand(g.batch, g.rows_per_sample, *chans)
-            else:
-                rows = x.rows.reshape(g.batch, g.rows_per_sample, *chans)
-            return SparseMap(rows, g, j)
+                return SparseMap(x.tiles.expand(shape), g, j)
+            return SparseMap(x.tiles.reshape(shape), g, j)
     mode.fail(func, x, f"rearranges the spatial dims (result {new})")
 
 
 def permute(mode: FastSparseMode, func, name: str, args, kwargs):
     """Permutations that keep the batch dim first and H, W adjacent and in order."""
     x = args[0]
-    out = func(meta_like(x, distinct_strides=True), *args[1:], **kwargs)
-    perm = [int(math.log2(s)) for s in out.stride()]
+    perm = _permutation(func, name, x, args, kwargs)
     s = x.spatial_dim
     if perm[0] != 0 or s not in perm:
         mode.fail(func, x, f"moves the batch or spatial dims (permutation {perm})")
     j = perm.index(s)
     if j + 1 >= len(perm) or perm[j + 1] != s + 1:
         mode.fail(func, x, f"separates the spatial dims (permutation {perm})")
-    chans = [x.rows_dim(p) for i, p in enumerate(perm) if i not in (0, j, j + 1)]
-    return SparseMap(x.rows.permute(0, 1, *chans), x.geometry, j)
+    return SparseMap(x.tiles.permute(perm), x.geometry, j)
+
+
+def _permutation(func, name: str, x: SparseMap, args, kwargs) -> list[int]:
+    """The dim order a permute-kind op gives: read from its arguments for ``permute`` and
+    ``transpose``, else from the strides of the op applied to a meta tensor."""
+    n = x.dim()
+    rest = list(args[1:]) + [kwargs[k] for k in ("dims", "dim0", "dim1") if k in kwargs]
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if len(dims) == n and all(isinstance(d, int) for d in dims):
+            return [d % n for d in dims]
+    elif name in ("transpose", "swapaxes", "swapdims") and len(rest) == 2 and all(isinstance(d, int) for d in rest):
+        perm = list(range(n))
+        a, b = rest[0] % n, rest[1] % n
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    out = func(meta_like(x, distinct_strides=True), *args[1:], **kwargs)
+    return [int(math.log2(st)) for st in out.stride()]
 
 
 def split(mode: FastSparseMode, func, name: str, args, kwargs):
@@ -196,26 +214,26 @@ def split(mode: FastSparseMode, func, name: str, args, kwargs):
             dim = rest.pop(0) if rest else 0
         else:
             dim = rest.pop(1) if len(rest) > 1 else 0
-    r = _channel_rows_dim(mode, func, x, dim)
+    d = _channel_dim(mode, func, x, dim)
     if name == "unbind":
-        spatial_dim = _drops_dim_before_space(x, dim)
-        return tuple(SparseMap(p, x.geometry, spatial_dim) for p in func(x.rows, r))
-    return tuple(x.with_rows(p) for p in func(x.rows, *rest, dim=r, **kwargs))
+        spatial_dim = _drops_dim_before_space(x, d)
+        return tuple(SparseMap(p, x.geometry, spatial_dim) for p in func(x.tiles, d))
+    return tuple(x.with_tiles(p) for p in func(x.tiles, *rest, dim=d, **kwargs))
 
 
 def slice_channels(mode: FastSparseMode, func, name: str, args, kwargs):
     """``narrow`` and ``select`` along a channel dim."""
     x = args[0]
     dim = kwargs.get("dim", args[1])
-    r = _channel_rows_dim(mode, func, x, dim)
+    d = _channel_dim(mode, func, x, dim)
     if name == "narrow":
-        return x.with_rows(x.rows.narrow(r, *args[2:]))
-    return SparseMap(x.rows.select(r, *args[2:]), x.geometry, _drops_dim_before_space(x, dim))
+        return x.with_tiles(x.tiles.narrow(d, *args[2:]))
+    return SparseMap(x.tiles.select(d, *args[2:]), x.geometry, _drops_dim_before_space(x, d))
 
 
 def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
     """Indexing with full slices on the batch and spatial dims and slices or ints on channel dims
-    (``Ellipsis`` expanded)."""
+    (``Ellipsis`` expanded): the same index on the tiles."""
     x, index = args[0], args[1]
     if not isinstance(x, SparseMap):
         mode.fail(func, _first_map((index,), {}), "indexes with a sparse map")
@@ -224,7 +242,6 @@ def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
         k = items.index(Ellipsis)
         items[k: k + 1] = [slice(None)] * (x.dim() - len(items) + 1)
     items += [slice(None)] * (x.dim() - len(items))
-    rows_index: list = [slice(None), slice(None)]
     spatial_dim = x.spatial_dim
     for d, it in enumerate(items):
         if d == 0 or d in (x.spatial_dim, x.spatial_dim + 1):
@@ -233,10 +250,9 @@ def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
             continue
         if not isinstance(it, (slice, int)):
             mode.fail(func, x, f"indexes a sparse map with {type(it).__name__}")
-        rows_index.append(it)
         if isinstance(it, int) and d < x.spatial_dim:
             spatial_dim -= 1
-    return SparseMap(x.rows[tuple(rows_index)], x.geometry, spatial_dim)
+    return SparseMap(x.tiles[tuple(items)], x.geometry, spatial_dim)
 
 
 def join(mode: FastSparseMode, func, name: str, args, kwargs):
@@ -245,58 +261,45 @@ def join(mode: FastSparseMode, func, name: str, args, kwargs):
     seq = list(args[0])
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     lead = next(t for t in seq if isinstance(t, SparseMap))
-    seq = [mode.as_rows(t) for t in seq]
+    seq = [mode.as_tiles(t) for t in seq]
     for t in seq:
         if not isinstance(t, SparseMap) or t.geometry is not lead.geometry or t.spatial_dim != lead.spatial_dim:
             mode.fail(func, lead, "concatenates a sparse map with a tensor of another layout")
     if name != "stack":
-        return lead.with_rows(torch.cat([t.rows for t in seq], _channel_rows_dim(mode, func, lead, dim)))
+        return lead.with_tiles(torch.cat([t.tiles for t in seq], _channel_dim(mode, func, lead, dim)))
     d = dim % (lead.dim() + 1)
     if d == 0:
         mode.fail(func, lead, "stacks sparse maps along the batch dim")
-    before = d <= lead.spatial_dim
-    r = d + 1 if before else d - 1
-    return SparseMap(torch.stack([t.rows for t in seq], r), lead.geometry, lead.spatial_dim + 1 if before
-                     else lead.spatial_dim)
+    return SparseMap(torch.stack([t.tiles for t in seq], d), lead.geometry,
+                     lead.spatial_dim + 1 if d <= lead.spatial_dim else lead.spatial_dim)
 
 
 # -- reductions --------------------------------------------------------------------------------------
 def reduce(mode: FastSparseMode, func, name: str, args, kwargs):
-    """Reductions over channel dims stay maps (one dim fewer unless ``keepdim``); over both
-    spatial dims (mean, sum, max, norm, ... only) they reduce the rows and give a dense tensor;
-    scans and softmax along a channel dim keep the map."""
+    """Reductions over channel dims are the same reduction of the tiles (a map, one dim fewer
+    unless ``keepdim``); over both spatial dims (mean, sum, max, norm, ... only) they reduce each
+    sample's tiles and give a dense tensor; scans and softmax along a channel dim keep the map."""
     x, rest = args[0], list(args[1:])
     if not isinstance(x, SparseMap):
         mode.fail(func, _first_map(args, kwargs), "is not known to have a sparse meaning")
     if name in ("max", "min") and rest and isinstance(rest[0], Tensor):
         return per_site(mode, func, name, args, kwargs)
-    kwargs = dict(kwargs)
-    dims = reduced_dims(take_reduction_dim(name, rest, kwargs), x.dim())
-    over_space = _covers_space(mode, func, name, x, dims)
-    keepdim = kwargs.pop("keepdim", False)
+    parsed = dict(kwargs)
+    dims = reduced_dims(take_reduction_dim(name, rest, parsed), x.dim())
+    keepdim = parsed.pop("keepdim", False)
     position = 1 if name in ("norm", "vector_norm") else 0
     if len(rest) > position and isinstance(rest[position], bool):
         keepdim = rest.pop(position)
-    rows_dims = sorted({x.rows_dim(d) for d in dims})
-    if name not in ONE_DIM_REDUCTIONS:
-        if name == "norm" and not rest and "p" not in kwargs:
-            rest = [2]
-        out = func(x.rows, *rest, dim=rows_dims, keepdim=True, **kwargs)
-        if over_space:
-            return _spatial_result(x, out, dims, keepdim)
-        if isinstance(out, tuple):  # std_mean, var_mean
-            return type(out)(_over_channels(x, x.with_rows(o), dims, keepdim) for o in out)
-        return _over_channels(x, x.with_rows(out), dims, keepdim)
-    if len(rows_dims) != 1:
+    if _covers_space(mode, func, name, x, dims):
+        return _over_space(x, func, name, rest, parsed, dims, keepdim)
+    if name in ONE_DIM_REDUCTIONS and len(dims) != 1:
         mode.fail(func, x, f"reduces with '{name}' over several dims")
+    out = func(x.tiles, *args[1:], **kwargs)
     if name in SCANS:
-        return x.with_rows(func(x.rows, rows_dims[0], *rest, **kwargs))
-    out = func(x.rows, *rest, dim=rows_dims[0], keepdim=keepdim, **kwargs)
-    if over_space:
-        return _spatial_result(x, out[0] if isinstance(out, tuple) else out, dims, keepdim)
-    spatial_dim = x.spatial_dim - sum(1 for d in dims if d < x.spatial_dim and not keepdim)
-    if isinstance(out, tuple):  # (values, indices)
-        return type(out)((SparseMap(out[0], x.geometry, spatial_dim), SparseMap(out[1], x.geometry, spatial_dim)))
+        return x.with_tiles(out)
+    spatial_dim = x.spatial_dim - (0 if keepdim else sum(1 for d in dims if d < x.spatial_dim))
+    if isinstance(out, tuple):  # (values, indices), std_mean, var_mean
+        return type(out)(SparseMap(o, x.geometry, spatial_dim) for o in out)
     return SparseMap(out, x.geometry, spatial_dim)
 
 
@@ -313,40 +316,36 @@ def _covers_space(mode: FastSparseMode, func, name: str, x: SparseMap, dims) -> 
     return True
 
 
-def _over_channels(x: SparseMap, kept: SparseMap, dims, keepdim: bool) -> SparseMap:
-    """A reduction over channel dims computed with ``keepdim``: the reduced dims dropped unless asked."""
-    if keepdim:
-        return kept
-    rows = kept.rows
-    for r in sorted((x.rows_dim(d) for d in dims), reverse=True):
-        rows = rows.squeeze(r)
-    return SparseMap(rows, x.geometry, x.spatial_dim - sum(1 for d in dims if d < x.spatial_dim))
-
-
-def _spatial_result(x: SparseMap, values: Tensor, dims, keepdim: bool) -> Tensor:
-    """A reduction over the rows (and maybe channels), computed with ``keepdim``, as the dense
-    tensor of the shape the reduction of the logical map gives."""
+def _over_space(x: SparseMap, func, name: str, rest: list, kwargs: dict, dims, keepdim: bool) -> Tensor:
+    """A reduction over the visible sites (and maybe the batch and channels): over each sample's
+    tiles viewed ``(B, K, ...)``; the dense result has the shape the logical map's reduction gives."""
+    g = x.geometry
+    t = x.tiles.view(g.batch, g.tiles // g.batch, *x.tiles.shape[1:])
+    over = [1] + [d + 1 for d in dims if d != 0] + ([0] if 0 in dims else [])
+    if name in ("max", "min"):  # over several dims: the values only, as amax / amin
+        out = (t.amax if name == "max" else t.amin)(dim=sorted(over), keepdim=True)
+    else:
+        if name == "norm" and not rest and "p" not in kwargs:
+            rest = [2]
+        out = func(t, *rest, dim=sorted(over), keepdim=True, **kwargs)
     shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
     if not keepdim:
         shape = [s for d, s in enumerate(shape) if d not in dims]
-    v = values.unsqueeze(2)  # (b, 1, 1, *chans) in rows order
-    nb = x.spatial_dim - 1
-    v = v.permute(0, *range(3, 3 + nb), 1, 2, *range(3 + nb, v.dim()))
-    return v.reshape(shape)
+    return out.reshape(shape)
 
 
 def _refuse(mode: FastSparseMode, func, name: str, args, kwargs):
     mode.fail(func, _first_map(args, kwargs), "is not known to have a sparse meaning")
 
 
-ON_ROWS: Mapping[OpKind, object] = MappingProxyType({
+ON_TILES: Mapping[OpKind, object] = MappingProxyType({
     OpKind.METADATA: metadata,
     OpKind.PROPERTY: read_property,
     OpKind.ELEMENTWISE: per_site,
     OpKind.CREATE: create_dense,
     OpKind.LIKE: like,
-    OpKind.LAYOUT: keep_layout,
-    OpKind.MOVE: move,
+    OpKind.LAYOUT: on_tiles,
+    OpKind.MOVE: on_tiles,
     OpKind.BROADCAST: reshape,
     OpKind.RESHAPE: reshape,
     OpKind.PERMUTE: permute,
@@ -356,4 +355,4 @@ ON_ROWS: Mapping[OpKind, object] = MappingProxyType({
     OpKind.JOIN: join,
     OpKind.REDUCTION: reduce,
 })
-"""The fast form's translation of each op kind onto rows (ops of no kind are refused)."""
+"""The fast form's translation of each op kind onto tiles (ops of no kind are refused)."""

@@ -8,7 +8,7 @@ from torch import Tensor
 from ..masking import MaskPyramid
 from ..norms import like_format
 from .mode import FastSparseMode, SparseMode
-from .rows import supports_fast
+from .tiles import supports_fast
 
 __all__ = ["SPARSE_IMPLS", "SparseForm", "sparse_form"]
 
@@ -45,16 +45,18 @@ class SparseForm:
         return like_format(self.mode.dense_output(feature, factor), self._images)
 
 
-def sparse_form(impl: str, masks: MaskPyramid, sync_group=None, path: list[tuple[str, str]] | None = None
-                ) -> SparseForm:
+def sparse_form(impl: str, masks: MaskPyramid, sync_group=None, path: list[tuple[str, str]] | None = None,
+                constants: dict | None = None) -> SparseForm:
     """The sparse form for one forward pass: ``impl="fast"`` holds feature maps as their visible
-    rows, unless the masks keep a different number of patches per sample or the forward is being
+    tiles, unless the masks keep a different number of patches per sample or the forward is being
     traced by ``torch.compile``, which use the reference form (dense, then mask), as does
     ``impl="reference"``.
 
     ``sync_group``: process group for batch statistics across ranks (None: this process).
-    ``path``: a live (module name, type) stack, so errors name the module (build-time checks)."""
+    ``path``: a live (module name, type) stack, so errors name the module (build-time checks).
+    ``constants``: a dict the fast form keeps its mask-independent index pieces in, to reuse
+    across forwards (the encoder's)."""
     if impl not in SPARSE_IMPLS:
         raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {impl!r}")
     fast = impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling()
-    return SparseForm((FastSparseMode if fast else SparseMode)(masks, path, sync_group))
+    return SparseForm(FastSparseMode(masks, path, sync_group, constants) if fast else SparseMode(masks, path, sync_group))

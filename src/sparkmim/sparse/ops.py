@@ -4,7 +4,7 @@ feature map, the error raised for anything else, and small argument helpers.
 Layers with a spatial or statistical meaning (convolution, pooling, norms, ...) are looked up
 by torch function in :mod:`.table`. Every other operation is classified by its ``__name__``
 into one :class:`OpKind`; each form then gives each kind its meaning (the reference form in
-:class:`~.mode.SparseMode`, the fast form's translations onto rows in :mod:`.algebra`).
+:class:`~.mode.SparseMode`, the fast form's translations onto tiles in :mod:`.algebra`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ MASKED_REDUCTIONS = frozenset("mean nanmean sum nansum amax amin max min norm ve
 ONE_DIM_REDUCTIONS = frozenset("max min argmax argmin softmax log_softmax cumsum cumprod".split())
 SCANS = frozenset("softmax log_softmax cumsum cumprod".split())
 
-# Tensor properties that a map holding rows answers from its logical shape or its rows' metadata.
+# Tensor properties that a map holding tiles answers from its logical shape or its tiles' metadata.
 METADATA_PROPERTIES = frozenset(
     "shape dtype device ndim is_cuda is_cpu is_mps is_meta is_sparse is_quantized is_nested layout "
     "requires_grad names is_leaf grad_fn".split()
@@ -128,7 +128,7 @@ class _OnCanvas:
 
 ON_CANVAS = _OnCanvas()
 """What a fast layer handler returns for a call it has no row kernel for: the fast form then runs
-the reference handler on the zero canvas and gathers the visible rows back."""
+the reference handler on the zero canvas and gathers the visible tiles back."""
 
 
 def pair(value) -> tuple:

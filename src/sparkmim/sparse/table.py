@@ -1,9 +1,9 @@
 """The one registry of layers with a sparse meaning: both forms side by side.
 
 ``RULES`` maps a torch function to a :class:`Rule`: its reference handler (dense, then mask;
-:mod:`.reference`) and its fast handler (on rows; :mod:`.fast`), or ``fast=None``, which says on
+:mod:`.reference`) and its fast handler (on tiles; :mod:`.fast`), or ``fast=None``, which says on
 purpose that the fast form runs the reference handler on the zero canvas and gathers the visible
-rows back (rare layers, where a row kernel would not pay). A fast handler may also answer
+tiles back (rare layers, where a row kernel would not pay). A fast handler may also answer
 :data:`~.ops.ON_CANVAS` for a call its kernels do not cover.
 
 Lower-level spellings of the same layers (``torch.convolution``, ``torch.batch_norm``, ...,
@@ -33,7 +33,7 @@ class Rule:
     """The meaning of one layer in both forms.
 
     ``reference``: the handler of the reference form. ``fast``: the handler of the fast form,
-    or None to run ``reference`` on the canvas (``fill`` at masked sites) and gather the rows.
+    or None to run ``reference`` on the canvas (``fill`` at masked sites) and gather the tiles.
     """
 
     reference: Handler
@@ -55,7 +55,7 @@ def _rules() -> dict[Callable, Rule]:
         torch._convolution: canvas,
         F.interpolate: canvas,
         F.upsample: canvas,
-        F.avg_pool2d: Rule(reference.avg_pool, fast=None),
+        F.avg_pool2d: Rule(reference.avg_pool, fast=fast.avg_pool),
         F.max_pool2d: max_pool,
         F.max_pool2d_with_indices: max_pool,
         torch.max_pool2d: max_pool,

@@ -70,10 +70,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
             with autocast():
                 out = net(images, masks)
             loss = out.loss.float()
-            scaler.scale(loss / accum_steps).backward()
+            scaler.scale(loss / accum_steps if accum_steps > 1 else loss).backward()
         loss = loss.detach()
         loss_sum = loss.double() if loss_sum is None else loss_sum + loss.double()
-        bad = ~torch.isfinite(loss)
+        bad = (loss - loss) != 0  # NaN and +-inf alike (inf - inf is NaN); two operations where isfinite is five
         nonfinite = bad if nonfinite is None else nonfinite | bad
     if count != accum_steps:
         raise ValueError(f"a step takes {accum_steps} micro-batches, got {count}")

@@ -23,6 +23,7 @@ from ..masking import MaskPyramid, seed_for
 from ..optim import Schedule
 from ..visualize import reconstruction_grid, save_grid
 from ..weights import atomic_write, save_encoder_weights, save_timm_folder
+from .capture import CapturedStep
 from .checkpoint import CheckpointManager, RunState, check_free_space, claim_run_dir, resume_checkpoint
 from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
 from .metrics import Metrics, Window
@@ -148,6 +149,7 @@ class Run:
                 (self.run_dir / "bad_images.txt").unlink(missing_ok=True)
             check_free_space(self.run_dir, self.model, cfg.keep_last)
         self.ddp = self._wrap_ddp()
+        self.step = self._step_function()
         loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                          pin_memory=self.device.type == "cuda")
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
@@ -157,6 +159,22 @@ class Run:
         self.window = Window(self.device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.step_images = 0
+
+    def _step_function(self):
+        """The engine's step: :func:`train_step`, or with ``--capture`` the same step recorded once as
+        a CUDA graph and replayed."""
+        cfg = self.cfg
+        kw = dict(accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, autocast=self.autocast)
+        if not cfg.capture:
+            return lambda micro_batches: train_step(self.model, self.optimizer, self.scaler, micro_batches,
+                                                    ddp=self.ddp, **kw)
+        problems = [why for bad, why in ((self.device.type != "cuda", f"a CUDA device (this run uses {self.device})"),
+                                         (self.info.world > 1, "one process (this run has several ranks)"),
+                                         (self.precision == "fp16", "bf16 or fp32 (fp16 scaling reads the host)"))
+                    if bad]
+        if problems:
+            raise ConfigError(f"--capture needs {' and '.join(problems)}; run without --capture")
+        return CapturedStep(self.model, self.optimizer, self.scaler, **kw)
 
     def _wrap_ddp(self):
         if self.info.world == 1:
@@ -226,9 +244,7 @@ class Run:
         batches = enumerate(self.loader, start=skip)
         for _ in range((self.sampler.batches_per_epoch() - skip) // cfg.accum_steps):
             apply_schedule(self.optimizer, self.schedule, state.step)
-            stats = train_step(self.model, self.optimizer, self.scaler, self._micro_batches(batches),
-                               accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, autocast=self.autocast,
-                               ddp=self.ddp)
+            stats = self.step(self._micro_batches(batches))
             self._after_step(stats)
         state.epoch, state.batch = epoch + 1, 0
         if _every(cfg.save_every_epochs, epoch + 1) or epoch + 1 == cfg.epochs:
@@ -248,7 +264,8 @@ class Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.step_images += images.shape[0]
             torch.manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "layers"))  # stochastic depth etc.
-            masks = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "masks"))
+            # drawn on the images' device (no host-to-device copy on a GPU); the same masks on resume
+            masks = torch.Generator(self.device).manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "masks"))
             yield images, self.model.draw_masks(images, masks, self.info.rank, self.info.world)
 
     def _after_step(self, stats: StepStats) -> None:
