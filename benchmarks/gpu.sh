@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU matrix of docs/performance.md, within about 8 minutes on one H100/H200:
 # ResNet-50 and ConvNeXt-Small, batch 128, 224 px, full training step, sparse implementation
-# reference vs fast, fp32 vs bf16, channels_last and torch.compile of the decoder on top;
+# reference vs fast, fp32 vs bf16, channels_last, torch.compile of the decoder and the whole step
+# captured as one CUDA graph (capture) on top; every line also gives the aten operations per step;
 # then where a fast bf16 step spends its time (encoder alone, decoder alone) and the
 # input-pipeline throughput. JSON lines go to $OUT/gpu.jsonl, a table to stdout.
 set -u
@@ -16,7 +17,8 @@ python3 -c "import torch, timm, torchvision; print('torch', torch.__version__, '
 common=(--batch "${BATCH:-128}" --size 224 --device cuda --steps "${STEPS:-8}" --warmup 3)
 for model in resnet50 convnext_small; do
   python3 benchmarks/step.py --model "$model" "${common[@]}" --parts step \
-    --variants reference,fast,reference+bf16,fast+bf16,reference+bf16+cl,fast+bf16+cl,fast+bf16+cl+compile | tee -a "$LOG"
+    --variants reference,fast,reference+bf16,fast+bf16,reference+bf16+cl,fast+bf16+cl,fast+bf16+cl+compile,fast+bf16+cl+capture \
+    | tee -a "$LOG"
   python3 benchmarks/step.py --model "$model" "${common[@]}" --parts encoder,decoder \
     --variants reference+bf16,fast+bf16,fast+bf16+cl | tee -a "$LOG"
 done

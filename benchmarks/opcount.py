@@ -15,6 +15,9 @@ backward), so it measures Python/dispatcher work per step the same way on any ma
 * ``dense``: the same for the plain dense backbone (``forward_intermediates``), for reference;
 * ``optimizer``: the one gradient clip and the optimiser step.
 
+``ops_per_step_cuda_choices`` is the step again with the layer kernels a CUDA device picks (the
+CPU runs small depthwise convolutions on the canvas, :data:`sparkmim.sparse.fast.CANVAS_DEPTHWISE_BELOW`).
+
 Options: ``--sparse-impl fast|reference``; ``--ops`` prints the 25 most frequent operations.
 """
 
@@ -171,11 +174,22 @@ def main(argv=None):
     p.add_argument("--ops", action="store_true", help="also print the most frequent operations per part")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    import sparkmim.sparse.fast as fast
+
     for model in args.models.split(","):
         step, loading = count_run_steps(model, args.size, args.batch, args.sparse_impl)
         parts = count_parts(model, args.size, args.batch, args.sparse_impl)
+        # the same step with the kernel choices of a CUDA device (no CPU-only canvas layers)
+        choices = getattr(fast, "CANVAS_DEPTHWISE_BELOW", {})
+        cpu_choices = dict(choices)
+        choices.clear()
+        try:
+            cuda_step = count_run_steps(model, args.size, args.batch, args.sparse_impl)[0] if cpu_choices else step
+        finally:
+            choices.update(cpu_choices)
         rec = {"model": model, "impl": args.sparse_impl, "size": args.size, "batch": args.batch,
                "ops_per_step": round(step.total / step.steps),
+               "ops_per_step_cuda_choices": round(cuda_step.total / cuda_step.steps),
                "ops_loading_per_step": round(loading.total / loading.steps),
                **{f"ops_{k}": c.total for k, c in parts.items()}}
         if args.ops:

@@ -11,6 +11,8 @@ A variant is an implementation of the sparse encoder (``reference``: dense then 
     bf16 / fp16  autocast (fp16 with gradient scaling)
     cl           channels_last memory format for the model and the images
     compile      torch.compile of the dense decoder (the sparse encoder runs eagerly)
+    capture      the engine's whole step recorded once as a CUDA graph and replayed
+                 (sparkmim.train.capture.CapturedStep; part step only; needs >= 3 warm-up rounds)
 
 Every variant gets its own copy of one seeded model (same weights) and optimiser. Timed steps
 alternate between the variants (one step of each, then the next round), so slow drifts of the
@@ -42,7 +44,9 @@ import time
 
 import torch
 
-LEVERS = ("bf16", "fp16", "cl", "compile")
+from opcount import Count  # benchmarks/opcount.py
+
+LEVERS = ("bf16", "fp16", "cl", "compile", "capture")
 
 
 def parse(argv=None):
@@ -78,7 +82,7 @@ class Variant:
 
 
 def build(args, variant: Variant, base, device):
-    from sparkmim.optim import lamb, param_groups
+    from sparkmim.optim import hold_on_device, lamb, param_groups
 
     model = copy.deepcopy(base).to(device).train()
     model.encoder.sparse_impl = variant.impl
@@ -87,14 +91,18 @@ def build(args, variant: Variant, base, device):
     if "compile" in variant.levers:
         model.decoder.compile()
     opt = lamb(param_groups(model), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.04)
+    hold_on_device(opt)  # as the engine's optimiser: lr and weight decay on the device
     scaler = torch.amp.GradScaler(device.type, enabled="fp16" in variant.levers)
     return model, opt, scaler
 
 
 def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
     from sparkmim.train import train_step
+    from sparkmim.train.capture import CapturedStep
 
     autocast = (lambda: torch.autocast(device.type, dtype=variant.dtype)) if variant.dtype else contextlib.nullcontext
+    captured = CapturedStep(model, opt, scaler, clip_grad=5.0, autocast=autocast, warmup_steps=2) \
+        if "capture" in variant.levers and part == "step" else None
     gen = torch.Generator(device=device).manual_seed(0)
     x = images.contiguous(memory_format=torch.channels_last) if "cl" in variant.levers else images
     fixed = {}
@@ -116,6 +124,8 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
                 pred = model.forward_decoder(model.forward_densify(fixed["feats"], masks))
                 loss = model.forward_loss(x, pred, masks.visible)
             loss.backward()
+        elif captured is not None:  # the same step, recorded once and replayed
+            captured([(x, masks)])
         else:  # the run loop's own step: forward, backward, the one clip, LAMB
             train_step(model, opt, scaler, [(x, masks)], clip_grad=5.0, autocast=autocast)
         opt.zero_grad(set_to_none=True)
@@ -173,6 +183,13 @@ def main(argv=None) -> list[dict]:
             for run in runs:
                 run[3]()
         sync()
+        ops = {}
+        for v, _model, _opt, step, _times in runs:  # aten operations one step dispatches (device-independent)
+            counter = Count()
+            with counter:
+                step()
+            ops[v.spec] = counter.total
+        sync()
         peaks = {}
         for _ in range(args.steps):
             for v, model, opt, step, times in runs:
@@ -194,7 +211,7 @@ def main(argv=None) -> list[dict]:
                 "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                 or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "mask_ratio": args.mask_ratio, "decoder_width": args.decoder_width, "steps": args.steps,
-                "ms_median": round(ms, 1), "ms_min": round(min(times), 1),
+                "ms_median": round(ms, 1), "ms_min": round(min(times), 1), "aten_ops": ops[v.spec],
                 "img_per_s": round(args.batch * 1000 / ms, 1),
             }
             if device.type == "cuda":
