@@ -16,7 +16,8 @@ backward), so it measures Python/dispatcher work per step the same way on any ma
 * ``optimizer``: the one gradient clip and the optimiser step.
 
 ``ops_per_step_cuda_choices`` is the step again with the layer kernels a CUDA device picks (the
-CPU runs small depthwise convolutions on the canvas, :data:`sparkmim.sparse.fast.CANVAS_DEPTHWISE_BELOW`).
+CPU runs small depthwise convolutions on the canvas and one-site convolutions as im2col products:
+``CANVAS_DEPTHWISE_BELOW`` and ``IM2COL_ONE_SITE`` in :mod:`sparkmim.sparse.fast`).
 
 Options: ``--sparse-impl fast|reference``; ``--ops`` prints the 25 most frequent operations.
 """
@@ -180,13 +181,18 @@ def main(argv=None):
         step, loading = count_run_steps(model, args.size, args.batch, args.sparse_impl)
         parts = count_parts(model, args.size, args.batch, args.sparse_impl)
         # the same step with the kernel choices of a CUDA device (no CPU-only canvas layers)
-        choices = getattr(fast, "CANVAS_DEPTHWISE_BELOW", {})
-        cpu_choices = dict(choices)
-        choices.clear()
-        try:
-            cuda_step = count_run_steps(model, args.size, args.batch, args.sparse_impl)[0] if cpu_choices else step
-        finally:
-            choices.update(cpu_choices)
+        choices = getattr(fast, "CANVAS_DEPTHWISE_BELOW", None)
+        if choices is None:  # code without device-dependent kernel choices
+            cuda_step = step
+        else:
+            cpu_choices, im2col = dict(choices), fast.IM2COL_ONE_SITE
+            choices.clear()
+            fast.IM2COL_ONE_SITE = frozenset()
+            try:
+                cuda_step = count_run_steps(model, args.size, args.batch, args.sparse_impl)[0]
+            finally:
+                choices.update(cpu_choices)
+                fast.IM2COL_ONE_SITE = im2col
         rec = {"model": model, "impl": args.sparse_impl, "size": args.size, "batch": args.batch,
                "ops_per_step": round(step.total / step.steps),
                "ops_per_step_cuda_choices": round(cuda_step.total / cuda_step.steps),

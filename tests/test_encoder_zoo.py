@@ -231,6 +231,27 @@ def test_fast_equals_reference(zoo, train):
         torch.testing.assert_close(bf[k], br[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv3_large_100"])
+def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(name, monkeypatch):
+    """The fast form picks some layer kernels by device type (on CPU: small depthwise layers on the
+    canvas, one-site convolutions as im2col products). With the choices a CUDA device makes (halo
+    and convolution everywhere), run here on the CPU, it still equals the reference form."""
+    from sparkmim.sparse import fast
+
+    monkeypatch.setattr(fast, "CANVAS_DEPTHWISE_BELOW", {})
+    monkeypatch.setattr(fast, "IM2COL_ONE_SITE", frozenset())
+    enc = SparseEncoder(build("timm", name))
+    x, masks = images(batch=4, seed=4), masks_for(batch=4, seed=5, ratio=0.5)
+    for train in (True, False):
+        ff, lf, gf, bf, held = run_impl(enc, "fast", x, masks, train)
+        fr, lr, gr, br, _ = run_impl(enc, "reference", x, masks, train)
+        assert held
+        for a, b in zip(ff, fr):
+            torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(lf, lr, rtol=1e-10, atol=0)
+        assert_grads_close(gf, gr)
+
+
 def test_fast_form_keeps_every_tensor_on_the_input_device(zoo):
     """The fast form's forward and backward on the ``meta`` device: a tensor created on the CPU
     (an index, a canvas, a constant) meets the meta inputs and fails as it would on a GPU, and a
