@@ -15,7 +15,8 @@ backward), so it measures Python/dispatcher work per step the same way on any ma
 * ``dense``: the same for the plain dense backbone (``forward_intermediates``), for reference;
 * ``optimizer``: the one gradient clip and the optimiser step.
 
-``ops_per_step_cuda_choices`` is the step again with the layer kernels a CUDA device picks (the
+``ops_per_step_cuda_choices`` is the step again with the layer kernels a CUDA device picks and its
+optimiser hyper-parameters held on the device (the
 CPU runs small depthwise convolutions on the canvas and one-site convolutions as im2col products:
 ``CANVAS_DEPTHWISE_BELOW`` and ``IM2COL_ONE_SITE`` in :mod:`sparkmim.sparse.fast`).
 
@@ -185,14 +186,24 @@ def main(argv=None):
         if choices is None:  # code without device-dependent kernel choices
             cuda_step = step
         else:
-            cpu_choices, im2col = dict(choices), fast.IM2COL_ONE_SITE
+            import sparkmim.train.run as run_module
+            from sparkmim.optim import hold_on_device
+
+            cpu_choices, im2col, build = dict(choices), fast.IM2COL_ONE_SITE, run_module.build_optimizer
             choices.clear()
             fast.IM2COL_ONE_SITE = frozenset()
+            # and lr / weight decay held on the device, as build_optimizer does off the CPU
+            def held(*a, build=build):
+                opt = build(*a)
+                hold_on_device(opt)
+                return opt
+
+            run_module.build_optimizer = held
             try:
                 cuda_step = count_run_steps(model, args.size, args.batch, args.sparse_impl)[0]
             finally:
                 choices.update(cpu_choices)
-                fast.IM2COL_ONE_SITE = im2col
+                fast.IM2COL_ONE_SITE, run_module.build_optimizer = im2col, build
         rec = {"model": model, "impl": args.sparse_impl, "size": args.size, "batch": args.batch,
                "ops_per_step": round(step.total / step.steps),
                "ops_per_step_cuda_choices": round(cuda_step.total / cuda_step.steps),

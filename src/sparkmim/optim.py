@@ -132,7 +132,10 @@ class Lamb(torch.optim.Optimizer):
         updates = torch._foreach_div(exp_avgs, denom)
         torch._foreach_div_(updates, 1 - torch.pow(beta1, step))
         if isinstance(wd, Tensor) or wd != 0:
-            torch._foreach_add_(updates, torch._foreach_mul(params, wd))
+            if isinstance(wd, Tensor):
+                torch._foreach_add_(updates, torch._foreach_mul(params, wd))
+            else:
+                torch._foreach_add_(updates, params, alpha=wd)
             w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
             adapt = (w_norm > 0) & (u_norm > 0) & (wd != 0)  # a tensor weight decay of 0 adapts nothing, as a float 0
             scale = torch.where(adapt, w_norm / u_norm, 1.0).to(params[0].dtype) * -lr

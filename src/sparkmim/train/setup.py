@@ -85,14 +85,15 @@ def build_model(cfg: PretrainConfig) -> SparK:
 
 def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
     """LAMB over :func:`param_groups` with the config's betas (auto: by the backbone's norm layers,
-    :func:`default_betas`) and initial weight decay; it does not clip. lr and weight decay are held
-    as device tensors, so a step reads no host value."""
+    :func:`default_betas`) and initial weight decay; it does not clip. On an accelerator, lr and
+    weight decay are held as device tensors, so a step reads no host value (and can be captured)."""
     if cfg.betas == "auto":
         betas = default_betas(model.encoder.model)
     else:
         betas = tuple(float(v) for v in cfg.betas.split(","))
     optimizer = lamb(param_groups(model), lr=peak_lr, betas=betas, weight_decay=cfg.weight_decay)
-    hold_on_device(optimizer)
+    if next(model.parameters()).device.type != "cpu":  # on the CPU a float is no host read
+        hold_on_device(optimizer)
     return optimizer
 
 
