@@ -20,7 +20,7 @@ for model in resnet50 convnext_small; do
     --variants reference,fast,reference+bf16,fast+bf16,reference+bf16+cl,fast+bf16+cl,fast+bf16+cl+compile,fast+bf16+cl+capture \
     | tee -a "$LOG"
   python3 benchmarks/step.py --model "$model" "${common[@]}" --parts encoder,decoder \
-    --variants reference+bf16,fast+bf16,fast+bf16+cl | tee -a "$LOG"
+    --variants reference+bf16,fast+bf16,fast+bf16+cl,fast+bf16+cl+dwcanvas | tee -a "$LOG"
 done
 python3 benchmarks/loader.py --data demo --seconds 4 --workers "${WORKERS:-0,8}" --batch 128 --pin-memory | tee -a "$LOG"
 python3 benchmarks/table.py "$LOG"

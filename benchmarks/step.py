@@ -13,6 +13,8 @@ A variant is an implementation of the sparse encoder (``reference``: dense then 
     compile      torch.compile of the dense decoder (the sparse encoder runs eagerly)
     capture      the engine's whole step recorded once as a CUDA graph and replayed
                  (sparkmim.train.capture.CapturedStep; part step only; needs >= 3 warm-up rounds)
+    dwcanvas     depthwise layers on tiles smaller than 4x4 on the zero canvas, as the CPU does,
+                 instead of the halo (sparkmim.sparse.fast.CANVAS_DEPTHWISE_BELOW)
 
 Every variant gets its own copy of one seeded model (same weights) and optimiser. Timed steps
 alternate between the variants (one step of each, then the next round), so slow drifts of the
@@ -46,7 +48,7 @@ import torch
 
 from opcount import Count  # benchmarks/opcount.py
 
-LEVERS = ("bf16", "fp16", "cl", "compile", "capture")
+LEVERS = ("bf16", "fp16", "cl", "compile", "capture", "dwcanvas")
 
 
 def parse(argv=None):
@@ -130,7 +132,23 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
             train_step(model, opt, scaler, [(x, masks)], clip_grad=5.0, autocast=autocast)
         opt.zero_grad(set_to_none=True)
 
-    return step
+    if "dwcanvas" not in variant.levers:
+        return step
+
+    def step_with_canvas_depthwise():
+        from sparkmim.sparse import fast
+
+        before = fast.CANVAS_DEPTHWISE_BELOW.get(device.type)
+        fast.CANVAS_DEPTHWISE_BELOW[device.type] = 4
+        try:
+            step()
+        finally:
+            if before is None:
+                del fast.CANVAS_DEPTHWISE_BELOW[device.type]
+            else:
+                fast.CANVAS_DEPTHWISE_BELOW[device.type] = before
+
+    return step_with_canvas_depthwise
 
 
 def state_bytes(model, opt) -> int:
