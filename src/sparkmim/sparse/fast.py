@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..norms import batch_norm_rows
 from . import reference
 from .ops import ON_CANVAS, adaptive_output_size, pair
-from .tiles import SparseMap
+from .tiles import SparseMap, memory_format_of
 
 if TYPE_CHECKING:
     from .mode import FastSparseMode
@@ -171,11 +171,10 @@ def max_pool(mode: FastSparseMode, func, x, /, *args, **kwargs):
                          dilation, padding, float("-inf"))
     # the halo in channels-last, where CPU pooling kernels are several times faster; the output
     # back in the tiles' layout
-    fmt = torch.contiguous_format if x.tiles.is_contiguous() else torch.channels_last
     (kh, kw), (dh, dw) = kernel, dilation
     windows = x.halo((fo - 1) * stride[0] + dh * (kh - 1) + 1, (fo - 1) * stride[1] + dw * (kw - 1) + 1, *padding,
                      fill=float("-inf"), memory_format=torch.channels_last)
-    out = F.max_pool2d(windows, kernel, stride, 0, dilation).contiguous(memory_format=fmt)
+    out = F.max_pool2d(windows, kernel, stride, 0, dilation).contiguous(memory_format=memory_format_of(x.tiles))
     return SparseMap(out, mode.geometry(fo), 2)
 
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from ..masking import MaskPyramid
 from .ops import SparseSemanticsError
 
-__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "replace_maps", "meta_like"]
+__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "replace_maps", "meta_like",
+           "memory_format_of"]
 
 
 def supports_fast(masks: MaskPyramid) -> bool:
@@ -30,8 +31,9 @@ def supports_fast(masks: MaskPyramid) -> bool:
 
 class Patches:
     """The visible patches of one batch: for tile ``t``, its ``sample``, grid ``row`` and ``col``
-    (each ``(B*K,)``), and ``slot`` ``(B, h, w)``: the tile number of each patch, ``B*K`` (the
-    fill tile of a halo) where the patch is masked."""
+    (each ``(B*K,)``, and as ``(B*K, 1, 1)`` views ``sample3``, ``row3``, ``col3``), and ``slot``
+    ``(B, h, w)``: the tile number of each patch, ``B*K`` (the fill tile of a halo) where the
+    patch is masked."""
 
     def __init__(self, masks: MaskPyramid):
         self.batch, self.grid_height, self.grid_width, self.per_sample = masks.batch, masks.h, masks.w, masks.keep
@@ -48,8 +50,8 @@ class Patches:
 
     def padded_slot(self, margin: int, scale: int) -> Tensor:
         """``slot * scale`` with ``margin`` masked patches added on every side (off-map reads the
-        fill tile); index it with ``sample3``, ``row3 + margin``, ``col3 + margin``, the tiles'
-        ``(B*K, 1, 1)`` positions."""
+        fill tile); index it with ``sample3`` and ``row3``, ``col3`` (the tiles' ``(B*K, 1, 1)``
+        positions) plus the patch offsets and ``margin``."""
         found = self._padded.get((margin, scale))
         if found is None:
             found = self._padded[(margin, scale)] = torch.nn.functional.pad(self.slot * scale, (margin,) * 4,
@@ -66,7 +68,7 @@ class Geometry:
         self.constants = {} if constants is None else constants  # mask-independent index pieces, reusable
         self.batch, self.tiles = patches.batch, patches.count
         self.height, self.width = patches.grid_height * factor, patches.grid_width * factor
-        self._halo: dict[tuple[int, int, int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._halo: dict[tuple[int, int, int, int], Tensor] = {}
 
     def index(self, spatial_dim: int) -> tuple:
         """The index of the visible tiles in a map viewed as ``(B, *c_before, h, f, w, f, ...)``."""
@@ -156,7 +158,7 @@ class SparseMap(Tensor):
         tiles keeps their memory format (channels-last tiles get channels-last gradients, as the
         dense network's layers would), so the layers before see the gradient layout they expect."""
         g, s, t = self.geometry, self.spatial_dim, self.tiles
-        if s == 2 and _memory_format(t) is torch.channels_last:
+        if s == 2 and memory_format_of(t) is torch.channels_last:
             # scattered as channel vectors: several times faster (CPU), and a channels-last result
             b, c, h, w = self.shape
             out = t.new_full((b, h, w, c), fill)
@@ -177,7 +179,7 @@ class SparseMap(Tensor):
         if top == left == 0 and tile_height <= f and tile_width <= f:
             return t[:, :, :tile_height, :tile_width]
         index = self.geometry.halo_index(tile_height, tile_width, top, left)
-        own = _memory_format(t)
+        own = memory_format_of(t)
         if own is torch.contiguous_format and t.requires_grad:
             t = _GradientIn.apply(t, own)  # the gradient comes back as rows; give it the tiles' layout
         # gathered as rows of channel vectors (a view for channels-last tiles), with one fill row;
@@ -187,7 +189,7 @@ class SparseMap(Tensor):
         return windows.contiguous(memory_format=memory_format or own)
 
 
-def _memory_format(t: Tensor) -> torch.memory_format:
+def memory_format_of(t: Tensor) -> torch.memory_format:
     """``channels_last`` for a 4-D tensor laid out so (and not also contiguous), else ``contiguous_format``."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -219,7 +221,7 @@ def to_dense(t):
 def to_tiles(t: Tensor, geometry: Geometry, spatial_dim: int) -> SparseMap:
     """Gather the visible tiles of a dense tensor laid out like a map at ``geometry`` (a
     channels-last ``(B, C, H, W)`` one as channel vectors, into channels-last tiles)."""
-    if spatial_dim == 2 and _memory_format(t) is torch.channels_last:
+    if spatial_dim == 2 and memory_format_of(t) is torch.channels_last:
         tiles = geometry.split_view(t.permute(0, 2, 3, 1), 1)[geometry.index(1)]
         return SparseMap(tiles.permute(0, 3, 1, 2), geometry, 2)
     return SparseMap(geometry.split_view(t, spatial_dim)[geometry.index(spatial_dim)], geometry, spatial_dim)
