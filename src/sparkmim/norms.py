@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .masking import MaskPyramid
 
-__all__ = ["batch_norm_rows", "masked_batch_norm", "masked_group_stats_norm", "like_format",
+__all__ = ["batch_norm_rows", "masked_batch_norm", "masked_group_stats_norm", "like_format", "memory_format_of",
            "SyncableBatchNorm2d", "MaskedBatchNorm2d", "MaskedLayerNorm2d"]
 
 
@@ -102,12 +102,18 @@ def masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bia
     return torch.where(visible, out, 0.0)
 
 
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D tensor laid out so (and not also contiguous), else ``contiguous_format``."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def like_format(out: Tensor, like: Tensor) -> Tensor:
     """``out`` (4-D) in ``like``'s memory format: channels-last if ``like`` is, else contiguous.
     Layers that compute on channels-last rows use it so that a model keeps the layout of its
     input (on CPUs, convolution backward is much slower on channels-last maps of few channels)."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out.contiguous(memory_format=memory_format_of(like))
 
 
 class SyncableBatchNorm2d(nn.BatchNorm2d):

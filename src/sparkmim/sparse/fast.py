@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..norms import batch_norm_rows
+from ..norms import batch_norm_rows, memory_format_of
 from . import reference
 from .ops import ON_CANVAS, adaptive_output_size, pair
-from .tiles import SparseMap, memory_format_of
+from .tiles import SparseMap
 
 if TYPE_CHECKING:
     from .mode import FastSparseMode

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from ..masking import MaskPyramid
+from ..norms import memory_format_of
 from .ops import SparseSemanticsError
 
-__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "replace_maps", "meta_like",
-           "memory_format_of"]
+__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "replace_maps", "meta_like"]
 
 
 def supports_fast(masks: MaskPyramid) -> bool:
@@ -187,13 +187,6 @@ class SparseMap(Tensor):
         rows = torch.nn.functional.pad(t.permute(0, 2, 3, 1).reshape(n * f * f, c), (0, 0, 0, 1), value=fill)
         windows = torch.nn.functional.embedding(index, rows).view(n, tile_height, tile_width, c).permute(0, 3, 1, 2)
         return windows.contiguous(memory_format=memory_format or own)
-
-
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """``channels_last`` for a 4-D tensor laid out so (and not also contiguous), else ``contiguous_format``."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _GradientIn(torch.autograd.Function):
