@@ -28,16 +28,21 @@ TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, wo
             warmup_epochs=0.5, lr=1e-3, log_every_steps=1, vis_every_epochs=1, tensorboard=False, progress=False)
 
 
+def draw_images(n: int, place) -> None:
+    """``n`` 72 x 80 test images (stripes plus seeded noise), image ``i`` saved at ``place(i)``."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:72, 0:80]
+    for i in range(n):
+        img = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 10) % 256, rng.integers(0, 256, (72, 80))], -1)
+        path = place(i)
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(img.astype(np.uint8)).save(path)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        sub = root / f"class{i % 2}"
-        sub.mkdir(exist_ok=True)
-        yy, xx = np.mgrid[0:72, 0:80]
-        img = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 10) % 256, rng.integers(0, 256, (72, 80))], -1)
-        Image.fromarray(img.astype(np.uint8)).save(sub / f"img{i}.png")
+    draw_images(16, lambda i: root / f"class{i % 2}" / f"img{i}.png")
     return root
 
 
@@ -111,12 +116,7 @@ def test_a_run_folder_written_before_the_renovation_resumes_and_exports(tmp_path
     below; its config, first two metric lines and step-2 checkpoint are kept. Today's code restores
     every tensor of it, continues it to the end, and exports its encoder with the original keys."""
     images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        yy, xx = np.mgrid[0:72, 0:80]
-        img = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 10) % 256, rng.integers(0, 256, (72, 80))], -1)
-        Image.fromarray(img.astype(np.uint8)).save(images / f"img{i}.png")
+    draw_images(8, lambda i: images / f"img{i}.png")
     out = tmp_path / "old"
     shutil.copytree(OLD_RUN, out)
     saved = torch.load(out / "checkpoint-00000002.pth", weights_only=True)

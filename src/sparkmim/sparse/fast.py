@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 
-from ..norms import batch_norm_rows, memory_format_of
+from ..norms import batch_norm_rows
 from . import reference
 from .ops import ON_CANVAS, adaptive_output_size, pair
 from .tiles import SparseMap
@@ -166,16 +165,8 @@ def max_pool(mode: FastSparseMode, func, x, /, *args, **kwargs):
     fo = _output_factor(x, kernel, stride, padding, dilation)
     if fo is None:
         return ON_CANVAS
-    if kernel[0] * kernel[1] == 1 or (padding == (0, 0) and kernel == stride):  # windows inside the tiles
-        return _windowed(mode, x, lambda t: F.max_pool2d(t, kernel, stride, 0, dilation), fo, stride[0], kernel,
-                         dilation, padding, float("-inf"))
-    # the halo in channels-last, where CPU pooling kernels are several times faster; the output
-    # back in the tiles' layout
-    (kh, kw), (dh, dw) = kernel, dilation
-    windows = x.halo((fo - 1) * stride[0] + dh * (kh - 1) + 1, (fo - 1) * stride[1] + dw * (kw - 1) + 1, *padding,
-                     fill=float("-inf"), memory_format=torch.channels_last)
-    out = F.max_pool2d(windows, kernel, stride, 0, dilation).contiguous(memory_format=memory_format_of(x.tiles))
-    return SparseMap(out, mode.geometry(fo), 2)
+    return _windowed(mode, x, lambda t: F.max_pool2d(t, kernel, stride, 0, dilation), fo, stride[0], kernel,
+                     dilation, padding, float("-inf"))
 
 
 def avg_pool(mode: FastSparseMode, func, x, kernel_size, stride=None, padding=0, ceil_mode=False,

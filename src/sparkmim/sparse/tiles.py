@@ -154,9 +154,7 @@ class SparseMap(Tensor):
         return SparseMap(tiles, self.geometry, self.spatial_dim if spatial_dim is None else spatial_dim)
 
     def canvas(self, fill: float = 0.0) -> Tensor:
-        """The dense logical tensor, ``fill`` at masked sites. The gradient that comes back to the
-        tiles keeps their memory format (channels-last tiles get channels-last gradients, as the
-        dense network's layers would), so the layers before see the gradient layout they expect."""
+        """The dense logical tensor, ``fill`` at masked sites, in the tiles' memory format."""
         g, s, t = self.geometry, self.spatial_dim, self.tiles
         if s == 2 and memory_format_of(t) is torch.channels_last:
             # scattered as channel vectors: several times faster (CPU), and a channels-last result
@@ -168,12 +166,10 @@ class SparseMap(Tensor):
         g.split_view(out, s)[g.index(s)] = t
         return out
 
-    def halo(self, tile_height: int, tile_width: int, top: int, left: int, fill: float = 0.0,
-             memory_format: torch.memory_format | None = None) -> Tensor:
+    def halo(self, tile_height: int, tile_width: int, top: int, left: int, fill: float = 0.0) -> Tensor:
         """``(B*K, C, th, tw)`` windows of a channels-first map around its visible tiles (see
-        :meth:`Geometry.halo_index`), ``fill`` at masked and off-map sites, in ``memory_format``
-        (default: the tiles' own, so the layer's output, and the gradients, keep the dense
-        network's layout)."""
+        :meth:`Geometry.halo_index`), ``fill`` at masked and off-map sites, in the tiles' memory
+        format (so the layer's output, and the gradients, keep the dense network's layout)."""
         t = self.tiles
         n, c, f, _ = t.shape
         if top == left == 0 and tile_height <= f and tile_width <= f:
@@ -186,7 +182,7 @@ class SparseMap(Tensor):
         # an embedding lookup is index_select with a one-operation backward (a scatter-add)
         rows = torch.nn.functional.pad(t.permute(0, 2, 3, 1).reshape(n * f * f, c), (0, 0, 0, 1), value=fill)
         windows = torch.nn.functional.embedding(index, rows).view(n, tile_height, tile_width, c).permute(0, 3, 1, 2)
-        return windows.contiguous(memory_format=memory_format or own)
+        return windows.contiguous(memory_format=own)
 
 
 class _GradientIn(torch.autograd.Function):
