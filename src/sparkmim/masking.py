@@ -120,7 +120,8 @@ class MaskPyramid:
         """Bool mask ``(B, 1, h * factor, w * factor)``."""
         m = self._masks.get(factor)
         if m is None:
-            m = self.visible.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+            b, h, w = self.batch, self.h, self.w  # each patch's flag repeated over its sites, at once
+            m = self.visible.view(b, 1, h, 1, w, 1).expand(b, 1, h, factor, w, factor).reshape(b, 1, h * factor, w * factor)
             self._masks[factor] = m
         return m
 

@@ -136,7 +136,8 @@ def dense_as_tiles(a: Tensor, lead: SparseMap, logical) -> Tensor:
     when it is constant over samples and sites, repeated per tile when it varies by sample only,
     else its tiles."""
     nd = len(logical)
-    a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
+    if a.dim() < nd:  # (no view when it has the dims already: one operation fewer per call)
+        a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
     s = lead.spatial_dim
     if a.shape[s] == 1 and a.shape[s + 1] == 1:
         if a.shape[0] == 1:

@@ -37,9 +37,10 @@ __all__ = ["on_canvas", "conv", "max_pool", "avg_pool", "adaptive_pool", "batch_
 CANVAS_DEPTHWISE_BELOW = {"cpu": 4}
 """Per device type: depthwise convolutions whose output tiles are smaller than this (sites per
 side) run on the zero canvas. ConvNeXt-Small's 7x7 depthwise layers on a 2x2 tile read an 8x8
-halo (16x the tile); on CPU the canvas is faster there (ConvNeXt-Small step 4.5 s against 5.2 s,
-docs/performance.md) at the cost of about 7 more operations per layer. Elsewhere (CUDA) every
-layer uses the halo, which dispatches fewer operations."""
+halo (16x the tile); on CPU the canvas is faster there (ConvNeXt-Small forward + backward, 224
+px, batch 8: 4.3 s against 4.7 s), and the canvas and the gather back dispatch about as many
+operations as the halo. Elsewhere (CUDA) every layer uses the halo until a GPU measurement
+says otherwise (``benchmarks/step.py``, lever ``dwcanvas``)."""
 
 
 IM2COL_ONE_SITE = frozenset({"cpu"})

@@ -21,7 +21,7 @@ from ..masking import MaskPyramid
 from ..norms import memory_format_of
 from .ops import SparseSemanticsError
 
-__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "replace_maps", "meta_like"]
+__all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "scatter", "replace_maps", "meta_like"]
 
 
 def supports_fast(masks: MaskPyramid) -> bool:
@@ -70,16 +70,22 @@ class Geometry:
         self.height, self.width = patches.grid_height * factor, patches.grid_width * factor
         self._halo: dict[tuple[int, int, int, int], Tensor] = {}
 
-    def index(self, spatial_dim: int) -> tuple:
-        """The index of the visible tiles in a map viewed as ``(B, *c_before, h, f, w, f, ...)``."""
+    def index(self, spatial_dim: int) -> list:
+        """The index of the visible tiles in a map viewed as ``(B, *c_before, h, f, w, f, ...)``
+        (see :meth:`split_view`), for ``aten.index`` and ``aten.index_put`` (None: a whole dim).
+        Its results take the dim order of the tensor indexed: channels-last maps give
+        channels-last tiles, and the other way round, with no permutation."""
         p = self.patches
-        return (p.sample, *([slice(None)] * (spatial_dim - 1)), p.row, slice(None), p.col)
+        return [p.sample, *([None] * (spatial_dim - 1)), p.row, None, p.col]
+
+    def split_shape(self, shape, spatial_dim: int) -> tuple:
+        """``shape`` (logical) with each spatial dim split into ``(patches, factor)``."""
+        s, f = spatial_dim, self.factor
+        return (*shape[:s], shape[s] // f, f, shape[s + 1] // f, f, *shape[s + 2:])
 
     def split_view(self, t: Tensor, spatial_dim: int) -> Tensor:
         """``t`` (logical layout) viewed with each spatial dim split into ``(patches, factor)``."""
-        s, f = spatial_dim, self.factor
-        shape = (*t.shape[:s], t.shape[s] // f, f, t.shape[s + 1] // f, f, *t.shape[s + 2:])
-        return t.view(shape)  # splitting a dim in two is always a view
+        return t.view(self.split_shape(t.shape, spatial_dim))  # splitting a dim in two is always a view
 
     def halo_index(self, tile_height: int, tile_width: int, top: int, left: int) -> Tensor:
         """Where each site of every ``tile_height x tile_width`` window sits, the window's corner
@@ -155,16 +161,7 @@ class SparseMap(Tensor):
 
     def canvas(self, fill: float = 0.0) -> Tensor:
         """The dense logical tensor, ``fill`` at masked sites, in the tiles' memory format."""
-        g, s, t = self.geometry, self.spatial_dim, self.tiles
-        if s == 2 and memory_format_of(t) is torch.channels_last:
-            # scattered as channel vectors: several times faster (CPU), and a channels-last result
-            b, c, h, w = self.shape
-            out = t.new_full((b, h, w, c), fill)
-            g.split_view(out, 1)[g.index(1)] = t.permute(0, 2, 3, 1)
-            return out.permute(0, 3, 1, 2)
-        out = t.new_full(self.shape, fill)
-        g.split_view(out, s)[g.index(s)] = t
-        return out
+        return scatter(self.tiles, self.geometry, tuple(self.shape), self.spatial_dim, fill)
 
     def halo(self, tile_height: int, tile_width: int, top: int, left: int, fill: float = 0.0) -> Tensor:
         """``(B*K, C, th, tw)`` windows of a channels-first map around its visible tiles (see
@@ -183,6 +180,44 @@ class SparseMap(Tensor):
         rows = torch.nn.functional.pad(t.permute(0, 2, 3, 1).reshape(n * f * f, c), (0, 0, 0, 1), value=fill)
         windows = torch.nn.functional.embedding(index, rows).view(n, tile_height, tile_width, c).permute(0, 3, 1, 2)
         return windows.contiguous(memory_format=own)
+
+
+def _strides(shape, memory_format: torch.memory_format) -> list[int]:
+    """The strides of a dense tensor of ``shape`` in ``memory_format`` (channels-last: the
+    channel dim 1 innermost)."""
+    order = [0, *range(2, len(shape)), 1] if memory_format is torch.channels_last else list(range(len(shape)))
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d], step = step, step * shape[d]
+    return strides
+
+
+def scatter(tiles: Tensor, geometry: Geometry, shape: tuple, spatial_dim: int, fill: float = 0.0,
+            memory_format: torch.memory_format | None = None) -> Tensor:
+    """A fresh dense tensor of logical ``shape``, ``fill`` at masked sites and ``tiles`` at the
+    visible ones, in ``memory_format`` (default: the tiles'). Written out of place into a tensor
+    made in the split layout: no permutation, and the backward is one gather of the gradient's
+    tiles (an in-place write would add a copy of the canvas and four more operations)."""
+    s, f = spatial_dim, geometry.factor
+    st = _strides(shape, memory_format_of(tiles) if memory_format is None else memory_format)
+    split_strides = (*st[:s], st[s] * f, st[s], st[s + 1] * f, st[s + 1], *st[s + 2:])
+    base = tiles.new_empty_strided(geometry.split_shape(shape, s), split_strides).fill_(fill)
+    return torch.ops.aten.index_put(base, geometry.index(s), tiles).view(shape)
+
+
+class _Gather(torch.autograd.Function):
+    """The visible tiles of a dense map (in its dim order); the backward scatters the gradient's
+    tiles into zeros laid out as the map was (two operations and a fill, no permutation)."""
+
+    @staticmethod
+    def forward(ctx, dense: Tensor, geometry: Geometry, spatial_dim: int) -> Tensor:
+        ctx.geometry, ctx.spatial_dim, ctx.shape = geometry, spatial_dim, tuple(dense.shape)
+        ctx.memory_format = memory_format_of(dense)
+        return torch.ops.aten.index(geometry.split_view(dense, spatial_dim), geometry.index(spatial_dim))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return scatter(grad, ctx.geometry, ctx.shape, ctx.spatial_dim, 0.0, ctx.memory_format), None, None
 
 
 class _GradientIn(torch.autograd.Function):
@@ -208,12 +243,9 @@ def to_dense(t):
 
 
 def to_tiles(t: Tensor, geometry: Geometry, spatial_dim: int) -> SparseMap:
-    """Gather the visible tiles of a dense tensor laid out like a map at ``geometry`` (a
-    channels-last ``(B, C, H, W)`` one as channel vectors, into channels-last tiles)."""
-    if spatial_dim == 2 and memory_format_of(t) is torch.channels_last:
-        tiles = geometry.split_view(t.permute(0, 2, 3, 1), 1)[geometry.index(1)]
-        return SparseMap(tiles.permute(0, 3, 1, 2), geometry, 2)
-    return SparseMap(geometry.split_view(t, spatial_dim)[geometry.index(spatial_dim)], geometry, spatial_dim)
+    """Gather the visible tiles of a dense tensor laid out like a map at ``geometry`` (tiles in
+    its dim order: channels-last tiles from a channels-last ``(B, C, H, W)`` map)."""
+    return SparseMap(_Gather.apply(t, geometry, spatial_dim), geometry, spatial_dim)
 
 
 def replace_maps(obj, fn):
