@@ -15,6 +15,11 @@ from sparkmim.sparse.table import RULES, SPELLINGS, resolve
 # must be added here too, so that the choice is made knowingly.
 CANVAS_FALLBACKS = {F.conv_transpose2d, F.interpolate, F.upsample,
                     torch.convolution, torch._convolution}  # the last two: convolutions that are not 2-D
+# 3-D layers: models of volumes and clips run in the reference form (the fast form's tiles are 2-D)
+CANVAS_FALLBACKS |= {F.conv3d, F.conv_transpose3d, F.avg_pool3d, F.max_pool3d, F.max_pool3d_with_indices,
+                     torch.max_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d}
+if hasattr(F, "_max_pool3d"):
+    CANVAS_FALLBACKS.add(F._max_pool3d)
 
 
 def test_every_rule_has_a_reference_handler_and_exactly_the_listed_ones_fall_back_to_the_canvas():

@@ -7,7 +7,7 @@ from functools import partial
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_backbone", "stochastic_depth_rates", "norm_kind",
+__all__ = ["create_timm", "create_torchvision", "create_monai", "create_backbone", "feature_modules_for", "spatial_dims_for", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates", "norm_kind",
            "strip_classifier", "TESTED_TIMM",
            "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
@@ -90,18 +90,74 @@ def strip_classifier(model: nn.Module) -> nn.Module:
 
 
 def create_torchvision(name: str, **kwargs) -> nn.Module:
-    """A torchvision classification model (random init unless ``weights`` is given), classifier removed."""
+    """A torchvision classification or video model (random init unless ``weights`` is given),
+    classifier removed."""
     import torchvision
 
-    known = torchvision.models.list_models(module=torchvision.models)
+    known = torchvision.models.list_models(module=torchvision.models) + torchvision.models.list_models(
+        module=torchvision.models.video)
     if name not in known:
         raise ValueError(f"unknown torchvision model '{name}'{_suggest(name, known)}")
     kwargs.setdefault("weights", None)
     return strip_classifier(torchvision.models.get_model(name, **kwargs))
 
 
+# MONAI networks for volumes (spatial_dims=3): name -> (constructor, its channel argument, feature
+# modules, or None to find them by stride). Classifiers are left out where the constructor allows.
+_MONAI = {
+    "resnet10": ("resnet10", "n_input_channels", None),
+    "resnet18": ("resnet18", "n_input_channels", None),
+    "resnet34": ("resnet34", "n_input_channels", None),
+    "resnet50": ("resnet50", "n_input_channels", None),
+    "densenet121": ("DenseNet121", "in_channels", None),
+    "segresnet": ("SegResNet", "in_channels", [f"down_layers.{i}" for i in range(4)]),
+}
+TESTED_MONAI = list(_MONAI)  # tests/test_3d.py (ResNet-10 and SegResNet at small widths; ResNet-50, DenseNet-121 slow)
+TESTED_TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18"]  # tests/test_3d.py, slow
+
+
+def create_monai(name: str, in_chans: int = 1, **kwargs) -> nn.Module:
+    """A MONAI network for volumes (``spatial_dims=3``, random init): ResNet-10/18/34/50 without
+    their classifier, DenseNet-121, SegResNet (its encoder is used: :func:`feature_modules_for`)."""
+    if name not in _MONAI:
+        raise ValueError(f"unknown MONAI model '{name}' (sparkmim builds {', '.join(_MONAI)}){_suggest(name, _MONAI)}")
+    try:
+        import monai.networks.nets as nets
+    except ImportError as e:
+        raise ValueError(f"monai:{name} needs MONAI: pip install 'sparkmim[3d]'") from e
+    constructor, channels_arg, _ = _MONAI[name]
+    kwargs = {"spatial_dims": 3, channels_arg: in_chans, **kwargs}
+    if name.startswith("resnet"):
+        kwargs.setdefault("feed_forward", False)
+    else:
+        kwargs.setdefault("out_channels", 1)
+    return getattr(nets, constructor)(**kwargs)
+
+
+def spatial_dims_for(name: str) -> int:
+    """3 for a model of volumes or clips (``monai:NAME``, torchvision video models), else 2."""
+    if name.startswith("monai:"):
+        return 3
+    if name.startswith("timm:"):
+        return 2
+    import torchvision
+
+    video = torchvision.models.list_models(module=torchvision.models.video)
+    return 3 if name.removeprefix("torchvision:") in video else 2
+
+
+def feature_modules_for(name: str) -> list[str] | None:
+    """The feature modules of a backbone whose maps the stride search would take from the wrong
+    place (the encoder half of a UNet, e.g. ``monai:segresnet``), else None."""
+    if name.startswith("monai:"):
+        found = _MONAI.get(name.removeprefix("monai:"))
+        return found[2] if found else None
+    return None
+
+
 def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None, **kwargs) -> nn.Module:
-    """``timm:NAME``, ``torchvision:NAME``, or a bare name (timm first, then torchvision).
+    """``timm:NAME``, ``torchvision:NAME`` (image and video models), ``monai:NAME`` (volumes), or
+    a bare name (timm first, then torchvision).
 
     ``drop_path`` sets the backbone's stochastic-depth rate (timm ``drop_path_rate``, torchvision
     ``stochastic_depth_prob``); 0 turns it off, None keeps the model's own default. A rate above 0
@@ -109,6 +165,10 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
     import timm
     import torchvision
 
+    if name.startswith("monai:"):
+        if drop_path:
+            raise ValueError(f"{name} has no stochastic depth: use --drop-path 0 with this model")
+        return create_monai(name.removeprefix("monai:"), in_chans, **kwargs)
     torchvision_model = name.startswith("torchvision:") or (
         not name.startswith("timm:") and not timm.is_model(name)
         and name in torchvision.models.list_models(module=torchvision.models))

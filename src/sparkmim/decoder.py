@@ -29,15 +29,20 @@ def sincos_2d(channels: int, height: int, width: int, *, device=None, dtype=None
     return emb.to(dtype or torch.get_default_dtype())
 
 
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
 class Densify(nn.Module):
     """Per-scale densify: sparse norm, fill masked sites with a learnable mask token, project.
 
     ``D = proj(where(visible, norm(S), mask_token))``; the projection is 1x1 at the coarsest
-    scale (identity when the widths already match) and 3x3 elsewhere.
+    scale (identity when the widths already match) and 3x3 elsewhere (1x1x1 and 3x3x3 for 3-D
+    maps, ``spatial_dims=3``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, coarsest: bool, norm: str = "bn",
-                 token_std: float = 0.02, pos_embed: bool = False):
+                 token_std: float = 0.02, pos_embed: bool = False, spatial_dims: int = 2):
         super().__init__()
         if norm == "bn":
             self.norm: nn.Module = MaskedBatchNorm2d(in_channels)
@@ -47,7 +52,9 @@ class Densify(nn.Module):
             self.norm = nn.Identity()
         else:
             raise ValueError(f"densify norm must be 'bn', 'ln' or 'none', got {norm!r}")
-        self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
+        if pos_embed and spatial_dims != 2:
+            raise ValueError("position embeddings are 2-D only")
+        self.mask_token = nn.Parameter(torch.zeros(1, in_channels, *([1] * spatial_dims)))
         nn.init.trunc_normal_(self.mask_token, mean=0.0, std=token_std, a=-token_std, b=token_std)
         if coarsest and in_channels == out_channels:
             self.proj: nn.Module = nn.Identity()
@@ -55,10 +62,10 @@ class Densify(nn.Module):
             # PyTorch's default initialisation (uniform, bound 1 / sqrt(fan_in), bias included), as
             # in the reference recipe, where the projections sit outside the decoder's own init
             k = 1 if coarsest else 3
-            self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
+            self.proj = _CONV[spatial_dims](in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
         self.pos_embed = pos_embed
 
-    def forward(self, feature: Tensor, masks: MaskPyramid, factor: int) -> Tensor:
+    def forward(self, feature: Tensor, masks: MaskPyramid, factor) -> Tensor:
         x = feature if isinstance(self.norm, nn.Identity) else self.norm(feature, masks, factor)
         x = torch.where(masks.at(factor), x, self.mask_token.to(x.dtype))
         x = self.proj(x)
@@ -68,16 +75,27 @@ class Densify(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """2x transposed-conv upsampling followed by two 3x3 conv-BN layers (ReLU6 between)."""
+    """2x transposed-conv upsampling followed by two 3x3 conv-BN layers (ReLU6 between).
 
-    def __init__(self, cin: int, cout: int):
+    For 3-D maps, ``up`` gives the factor (2 or 1) per axis: an axis that is not upsampled gets
+    a stride-1, kernel-3 transposed convolution (the same receptive field, the same size)."""
+
+    def __init__(self, cin: int, cout: int, up: tuple[int, ...] = (2, 2)):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        n = len(up)
+        if n == 2 and up == (2, 2):
+            self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        else:
+            if any(u not in (1, 2) for u in up):
+                raise ValueError(f"decoder up-sampling factors must be 1 or 2 per axis, got {up}")
+            self.up = _CONV_T[n](cin, cin, kernel_size=tuple(4 if u == 2 else 3 for u in up), stride=up,
+                                 padding=1, bias=True)
+        conv = _CONV[n]
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
+            conv(cin, cin, kernel_size=3, padding=1, bias=False),
             SyncableBatchNorm2d(cin),
             nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+            conv(cin, cout, kernel_size=3, padding=1, bias=False),
             SyncableBatchNorm2d(cout),
         )
 
@@ -89,17 +107,30 @@ class LightDecoder(nn.Module):
     """UNet-style decoder of appendix A: ``depth`` blocks, width halving each time, then a 1x1 head.
 
     ``forward(inputs)`` takes one tensor (or None) per block, coarsest first; input ``i`` is
-    added before block ``i``.
+    added before block ``i``. ``patch_size`` (3-D: one per axis, e.g. ``(8, 16, 16)``) sets the
+    up-sampling of each block: block ``i`` doubles the axes whose patch size exceeds ``2**i``, so
+    the input of block ``i`` sits at ``min(2**i, P)`` sites per patch along each axis (see
+    :meth:`level_factor`); with ``patch_size`` None the decoder is 2-D with ``depth`` blocks.
     """
 
-    def __init__(self, width: int = 768, depth: int = 5, out_channels: int = 3):
+    def __init__(self, width: int = 768, depth: int = 5, out_channels: int = 3, patch_size=None):
         super().__init__()
+        if patch_size is not None:
+            depth = self.depth_for(patch_size)
         if width % (2 ** depth):
             raise ValueError(f"decoder width {width} must be divisible by 2**{depth} (it halves per block)")
+        self.patch = (2**depth, 2**depth) if patch_size is None or isinstance(patch_size, int) else tuple(patch_size)
         self.widths = [width // 2**i for i in range(depth + 1)]
-        self.blocks = nn.ModuleList(DecoderBlock(a, b) for a, b in zip(self.widths[:-1], self.widths[1:]))
-        self.head = nn.Conv2d(self.widths[-1], out_channels, kernel_size=1, bias=True)
+        ups = [tuple(2 if 2**i < p else 1 for p in self.patch) for i in range(depth)]
+        self.blocks = nn.ModuleList(DecoderBlock(a, b, up) for a, b, up in zip(self.widths[:-1], self.widths[1:], ups))
+        self.head = _CONV[len(self.patch)](self.widths[-1], out_channels, kernel_size=1, bias=True)
         self.reset_parameters()
+
+    def level_factor(self, level: int):
+        """Sites per patch of the input of block ``level`` (an int for 2-D, one per axis for 3-D)."""
+        if len(self.patch) == 2:
+            return 2**level
+        return tuple(min(2**level, p) for p in self.patch)
 
     def reset_parameters(self) -> None:
         """The reference recipe's initialisation (what produced the paper's results):
@@ -107,11 +138,11 @@ class LightDecoder(nn.Module):
         convolutions kaiming-normal (fan-out, ReLU gain: std ``sqrt(2 / (16 * width))``) with
         zero bias; norms weight 1, bias 0."""
         for m in self.modules():
-            if isinstance(m, nn.ConvTranspose2d):
+            if isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Conv2d):
+            elif isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)) and m.bias is not None:
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -128,8 +159,10 @@ class LightDecoder(nn.Module):
         return self.head(x)
 
     @staticmethod
-    def depth_for(patch_size: int) -> int:
-        depth = round(math.log2(patch_size))
-        if 2**depth != patch_size:
-            raise ValueError(f"patch size {patch_size} must be a power of 2")
-        return depth
+    def depth_for(patch_size) -> int:
+        """Blocks needed to go from one site per patch to the patch size (along its largest axis)."""
+        sizes = (patch_size,) if isinstance(patch_size, int) else tuple(patch_size)
+        for p in sizes:
+            if p < 1 or p & (p - 1):
+                raise ValueError(f"patch size {patch_size} must be a power of 2 (along each axis)")
+        return round(math.log2(max(sizes)))

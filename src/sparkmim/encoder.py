@@ -15,8 +15,9 @@ from .features import (
     _pick_tensor,
     _StopForward,
     discover_features,
+    spatial_dims_of,
 )
-from .masking import MaskPyramid, grid_size
+from .masking import MaskPyramid, grid_of
 from .sparse import SPARSE_IMPLS, SparseSemanticsError, sparse_form
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
@@ -37,7 +38,7 @@ class _CaptureHook:
             return None
         t = _pick_tensor(out, owner._sizes[self.name])
         if t is None:
-            raise RuntimeError(f"feature module '{self.name}' did not return a 4-D feature map")
+            raise RuntimeError(f"feature module '{self.name}' did not return a feature map")
         owner._capture[self.name] = t
         if self.name == owner._stop_at:
             raise _StopForward
@@ -48,7 +49,8 @@ class SparseEncoder(nn.Module):
     """Wrap a convolutional network so that ``enc(x, visible)`` encodes only visible patches.
 
     Args:
-        model: any ``nn.Module`` producing 2-D feature maps. It is used as is: no layer is
+        model: any ``nn.Module`` producing 2-D feature maps, or 3-D ones (volumes, clips: a
+            model whose first convolution is a ``Conv3d``). It is used as is: no layer is
             replaced or edited, so ``enc.model.state_dict()`` has exactly the original keys.
         feature_modules: names of the submodules whose outputs are the hierarchical features.
             Default: read from timm's ``feature_info`` when present, else found by a probe
@@ -58,17 +60,22 @@ class SparseEncoder(nn.Module):
         sparse_impl: how the sparse semantics are computed (same results either way):
             ``"fast"`` (default) holds feature maps as their visible sites only and computes
             nothing at masked sites; ``"reference"`` runs every layer densely and masks the
-            result. Masks with different visible counts per sample, and forwards traced by
-            ``torch.compile``, use the reference form.
+            result. Masks with different visible counts per sample, forwards traced by
+            ``torch.compile``, and 3-D models (for now) use the reference form.
         in_chans: input channels; default read from the first convolution.
-        probe_size: image side used to discover strides (must be a multiple of the total stride).
-        min_stride: feature maps finer than this stride are not used (the paper uses 4..32).
+        probe_size: image side used to discover strides (must be a multiple of the total stride;
+            default 128, and 64 per side for 3-D models).
+        min_stride: feature maps finer than this stride are not used (the paper uses 4..32; for
+            3-D models the stride along the most strided axis, default 2: video ResNets without
+            a max pool reach 16, so their four scales are 2..16).
         check: run a sparse probe forward at build time, so an unsupported layer is reported
             now, with its module path, instead of during training.
 
     ``enc(x, visible)`` takes images ``(B, C, H, W)`` and a bool mask ``(B, 1, H/P, W/P)``
     (``True`` = visible; or a :class:`MaskPyramid`) and returns the feature maps at
     ``enc.strides`` (ascending), zero at masked sites. ``enc(x)`` runs the original dense model.
+    For 3-D models the inputs are ``(B, C, D, H, W)``, masks ``(B, 1, D/Pd, H/Ph, W/Pw)``, and
+    strides and ``patch_size`` hold one value per axis.
     """
 
     def __init__(
@@ -79,9 +86,10 @@ class SparseEncoder(nn.Module):
         sparse: bool = True,
         sparse_impl: str = "fast",
         in_chans: int | None = None,
-        probe_size: int = 128,
-        min_stride: int = 4,
+        probe_size: int | None = None,
+        min_stride: int | None = None,
         check: bool = True,
+        spatial_dims: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -90,20 +98,28 @@ class SparseEncoder(nn.Module):
             raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {sparse_impl!r}")
         self.sparse_impl = sparse_impl
         self.in_chans = in_chans or _first_conv_in_chans(model)
+        self.spatial_dims = spatial_dims or spatial_dims_of(model)
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.spatial_dims == 3:
+            self.sparse_impl = "reference"  # the fast form's tiles are 2-D for now
+            probe_size, min_stride = probe_size or 64, min_stride or 2
+        probe_size, min_stride = probe_size or 128, min_stride or 4
         self._capture: dict[str, Tensor] | None = None
         self._index_constants: dict = {}  # the fast form's mask-independent index pieces, per device and layer shape
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
         # parameters that do not reach any feature map (e.g. a classifier head), found by check()
         self.unused_parameters: list[str] | None = None
-        specs, self._stop_at = discover_features(model, feature_modules, self.in_chans, probe_size, min_stride)
+        specs, self._stop_at = discover_features(model, feature_modules, self.in_chans, probe_size, min_stride,
+                                                 self.spatial_dims)
         self.features: list[FeatureSpec] = specs
         self.strides = tuple(s.stride for s in specs)
         self.channels = tuple(s.channels for s in specs)
         self.patch_size = self.strides[-1]
         for s in specs:
-            if s.stride & (s.stride - 1):
+            if any(a & (a - 1) for a in self._axes(s.stride)):
                 raise ValueError(f"feature '{s.module}' has stride {s.stride}, which is not a power of 2")
-        self._sizes: dict[str, tuple[int, int]] = {}
+        self._sizes: dict[str, tuple[int, ...]] = {}
         self._hooks = [self.model.get_submodule(s.module).register_forward_hook(_CaptureHook(self, s.module))
                        for s in specs]
         if check:
@@ -125,9 +141,21 @@ class SparseEncoder(nn.Module):
 
         return cls(create_torchvision(name, **tv_kwargs), **(encoder_kwargs or {}))
 
+    def _axes(self, value) -> tuple[int, ...]:
+        """A stride or factor (an int, or one per axis) as one int per spatial axis."""
+        return tuple(value) if isinstance(value, tuple) else (value,) * self.spatial_dims
+
+    def factor_of_stride(self, stride):
+        """Sites per patch of the map at ``stride``: an int for 2-D models, one per axis for 3-D."""
+        if self.spatial_dims == 2:
+            return self.patch_size // stride
+        return tuple(p // s for p, s in zip(self.patch_size, stride))
+
     def _run(self, x: Tensor) -> list[Tensor]:
         fn = getattr(self.model, "forward_features", None) or self.model
-        self._sizes = {s.module: (x.shape[-2] // s.stride, x.shape[-1] // s.stride) for s in self.features}
+        n = self.spatial_dims
+        self._sizes = {s.module: tuple(a // b for a, b in zip(x.shape[-n:], self._axes(s.stride)))
+                       for s in self.features}
         self._capture = {}
         try:
             fn(x)
@@ -183,10 +211,16 @@ class SparseEncoder(nn.Module):
         try:
             self.model.train()
             last_error = None
-            for gh, gw in ((2, 3), (2, 2)):
-                x = torch.randn(2, self.in_chans, gh * p, gw * p, generator=torch.Generator().manual_seed(0)).to(**kw)
-                visible = torch.zeros(2, 1, gh, gw, dtype=torch.bool, device=x.device)
-                visible[0, 0, 0, 0] = visible[0, 0, 1, 1] = visible[1, 0, 0, 1] = visible[1, 0, 1, 0] = True
+            n = self.spatial_dims
+            grids = ((2, 3), (2, 2)) if n == 2 else ((1, 2, 3), (2, 2, 2))
+            for grid in grids:
+                sizes = [g * a for g, a in zip(grid, self._axes(p))]
+                x = torch.randn(2, self.in_chans, *sizes, generator=torch.Generator().manual_seed(0)).to(**kw)
+                # two visible patches per sample, diagonal neighbours (sample 0) and the other pair (sample 1)
+                visible = torch.zeros(2, 1, *grid, dtype=torch.bool, device=x.device)
+                lead = (0,) * (n - 2)
+                visible[(0, 0, *lead, 0, 0)] = visible[(0, 0, *lead, 1, 1)] = True
+                visible[(1, 0, *lead, 0, 1)] = visible[(1, 0, *lead, 1, 0)] = True
                 masks = MaskPyramid(visible, keep=2)
                 try:
                     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -198,9 +232,9 @@ class SparseEncoder(nn.Module):
                     path.clear()
                     continue
                 for f, s in zip(feats, self.features):
-                    if masks.factor(*f.shape[-2:]) != p // s.stride:
+                    if masks.factor(*f.shape[-n:]) != self.factor_of_stride(s.stride):
                         raise SparseSemanticsError(
-                            f"feature '{s.module}' has size {tuple(f.shape[-2:])} for a {tuple(x.shape[-2:])} input; "
+                            f"feature '{s.module}' has size {tuple(f.shape[-n:])} for a {tuple(x.shape[-n:])} input; "
                             f"expected stride {s.stride}"
                         )
                 reached = _graph_leaves(feats)
@@ -227,20 +261,24 @@ class SparseEncoder(nn.Module):
             x = torch.where(masks.at(self.patch_size), x, 0.0)
         with form:
             feats = self._run(form.enter(x))
-        return [form.exit(f, self.patch_size // s) for f, s in zip(feats, self.strides)]
+        return [form.exit(f, self.factor_of_stride(s)) for f, s in zip(feats, self.strides)]
 
     def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
-        """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides``."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides`` (and
+        ``(B, C_i, D / s_i, H / s_i, W / s_i)``, per axis, for 3-D models)."""
+        n = self.spatial_dims
+        if x.dim() != n + 2 or x.shape[1] != self.in_chans:
+            shape = "images of shape (B, {}, H, W)" if n == 2 else "volumes or clips of shape (B, {}, D, H, W)"
+            raise ValueError(f"expected {shape.format(self.in_chans)}, got {tuple(x.shape)}")
         if visible is None:
             return self._run(x)
-        grid = grid_size(x.shape[-2], x.shape[-1], self.patch_size)
+        grid = grid_of(tuple(x.shape[-n:]), self._axes(self.patch_size))
         masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
-        if (masks.h, masks.w) != grid or masks.batch != x.shape[0]:
+        if masks.grid != grid or masks.batch != x.shape[0]:
             raise ValueError(
-                f"mask of grid {masks.batch}x{masks.h}x{masks.w} does not match images {tuple(x.shape)} "
-                f"with patch size {self.patch_size} (expected {x.shape[0]}x{grid[0]}x{grid[1]})"
+                f"mask of grid {'x'.join(map(str, (masks.batch, *masks.grid)))} does not match inputs "
+                f"{tuple(x.shape)} with patch size {self.patch_size} (expected "
+                f"{'x'.join(map(str, (x.shape[0], *grid)))})"
             )
         return self._encode(x, masks)
 

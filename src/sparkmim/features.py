@@ -9,6 +9,7 @@ may stop (:class:`_StopForward`), so a classifier head is never run.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -27,8 +28,8 @@ class _StopForward(Exception):
 class FeatureSpec:
     """Where one feature map comes from: module name, stride and channel count."""
 
-    def __init__(self, module: str, stride: int, channels: int):
-        self.module, self.stride, self.channels = module, stride, channels
+    def __init__(self, module: str, stride, channels: int):
+        self.module, self.stride, self.channels = module, stride, channels  # stride: int, or one per axis (3-D)
 
     def __repr__(self) -> str:
         return f"FeatureSpec(module={self.module!r}, stride={self.stride}, channels={self.channels})"
@@ -36,9 +37,17 @@ class FeatureSpec:
 
 def _first_conv_in_chans(model: nn.Module) -> int:
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             return m.in_channels
     return 3
+
+
+def spatial_dims_of(model: nn.Module) -> int:
+    """3 when the model's first convolution is 3-D (volumes, clips), else 2 (images)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return 3 if isinstance(m, nn.Conv3d) else 2
+    return 2
 
 
 def _param_kwargs(model: nn.Module) -> dict:
@@ -48,14 +57,15 @@ def _param_kwargs(model: nn.Module) -> dict:
     return {"device": p.device, "dtype": p.dtype}
 
 
-def _pick_tensor(out, size: tuple[int, int] | None = None):
+def _pick_tensor(out, size: tuple[int, ...] | None = None):
     """A module's output as one feature map: the tensor itself, or the element of a list/tuple
-    (multi-branch stages such as HRNet's) with the wanted spatial size."""
+    (multi-branch stages such as HRNet's) with the wanted spatial size (of 2 or 3 dims)."""
     if isinstance(out, Tensor):
         return out
     if isinstance(out, (list, tuple)):
+        n = 2 if size is None else len(size)
         for t in out:
-            if isinstance(t, Tensor) and t.dim() == 4 and (size is None or tuple(t.shape[-2:]) == size):
+            if isinstance(t, Tensor) and t.dim() == n + 2 and (size is None or tuple(t.shape[-n:]) == size):
                 return t
     return None
 
@@ -65,7 +75,7 @@ _ATTENTION = re.compile(r"attn|attention|transformer|lambdalayer", re.IGNORECASE
 _CHANNEL_ATTENTION = ("SplitAttn", "SelectiveKernelAttn")
 
 
-def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: int, chans: int,
+def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: str, chans: int,
                    error: Exception) -> str:
     """Why a dense probe forward failed, naming the layer that raised; for self-attention and
     fixed-size models (ViT, Swin, BoTNet, MaxViT, ...) says that they cannot be made sparse."""
@@ -79,7 +89,7 @@ def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size
 
     layers = [m for _, m in list(model.named_modules())[1:]]
     attention = [m for m in running if is_attention(m)] or [m for m in layers if is_attention(m)]
-    text = (f"a probe forward of {type(model).__name__} on a {size}x{size} input with {chans} channels failed "
+    text = (f"a probe forward of {type(model).__name__} on a {size} input with {chans} channels failed "
             f"in {where}: {reason}")
     if attention:
         first = attention[0]
@@ -109,8 +119,8 @@ class _Probe:
     """One dense forward that records, for candidate modules, the output shape (and, for stages
     returning several maps, the outputs themselves) and the order in which they finish."""
 
-    def __init__(self, model: nn.Module, candidates: dict[str, nn.Module]):
-        self.model, self.candidates = model, candidates
+    def __init__(self, model: nn.Module, candidates: dict[str, nn.Module], spatial_dims: int = 2):
+        self.model, self.candidates, self.spatial_dims = model, candidates, spatial_dims
         self.seen: dict[str, tuple[tuple[int, ...], list | tuple | None]] = {}
         self.order: list[str] = []
         # the modules being run, outermost first (a module leaves the list only when it finishes,
@@ -142,21 +152,28 @@ class _Probe:
         was_training = model.training
         model.eval()
         try:
-            x = torch.zeros(1, in_chans, size, size, **_param_kwargs(model))
+            x = torch.zeros(1, in_chans, *([size] * self.spatial_dims), **_param_kwargs(model))
             (getattr(model, "forward_features", None) or model)(x)
         except Exception as e:
             names = {m: n for n, m in model.named_modules()}
-            raise SparseSemanticsError(_probe_failure(model, self.running, names, size, in_chans, e)) from e
+            shown = "x".join([str(size)] * self.spatial_dims)
+            raise SparseSemanticsError(_probe_failure(model, self.running, names, shown, in_chans, e)) from e
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
 
-    def stride_of(self, name: str, size: int) -> int | None:
-        """The stride of a module's single square output map, or None."""
+    def stride_of(self, name: str, size: int):
+        """The stride of a module's single square output map, or None; for 3-D models, the stride
+        along each axis (an output of at least 2 along each, dividing the probe)."""
         shape, multi = self.seen[name]
         if multi is not None:  # multi-branch stage: its branches are picked by the listed order
             return None
+        if self.spatial_dims == 3:
+            out = shape[2:]
+            if len(shape) != 5 or any(o <= 1 or size % o for o in out):
+                return None
+            return tuple(size // o for o in out)
         if len(shape) != 4 or shape[-2] <= 1 or shape[-2] != shape[-1] or size % shape[-1]:
             return None
         return size // shape[-1]
@@ -169,7 +186,7 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
     expected = None
     for n in names:
         if n not in probe.seen:
-            raise ValueError(f"feature module '{n}' produced no 4-D feature map in a probe forward")
+            raise ValueError(f"feature module '{n}' produced no {probe.spatial_dims + 2}-D feature map in a probe forward")
         shape, multi = probe.seen[n]
         if multi is not None:
             expected = min_stride if expected is None else expected * 2
@@ -180,45 +197,62 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
             continue
         s = probe.stride_of(n, size)
         if s is None:
-            raise ValueError(f"feature module '{n}' output {shape} is not a square map of a {size}px probe")
+            what = f"square map of a {size}px probe" if probe.spatial_dims == 2 else f"map of a {size}^3 probe"
+            raise ValueError(f"feature module '{n}' output {shape} is not a {what}")
         expected = s
         specs.append(FeatureSpec(n, s, shape[1]))
     return specs
 
 
+def _coarser(a, b) -> bool:
+    """Whether stride ``b`` is a whole multiple of stride ``a``; for 3-D strides, per axis and on
+    the decoder's ladder: the factors ``b / a`` along the axes are ``min(k, b)`` for one ``k``
+    (so ``(8, 16, 16)`` takes ``(2, 4, 4)`` but not ``(1, 4, 4)``, the middle of a
+    (2+1)-D factorised block, which strides the two spatial axes before the temporal one)."""
+    if isinstance(a, tuple):
+        if any(y % x for x, y in zip(a, b)):
+            return False
+        factors = [y // x for x, y in zip(a, b)]
+        k = max(factors)
+        return all(f == min(k, y) for f, y in zip(factors, b))
+    return b % a == 0
+
+
 def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureSpec]:
-    """For each stride >= ``min_stride`` dividing the largest, the last module to finish with it."""
-    by_stride: dict[int, str] = {}
+    """For each stride >= ``min_stride`` (along the most strided axis, for 3-D models) dividing
+    the largest, the last module to finish with it."""
+    by_stride: dict = {}
     for n in probe.order:  # later modules override earlier ones at the same stride
         s = probe.stride_of(n, size)
-        if s is not None and s >= min_stride:
+        if s is not None and (max(s) if isinstance(s, tuple) else s) >= min_stride:
             by_stride[s] = n
     if not by_stride:
         raise ValueError(f"no module of {type(probe.model).__name__} produced a feature map with stride >= {min_stride}")
-    top = max(by_stride)
-    return [FeatureSpec(by_stride[s], s, probe.seen[by_stride[s]][0][1]) for s in sorted(by_stride) if top % s == 0]
+    top = max(by_stride, key=lambda s: math.prod(s) if isinstance(s, tuple) else s)
+    return [FeatureSpec(by_stride[s], s, probe.seen[by_stride[s]][0][1])
+            for s in sorted(by_stride, key=lambda s: math.prod(s) if isinstance(s, tuple) else s) if _coarser(s, top)]
 
 
 @torch.no_grad()
 def discover_features(model: nn.Module, names: Sequence[str] | None, in_chans: int, probe_size: int,
-                      min_stride: int) -> tuple[list[FeatureSpec], str]:
+                      min_stride: int, spatial_dims: int = 2) -> tuple[list[FeatureSpec], str]:
     """The feature maps of ``model`` (ascending stride) and the name of the feature module that
     finishes last (where a forward may stop).
 
     ``names``: the feature modules, or None to read timm's ``feature_info`` or else pick, for each
-    stride, the last module with that stride in a dense probe forward on a ``probe_size`` square.
-    A probe forward that fails raises :class:`SparseSemanticsError` naming the failing layer."""
+    stride, the last module with that stride in a dense probe forward on a ``probe_size`` square
+    (a cube for ``spatial_dims=3``, whose strides are one per axis). A probe forward that fails raises :class:`SparseSemanticsError` naming the failing layer."""
     if names is None:
         names = _timm_feature_modules(model, min_stride)
     candidates = dict(model.named_modules()) if names is None else {n: model.get_submodule(n) for n in names}
     candidates.pop("", None)
-    probe = _Probe(model, candidates)
+    probe = _Probe(model, candidates, spatial_dims)
     probe.run(in_chans, probe_size)
     if names is not None:
         specs = _specs_of_named(probe, names, probe_size, min_stride)
     else:
         specs = _specs_by_stride(probe, probe_size, min_stride)
-    specs.sort(key=lambda s: s.stride)
+    specs.sort(key=lambda s: math.prod(s.stride) if isinstance(s.stride, tuple) else s.stride)
     if len({s.stride for s in specs}) != len(specs):
         raise ValueError(f"feature modules must have distinct strides, got {specs}")
     finish = {n: i for i, n in enumerate(probe.order)}

@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 __all__ = ["patchify", "unpatchify", "normalize_patches", "masked_patch_loss"]
 
 
-def patchify(x: Tensor, patch_size: int) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, L, P * P * C)`` with ``L = (H / P) * (W / P)`` in row-major patch order."""
-    b, c, h, w = x.shape
-    p = patch_size
-    gh, gw = h // p, w // p
-    x = x.reshape(b, c, gh, p, gw, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+def _per_axis(patch_size, n: int) -> tuple[int, ...]:
+    return (patch_size,) * n if isinstance(patch_size, int) else tuple(patch_size)
 
 
-def unpatchify(x: Tensor, patch_size: int, grid: tuple[int, int], channels: int) -> Tensor:
+def patchify(x: Tensor, patch_size) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, L, P * P * C)`` with ``L = (H / P) * (W / P)`` in row-major patch
+    order; likewise ``(B, C, D, H, W)`` with a patch size per axis (or one for all)."""
+    b, c, *sizes = x.shape
+    n = len(sizes)
+    p = _per_axis(patch_size, n)
+    grid = [s // q for s, q in zip(sizes, p)]
+    x = x.reshape(b, c, *[v for pair in zip(grid, p) for v in pair])  # (B, C, g0, p0, g1, p1, ...)
+    order = [0, *range(2, 2 + 2 * n, 2), *range(3, 3 + 2 * n, 2), 1]  # (B, g..., p..., C)
+    return x.permute(order).reshape(b, math.prod(grid), math.prod(p) * c)
+
+
+def unpatchify(x: Tensor, patch_size, grid: tuple[int, ...], channels: int) -> Tensor:
     """Inverse of :func:`patchify`."""
-    b = x.shape[0]
-    p = patch_size
-    gh, gw = grid
-    x = x.reshape(b, gh, gw, p, p, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
+    b, n = x.shape[0], len(grid)
+    p = _per_axis(patch_size, n)
+    x = x.reshape(b, *grid, *p, channels)
+    order = [0, 2 * n + 1, *[v for a in range(n) for v in (1 + a, 1 + n + a)]]  # (B, C, g0, p0, g1, p1, ...)
+    return x.permute(order).reshape(b, channels, *(g * q for g, q in zip(grid, p)))
 
 
 def normalize_patches(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,8 +56,8 @@ def masked_patch_loss(
 
     Args:
         prediction: ``(B, C, H, W)`` in normalised-patch space.
-        images: ``(B, C, H, W)`` the (augmented, normalised) input images.
-        visible: ``(B, 1, H / P, W / P)`` bool, True = visible.
+        images: ``(B, C, H, W)`` the (augmented, normalised) input images (or ``(B, C, D, H, W)``).
+        visible: ``(B, 1, H / P, W / P)`` bool, True = visible (``(B, 1, D / Pd, H / Ph, W / Pw)``).
     """
     target, _, _ = normalize_patches(patchify(images, patch_size), eps)
     per_patch = (patchify(prediction, patch_size) - target).pow(2).mean(dim=-1)  # (B, L)

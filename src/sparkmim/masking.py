@@ -8,11 +8,12 @@ encoder's total stride). ``True`` marks a kept (visible) patch.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
 
-__all__ = ["grid_size", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
+__all__ = ["grid_size", "grid_of", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
 
 
 def seed_for(*parts) -> int:
@@ -41,6 +42,25 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return h, w
 
 
+def grid_of(sizes: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The patch grid of an input of spatial ``sizes`` (2-D or 3-D) with ``patch`` sites per
+    patch along each axis, or a clear error."""
+    if len(sizes) == 2 and len(set(patch)) == 1:
+        return grid_size(sizes[0], sizes[1], patch[0])
+    if any(p < 1 for p in patch):
+        raise ValueError(f"patch size must be positive integers, got {patch}")
+    shown, patch_shown = "x".join(map(str, sizes)), "x".join(map(str, patch))
+    if any(s % p for s, p in zip(sizes, patch)):
+        fit = "x".join(str(max(1, round(s / p)) * p) for s, p in zip(sizes, patch))
+        raise ValueError(f"input size {shown} is not a multiple of the patch size {patch_shown} (the encoder's "
+                         f"total stride along each axis); resize or crop to e.g. {fit}")
+    grid = tuple(s // p for s, p in zip(sizes, patch))
+    if math.prod(grid) < 2:
+        raise ValueError(f"input size {shown} holds a single {patch_shown} patch; masked modeling needs at least "
+                         f"2 patches")
+    return grid
+
+
 def check_mask_ratio(mask_ratio: float) -> float:
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask ratio must be strictly between 0 and 1, got {mask_ratio}")
@@ -56,7 +76,7 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 def random_visible(
     batch: int,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     mask_ratio: float = 0.6,
     *,
     generator: torch.Generator | None = None,
@@ -64,11 +84,10 @@ def random_visible(
 ) -> Tensor:
     """Draw per-sample random masks with exactly ``num_visible`` kept patches each.
 
-    Returns a bool tensor ``(batch, 1, h, w)``. The draw happens on ``device`` (or the
+    Returns a bool tensor ``(batch, 1, *grid)`` (``grid``: ``(h, w)`` or ``(d, h, w)``). The draw happens on ``device`` (or the
     generator's device), so no host synchronisation is needed on accelerators.
     """
-    h, w = grid
-    n = h * w
+    n = math.prod(grid)
     keep = num_visible(n, mask_ratio)
     if generator is not None:
         device = generator.device
@@ -76,26 +95,34 @@ def random_visible(
     kept = noise.argsort(dim=1)[:, :keep]
     visible = torch.zeros(batch, n, dtype=torch.bool, device=noise.device)
     visible.scatter_(1, kept, True)
-    return visible.view(batch, 1, h, w)
+    return visible.view(batch, 1, *grid)
 
 
 class MaskPyramid:
     """One batch's mask, viewed at any stride that divides the patch size.
 
-    ``at(factor)`` gives the mask upsampled by ``factor`` (feature map of size
-    ``(h * factor, w * factor)``); results are cached so every layer at the same stride
-    shares one tensor. ``keep`` is the number of visible patches per sample when it is the
-    same for every sample (always true for masks from :func:`random_visible`), else ``None``.
+    ``visible`` is ``(B, 1, h, w)`` for images or ``(B, 1, d, h, w)`` for volumes and clips
+    (``spatial_dims`` 2 or 3; ``grid`` is its spatial shape). ``at(factor)`` gives the mask
+    upsampled by ``factor`` sites per patch along each axis (an int: the same along every axis;
+    or one int per axis); results are cached so every layer at the same stride shares one
+    tensor. :meth:`factor` names the factor of a map's spatial size: an int for 2-D maps (their
+    factors are equal along both axes), a tuple per axis for 3-D ones (patches may be anisotropic,
+    e.g. ``(8, 32, 32)`` voxels for a clip). ``keep`` is the number of visible patches per sample
+    when it is the same for every sample (always true for masks from :func:`random_visible`),
+    else ``None``.
     """
 
     def __init__(self, visible: Tensor, keep: int | None = None):
-        if visible.dim() != 4 or visible.shape[1] != 1:
-            raise ValueError(f"visible mask must have shape (B, 1, h, w), got {tuple(visible.shape)}")
+        if visible.dim() not in (4, 5) or visible.shape[1] != 1:
+            raise ValueError(f"visible mask must have shape (B, 1, h, w) or (B, 1, d, h, w), got {tuple(visible.shape)}")
         self.visible = visible.bool()
-        self.batch, _, self.h, self.w = visible.shape
+        self.batch = visible.shape[0]
+        self.grid = tuple(visible.shape[2:])
+        self.spatial_dims = len(self.grid)
+        self.h, self.w = self.grid[-2:]
         self.keep = keep
-        self._masks: dict[int, Tensor] = {1: self.visible}
-        self._rows: dict[int, Tensor] = {}
+        self._masks: dict[tuple[int, ...], Tensor] = {(1,) * self.spatial_dims: self.visible}
+        self._rows: dict[tuple[int, ...], Tensor] = {}
         self._patch_ids: Tensor | None = None
 
     @classmethod
@@ -107,51 +134,71 @@ class MaskPyramid:
         same = bool((counts == counts[0]).all())
         return cls(visible, int(counts[0]) if same else None)
 
-    def factor(self, height: int, width: int) -> int | None:
-        """The upsampling factor that maps the patch grid to ``height x width``, or None."""
-        if height % self.h or width % self.w:
+    def factor(self, *sizes: int):
+        """The upsampling factor that maps the patch grid to a map of spatial size ``sizes``: an
+        int for 2-D masks (None unless both axes agree), a tuple per axis for 3-D ones; None when
+        ``sizes`` is not a whole multiple of the grid."""
+        if len(sizes) != self.spatial_dims:
             return None
-        f = height // self.h
-        if f < 1 or f != width // self.w:
-            return None
-        return f
+        factors = []
+        for size, g in zip(sizes, self.grid):
+            if size < g or size % g:
+                return None
+            factors.append(size // g)
+        if self.spatial_dims == 2:
+            return factors[0] if factors[0] == factors[1] else None
+        return tuple(factors)
 
-    def at(self, factor: int) -> Tensor:
-        """Bool mask ``(B, 1, h * factor, w * factor)``."""
-        m = self._masks.get(factor)
-        if m is None:
-            b, h, w = self.batch, self.h, self.w  # each patch's flag repeated over its sites, at once
-            m = self.visible.view(b, 1, h, 1, w, 1).expand(b, 1, h, factor, w, factor).reshape(b, 1, h * factor, w * factor)
-            self._masks[factor] = m
+    def per_axis(self, factor) -> tuple[int, ...]:
+        """``factor`` (an int, or one per axis) as one int per axis."""
+        return (factor,) * self.spatial_dims if isinstance(factor, int) else tuple(factor)
+
+    def at(self, factor) -> Tensor:
+        """Bool mask ``(B, 1, *[g * f for each axis])``."""
+        fs = self.per_axis(factor)
+        m = self._masks.get(fs)
+        if m is None:  # each patch's flag repeated over its sites, at once
+            b, g = self.batch, self.grid
+            split = [n for pair in zip(g, fs) for n in pair]  # (g0, f0, g1, f1, ...)
+            ones = [n for pair in zip(g, (1,) * len(g)) for n in pair]
+            m = self.visible.view(b, 1, *ones).expand(b, 1, *split).reshape(b, 1, *(a * f for a, f in zip(g, fs)))
+            self._masks[fs] = m
         return m
 
     def visible_patch_ids(self) -> Tensor:
-        """``(B, keep)`` indices of each sample's visible patches on the ``h x w`` grid (row-major),
+        """``(B, keep)`` indices of each sample's visible patches on the grid (row-major),
         ascending; needs the same count ``keep`` in every sample, and no host synchronisation."""
         if self.keep is None:
             raise ValueError("visible patch indices need the same number of visible patches in every sample")
         if self._patch_ids is None:
-            flat = self.visible.reshape(self.batch, self.h * self.w).to(torch.uint8)
+            flat = self.visible.reshape(self.batch, -1).to(torch.uint8)
             ids = torch.argsort(flat, dim=1, descending=True, stable=True)[:, : self.keep]
             self._patch_ids = ids.sort(dim=1).values
         return self._patch_ids
 
-    def rows(self, factor: int) -> Tensor:
-        """Indices of the visible sites in a ``(B * H * W)`` row-major flattening, ascending.
+    def rows(self, factor) -> Tensor:
+        """Indices of the visible sites in a ``(B * prod(sizes))`` row-major flattening, ascending.
 
         With a known per-sample count the number of rows is static, so this needs no host
         synchronisation.
         """
-        idx = self._rows.get(factor)
+        fs = self.per_axis(factor)
+        idx = self._rows.get(fs)
         if idx is None:
             if self.keep is not None:  # the sites of the visible patches, in row-major order
                 ids = self.visible_patch_ids()
-                dev, f = ids.device, factor
-                y = (ids // self.w).view(self.batch, -1, 1, 1) * f + torch.arange(f, device=dev).view(1, 1, f, 1)
-                x = (ids % self.w).view(self.batch, -1, 1, 1) * f + torch.arange(f, device=dev).view(1, 1, 1, f)
-                sample = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
-                idx = ((sample * (self.h * f) + y) * (self.w * f) + x).reshape(-1).sort().values
+                dev, n = ids.device, self.spatial_dims
+                flat = torch.arange(self.batch, device=dev).view(-1, 1, *([1] * n))
+                rest = ids
+                coords = []
+                for g in reversed(self.grid):  # the patch's position along each axis
+                    coords.append(rest % g)
+                    rest = rest // g
+                for axis, (c, g, f) in enumerate(zip(reversed(coords), self.grid, fs)):
+                    sites = torch.arange(f, device=dev).view(1, 1, *[f if a == axis else 1 for a in range(n)])
+                    flat = flat * (g * f) + c.view(self.batch, -1, *([1] * n)) * f + sites
+                idx = flat.reshape(-1).sort().values
             else:
-                idx = self.at(factor).reshape(-1).nonzero().squeeze(1)
-            self._rows[factor] = idx
+                idx = self.at(fs).reshape(-1).nonzero().squeeze(1)
+            self._rows[fs] = idx
         return idx

@@ -14,7 +14,7 @@ from .config import LossOn
 from .decoder import Densify, LightDecoder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import MaskPyramid, check_mask_ratio, grid_size, num_visible, random_visible
+from .masking import MaskPyramid, check_mask_ratio, grid_of, grid_size, num_visible, random_visible
 from .weights import ENCODER_PREFIX
 
 __all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
@@ -97,22 +97,35 @@ class SparK(nn.Module):
         self.loss_on = loss_on
         self.norm_pix_eps = norm_pix_eps
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
+        self.spatial_dims = encoder.spatial_dims
         depth = LightDecoder.depth_for(self.patch_size)
-        self.decoder = LightDecoder(decoder_width, depth, out_channels=self.in_chans)
-        # one densify per used scale, coarsest first; level i of the decoder sits at stride P / 2**i
+        self.decoder = LightDecoder(decoder_width, depth, out_channels=self.in_chans,
+                                    patch_size=self.patch_size if self.spatial_dims == 3 else None)
+        # one densify per used scale, coarsest first; the input of decoder block i sits at
+        # 2**i sites per patch (along each axis, up to the patch size there: level_factor)
         scales = list(zip(encoder.strides, encoder.channels))[::-1]
         if not hierarchical:
             scales = scales[:1]
-        self.levels = [depth - round(math.log2(s)) for s, _ in scales]
+        self.levels = []
+        for s, _ in scales:
+            factor = encoder.factor_of_stride(s)
+            level = round(math.log2(max(factor) if isinstance(factor, tuple) else factor))
+            if self.decoder.level_factor(level) != factor:
+                raise ValueError(f"the feature map at stride {s} ({factor} sites per {self.patch_size} patch) "
+                                 f"matches no level of the decoder; pass feature_modules to the encoder")
+            self.levels.append(level)
         self.densify = nn.ModuleList(
             Densify(c, self.decoder.widths[lvl], coarsest=(lvl == 0), norm=self.densify_norm,
-                    token_std=mask_token_std, pos_embed=pos_embed)
+                    token_std=mask_token_std, pos_embed=pos_embed, spatial_dims=self.spatial_dims)
             for (s, c), lvl in zip(scales, self.levels)
         )
 
     # -- stages ------------------------------------------------------------------------------
-    def grid(self, images: Tensor) -> tuple[int, int]:
-        return grid_size(images.shape[-2], images.shape[-1], self.patch_size)
+    def grid(self, images: Tensor) -> tuple[int, ...]:
+        """The patch grid of ``images`` (``(h, w)``, or ``(d, h, w)`` for volumes and clips)."""
+        if self.spatial_dims == 2:
+            return grid_size(images.shape[-2], images.shape[-1], self.patch_size)
+        return grid_of(tuple(images.shape[-3:]), self.patch_size)
 
     def draw_masks(self, images: Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
                    ratio: float | None = None) -> MaskPyramid:
@@ -129,7 +142,7 @@ class SparK(nn.Module):
             visible = visible[rank::world]
         if visible.device != images.device:
             visible = visible.to(images.device, non_blocking=True)
-        return MaskPyramid(visible, keep=num_visible(grid[0] * grid[1], ratio))
+        return MaskPyramid(visible, keep=num_visible(math.prod(grid), ratio))
 
     def forward_encoder(self, images: Tensor, masks: MaskPyramid) -> list[Tensor]:
         """Sparse features, coarsest first: ``[(B, C_i, H / s_i, W / s_i)]``."""
@@ -139,7 +152,7 @@ class SparK(nn.Module):
         """Decoder inputs per level (None where no feature map feeds that level)."""
         inputs: list[Tensor | None] = [None] * len(self.decoder.blocks)
         for feature, densify, level in zip(features, self.densify, self.levels):
-            inputs[level] = densify(feature, masks, 1 << level)
+            inputs[level] = densify(feature, masks, self.decoder.level_factor(level))
         return inputs
 
     def forward_decoder(self, inputs: list[Tensor | None]) -> Tensor:
@@ -154,8 +167,9 @@ class SparK(nn.Module):
         if visible is None:
             return self.draw_masks(images, generator)
         masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
-        if (masks.h, masks.w) != self.grid(images):
-            raise ValueError(f"mask grid {masks.h}x{masks.w} does not match the input grid {self.grid(images)}")
+        if masks.grid != self.grid(images):
+            raise ValueError(f"mask grid {'x'.join(map(str, masks.grid))} does not match the input grid "
+                             f"{self.grid(images)}")
         return masks
 
     def forward(self, images: Tensor, visible: Tensor | MaskPyramid | None = None,

@@ -8,6 +8,8 @@ knows about torch function modes or sparse maps: the functions take plain tensor
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,37 +70,40 @@ def batch_norm_rows(rows: Tensor, running_mean, running_var, weight, bias, train
     return out
 
 
-def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor: int, running_mean, running_var, weight, bias,
+def masked_batch_norm(x: Tensor, masks: MaskPyramid, factor, running_mean, running_var, weight, bias,
                       training: bool, momentum, eps: float, group=None) -> Tensor:
-    """Batch norm of an NCHW map whose statistics come from visible sites only (of all ranks in
-    ``group``); zero elsewhere."""
-    b, c, h, w = x.shape
+    """Batch norm of a channels-first map ``(B, C, *spatial)`` (2-D or 3-D) whose statistics come
+    from visible sites only (of all ranks in ``group``); zero elsewhere."""
+    b, c, *sizes = x.shape
     visible = masks.at(factor)
     if not training and running_mean is not None:
         out = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum or 0.0, eps)
         return torch.where(visible, out, 0.0)
     idx = masks.rows(factor)
-    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, idx)
+    rows = x.movedim(1, -1).reshape(-1, c).index_select(0, idx)
     out_rows = batch_norm_rows(rows, running_mean, running_var, weight, bias, training, momentum, eps, group)
-    out = out_rows.new_zeros(b * h * w, c).index_copy(0, idx, out_rows)
-    return like_format(out.view(b, h, w, c).permute(0, 3, 1, 2), x)
+    out = out_rows.new_zeros(x.numel() // c, c).index_copy(0, idx, out_rows)
+    return like_format(out.view(b, *sizes, c).movedim(-1, 1), x)
 
 
 def masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bias, eps: float) -> Tensor:
-    """Per-sample, per-group normalisation of an NCHW map with moments over its ``visible``
-    sites only (group norm; instance norm with ``groups`` = channels); zero elsewhere."""
-    b, c, h, w = x.shape
-    m = visible.to(x.dtype).view(b, 1, 1, h * w)
-    xg = x.reshape(b, groups, c // groups, h * w)
+    """Per-sample, per-group normalisation of a channels-first map ``(B, C, *spatial)`` with
+    moments over its ``visible`` sites only (group norm; instance norm with ``groups`` =
+    channels); zero elsewhere."""
+    b, c = x.shape[:2]
+    sites = math.prod(x.shape[2:])
+    m = visible.to(x.dtype).view(b, 1, 1, sites)
+    xg = x.reshape(b, groups, c // groups, sites)
     count = m.sum(dim=(2, 3), keepdim=True) * (c // groups)
     mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
     centred = (xg - mean) * m
     var = (centred * centred).sum(dim=(2, 3), keepdim=True) / count
-    out = (centred * torch.rsqrt(var + eps)).view(b, c, h, w)
+    out = (centred * torch.rsqrt(var + eps)).view(x.shape)
+    per_channel = (1, c, *([1] * (x.dim() - 2)))
     if weight is not None:
-        out = out * weight.view(1, c, 1, 1)
+        out = out * weight.view(per_channel)
     if bias is not None:
-        out = out + bias.view(1, c, 1, 1)
+        out = out + bias.view(per_channel)
     return torch.where(visible, out, 0.0)
 
 
@@ -118,9 +123,14 @@ def like_format(out: Tensor, like: Tensor) -> Tensor:
 
 class SyncableBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, once ``sync_group`` is set, takes training statistics over all ranks
-    (on CPU/gloo as well as on GPUs); the state-dict keys are BatchNorm2d's."""
+    (on CPU/gloo as well as on GPUs); the state-dict keys are BatchNorm2d's (which are
+    BatchNorm3d's too). It also normalises 3-D maps ``(B, C, D, H, W)``, for the 3-D decoder."""
 
     sync_group = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (4, 5):
+            raise ValueError(f"expected a 4-D or 5-D input, got {input.dim()}-D")
 
     def _count_batch_and_arguments(self) -> tuple:
         """Count this batch (``num_batches_tracked``, as ``BatchNorm2d.forward`` does) and return
@@ -137,24 +147,24 @@ class SyncableBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.sync_group is None or not self.training:
             return super().forward(x)
-        b, c, h, w = x.shape
-        rows = batch_norm_rows(x.permute(0, 2, 3, 1).reshape(-1, c), *self._count_batch_and_arguments(),
+        b, c, *sizes = x.shape
+        rows = batch_norm_rows(x.movedim(1, -1).reshape(-1, c), *self._count_batch_and_arguments(),
                                group=self.sync_group)
-        return like_format(rows.view(b, h, w, c).permute(0, 3, 1, 2), x)
+        return like_format(rows.view(b, *sizes, c).movedim(-1, 1), x)
 
 
 class MaskedBatchNorm2d(SyncableBatchNorm2d):
     """BatchNorm whose batch (and running) statistics come from visible sites only."""
 
-    def forward(self, x: Tensor, masks: MaskPyramid, factor: int) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, masks: MaskPyramid, factor) -> Tensor:  # type: ignore[override]
         return masked_batch_norm(x, masks, factor, *self._count_batch_and_arguments(), group=self.sync_group)
 
 
 class MaskedLayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map, at every site. It needs no mask (each site is
+    """LayerNorm over the channels of an NCHW (or NCDHW) map, at every site. It needs no mask (each site is
     normalised on its own; masked sites are replaced by the mask token afterwards): ``masks`` and
     ``factor`` are accepted so that it can stand where :class:`MaskedBatchNorm2d` does."""
 
-    def forward(self, x: Tensor, masks: MaskPyramid | None = None, factor: int = 1) -> Tensor:  # type: ignore[override]
-        out = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return like_format(out.permute(0, 3, 1, 2), x)
+    def forward(self, x: Tensor, masks: MaskPyramid | None = None, factor=1) -> Tensor:  # type: ignore[override]
+        out = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return like_format(out.movedim(-1, 1), x)

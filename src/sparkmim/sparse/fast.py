@@ -188,7 +188,7 @@ def adaptive_pool(mode: FastSparseMode, func, x, /, output_size, *args, **kwargs
     x = mode.as_tiles(x)
     if not _channels_first_2d(x):
         return ON_CANVAS
-    size = adaptive_output_size(output_size, x.shape)
+    size = adaptive_output_size(output_size, x.shape, 2)
     if size == tuple(x.shape[-2:]):
         return x
     if size != (1, 1) or args or kwargs.get("return_indices"):

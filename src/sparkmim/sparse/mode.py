@@ -23,6 +23,8 @@ is used, so encoders can run concurrently, and the reference mode is traceable b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -45,31 +47,35 @@ class SparseMode(TorchFunctionMode):
         self.masks = masks
         self.sync_group = sync_group  # process group for batch statistics across ranks, or None
         self.batch = masks.batch
+        self.spatial_dims = masks.spatial_dims  # 2 (images) or 3 (volumes, clips)
         self.path = path  # (module name, type) stack, kept only while probing a model at build time
 
     # -- layout helpers -------------------------------------------------------------------
-    def factor_of(self, t) -> int | None:
-        """Sites per patch side of a channels-first map ``(B, ..., H, W)`` on the mask grid, else None."""
-        if not isinstance(t, Tensor) or t.dim() < 3 or t.shape[0] != self.batch:
+    def factor_of(self, t):
+        """Sites per patch of a channels-first map ``(B, ..., *spatial)`` on the mask grid (an int
+        for 2-D masks, one per axis for 3-D ones; see :meth:`MaskPyramid.factor`), else None."""
+        n = self.spatial_dims
+        if not isinstance(t, Tensor) or t.dim() < n + 1 or t.shape[0] != self.batch:
             return None
-        return self.masks.factor(t.shape[-2], t.shape[-1])
+        return self.masks.factor(*t.shape[-n:])
 
-    def factor_of_channels_last(self, t) -> int | None:
-        """Sites per patch side of a channels-last map ``(B, H, W, C)`` on the mask grid, else None."""
-        if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != self.batch:
+    def factor_of_channels_last(self, t):
+        """Sites per patch of a channels-last map ``(B, *spatial, C)`` on the mask grid, else None."""
+        n = self.spatial_dims
+        if not isinstance(t, Tensor) or t.dim() != n + 2 or t.shape[0] != self.batch:
             return None
-        return self.masks.factor(t.shape[1], t.shape[2])
+        return self.masks.factor(*t.shape[1: n + 1])
 
-    def mask_for(self, t: Tensor, factor: int) -> Tensor:
+    def mask_for(self, t: Tensor, factor) -> Tensor:
         """The visible-site mask at ``factor``, broadcastable to the channels-first map ``t``."""
         m = self.masks.at(factor)
-        if t.dim() == 4:
+        if t.dim() == self.spatial_dims + 2:
             return m
-        return m.view(self.batch, *([1] * (t.dim() - 3)), m.shape[-2], m.shape[-1])
+        return m.view(self.batch, *([1] * (t.dim() - self.spatial_dims - 1)), *m.shape[2:])
 
-    def mask_channels_last(self, factor: int) -> Tensor:
-        """The visible-site mask at ``factor`` as ``(B, H, W, 1)``."""
-        return self.masks.at(factor).permute(0, 2, 3, 1)
+    def mask_channels_last(self, factor) -> Tensor:
+        """The visible-site mask at ``factor`` as ``(B, *spatial, 1)``."""
+        return self.masks.at(factor).movedim(1, -1)
 
     def mask_input(self, x):
         """``x`` with zeros at masked sites if it is a channels-first map on the grid."""
@@ -83,7 +89,9 @@ class SparseMode(TorchFunctionMode):
         f = self.factor_of(out)
         if f is not None:
             return torch.where(self.mask_for(out, f), out, 0.0)
-        if isinstance(out, Tensor) and out.dim() == 4 and out.shape[0] == self.batch and out.shape[-2] * out.shape[-1] > 1:
+        n = self.spatial_dims
+        if isinstance(out, Tensor) and out.dim() == n + 2 and out.shape[0] == self.batch \
+                and math.prod(out.shape[-n:]) > 1:
             self.fail(func, out, "produces a feature map whose size is not a multiple of the patch grid")
         return out
 

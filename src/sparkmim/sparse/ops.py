@@ -16,7 +16,7 @@ from torch import Tensor
 
 __all__ = ["SparseSemanticsError", "OpKind", "KIND_OF", "PASS_THROUGH", "REARRANGING", "MASKED_REDUCTIONS",
            "ONE_DIM_REDUCTIONS", "SCANS", "METADATA_PROPERTIES", "ON_CANVAS", "is_inplace", "pair", "tensors",
-           "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial"]
+           "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial", "per_axis"]
 
 
 class SparseSemanticsError(RuntimeError):
@@ -174,15 +174,27 @@ def reduced_dims(dim, ndim: int) -> tuple[int, ...]:
     return (dim % ndim,)
 
 
-def adaptive_output_size(output_size, shape) -> tuple:
-    """The ``(height, width)`` an adaptive pooling of a map of ``shape`` produces."""
-    return tuple(shape[-2 + i] if s is None else s for i, s in enumerate(pair(output_size)))
+def per_axis(value, n: int) -> tuple:
+    """``n`` values (one per spatial axis) from one value or a sequence of one or ``n``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return (value[0],) * n
+        if len(value) == n:
+            return tuple(value)
+        raise ValueError(f"expected one or {n} values, got {value!r}")
+    return (value,) * n
 
 
-def keeps_spatial(t: Tensor, batch: int, height: int, width: int) -> bool:
-    """Whether ``t`` still holds a ``height x width`` map of ``batch`` samples, channels first or last."""
-    if t.dim() < 3 or t.shape[0] != batch:
+def adaptive_output_size(output_size, shape, n: int = 2) -> tuple:
+    """The spatial size an adaptive pooling (over the last ``n`` dims) of a map of ``shape`` produces."""
+    return tuple(shape[-n + i] if s is None else s for i, s in enumerate(per_axis(output_size, n)))
+
+
+def keeps_spatial(t: Tensor, batch: int, sizes: tuple[int, ...]) -> bool:
+    """Whether ``t`` still holds a map of spatial ``sizes`` of ``batch`` samples, channels first or last."""
+    n = len(sizes)
+    if t.dim() < n + 1 or t.shape[0] != batch:
         return False
-    if t.shape[-2] == height and t.shape[-1] == width:
+    if tuple(t.shape[-n:]) == tuple(sizes):
         return True
-    return t.dim() == 4 and t.shape[1] == height and t.shape[2] == width
+    return t.dim() == n + 2 and tuple(t.shape[1: n + 1]) == tuple(sizes)

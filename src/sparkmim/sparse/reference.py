@@ -71,20 +71,22 @@ def max_pool(mode: SparseMode, func, x, /, *args, **kwargs):
 
 
 def adaptive_pool(mode: SparseMode, func, x, output_size, /, *args, **kwargs):
-    """Pooling to 1x1 over visible sites only (pooling to the map's own size does nothing)."""
+    """Pooling to 1x1 (1x1x1) over visible sites only (pooling to the map's own size does nothing)."""
     f = mode.factor_of(x)
     if f is None:
         return func(x, output_size, *args, **kwargs)
-    size = adaptive_output_size(output_size, x.shape)
-    if size == tuple(x.shape[-2:]):
+    n = mode.spatial_dims
+    size = adaptive_output_size(output_size, x.shape, n)
+    if size == tuple(x.shape[-n:]):
         return mode.mask_output(x, func)
-    if size != (1, 1) or args or kwargs.get("return_indices"):
-        mode.fail(func, x, f"pools to {size}, which only has a sparse meaning for 1x1")
+    if size != (1,) * n or args or kwargs.get("return_indices"):
+        mode.fail(func, x, f"pools to {size}, which only has a sparse meaning for {'x'.join('1' * n)}")
     mask = mode.mask_for(x, f)
-    if func is F.adaptive_max_pool2d:
-        return x.masked_fill(~mask, float("-inf")).amax(dim=(-2, -1), keepdim=True)
-    kept = torch.where(mask, x, 0.0).sum(dim=(-2, -1), keepdim=True)
-    return kept / mask.sum(dim=(-2, -1), keepdim=True).to(x.dtype)
+    dims = tuple(range(-n, 0))
+    if func in (F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+        return x.masked_fill(~mask, float("-inf")).amax(dim=dims, keepdim=True)
+    kept = torch.where(mask, x, 0.0).sum(dim=dims, keepdim=True)
+    return kept / mask.sum(dim=dims, keepdim=True).to(x.dtype)
 
 
 def batch_norm(mode: SparseMode, func, x, running_mean, running_var, weight=None, bias=None,
@@ -92,8 +94,8 @@ def batch_norm(mode: SparseMode, func, x, running_mean, running_var, weight=None
     f = mode.factor_of(x)
     if f is None:
         return func(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if x.dim() != 4:
-        mode.fail(func, x, "is a batch norm over a map that is not 4-D")
+    if x.dim() != mode.spatial_dims + 2:
+        mode.fail(func, x, f"is a batch norm over a map that is not {mode.spatial_dims + 2}-D")
     return masked_batch_norm(x, mode.masks, f, running_mean, running_var, weight, bias, training, momentum, eps,
                              mode.sync_group)
 
@@ -102,8 +104,8 @@ def group_norm(mode: SparseMode, func, x, num_groups, weight=None, bias=None, ep
     f = mode.factor_of(x)
     if f is None:
         return func(x, num_groups, weight, bias, eps)
-    if x.dim() != 4:
-        mode.fail(func, x, "is a group norm over a map that is not 4-D")
+    if x.dim() != mode.spatial_dims + 2:
+        mode.fail(func, x, f"is a group norm over a map that is not {mode.spatial_dims + 2}-D")
     return masked_group_stats_norm(x, mode.masks.at(f), num_groups, weight, bias, eps)
 
 
@@ -114,7 +116,7 @@ def instance_norm(mode: SparseMode, func, x, running_mean=None, running_var=None
         return func(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
         return mode.mask_output(func(x, running_mean, running_var, weight, bias, False, momentum, eps), func)
-    if running_mean is not None or x.dim() != 4:
+    if running_mean is not None or x.dim() != mode.spatial_dims + 2:
         mode.fail(func, x, "is an instance norm with running statistics, which is not supported")
     return masked_group_stats_norm(x, mode.masks.at(f), x.shape[1], weight, bias, eps)
 
@@ -148,9 +150,10 @@ def rearrange(mode: SparseMode, func, args, kwargs):
     out = func(*args, **kwargs)
     if grid_in:
         first = grid_in[0]
-        h, w = (first.shape[-2], first.shape[-1]) if mode.factor_of(first) is not None else first.shape[1:3]
+        n = mode.spatial_dims
+        sizes = tuple(first.shape[-n:] if mode.factor_of(first) is not None else first.shape[1: n + 1])
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, Tensor) and not keeps_spatial(o, mode.batch, h, w):
+            if isinstance(o, Tensor) and not keeps_spatial(o, mode.batch, sizes):
                 mode.fail(func, first, f"rearranges the spatial dims (result {tuple(o.shape)})")
     return out
 
@@ -182,15 +185,16 @@ def reduce(mode: SparseMode, func, name: str, args, kwargs):
 
 
 def _mask_of_reduced_sites(mode: SparseMode, func, x: Tensor, dims: set[int]) -> Tensor | None:
-    """The visible-site mask of ``x`` (channels first, else last) when ``dims`` cover both its
-    spatial dims; None when they cover neither; refused when they cover one."""
-    nd = x.dim()
+    """The visible-site mask of ``x`` (channels first, else last) when ``dims`` cover all its
+    spatial dims; None when they cover none; refused when they cover some."""
+    nd, n = x.dim(), mode.spatial_dims
     first, last = mode.factor_of(x), mode.factor_of_channels_last(x)
-    if first is not None and {nd - 2, nd - 1} <= dims:
+    spatial_first, spatial_last = set(range(nd - n, nd)), set(range(1, n + 1))
+    if first is not None and spatial_first <= dims:
         return mode.mask_for(x, first)
-    if last is not None and {1, 2} <= dims:
+    if last is not None and spatial_last <= dims:
         return mode.mask_channels_last(last)
-    if (first is not None and not dims & {nd - 2, nd - 1}) or (last is not None and not dims & {1, 2}):
+    if (first is not None and not dims & spatial_first) or (last is not None and not dims & spatial_last):
         return None
     mode.fail(func, x, f"reduces over part of the spatial dims (dims {sorted(dims)})")
 

@@ -70,6 +70,20 @@ def _rules() -> dict[Callable, Rule]:
     }
     if hasattr(F, "_max_pool2d"):
         rules[F._max_pool2d] = max_pool
+    # volumes and clips (3-D maps run in the reference form only: no fast kernels yet)
+    max_pool_3d = Rule(reference.max_pool, fast=None, fill=float("-inf"))
+    rules.update({
+        F.conv3d: canvas,
+        F.conv_transpose3d: canvas,
+        F.avg_pool3d: Rule(reference.avg_pool, fast=None),
+        F.max_pool3d: max_pool_3d,
+        F.max_pool3d_with_indices: max_pool_3d,
+        torch.max_pool3d: max_pool_3d,
+        F.adaptive_avg_pool3d: Rule(reference.adaptive_pool, fast=None),
+        F.adaptive_max_pool3d: Rule(reference.adaptive_pool, fast=None),
+    })
+    if hasattr(F, "_max_pool3d"):
+        rules[F._max_pool3d] = max_pool_3d
     if hasattr(F, "rms_norm"):
         rules[F.rms_norm] = channel_norm
     return rules

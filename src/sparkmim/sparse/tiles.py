@@ -25,8 +25,9 @@ __all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_
 
 
 def supports_fast(masks: MaskPyramid) -> bool:
-    """The fast form needs the same number of visible patches in every sample."""
-    return masks.keep is not None
+    """The fast form needs the same number of visible patches in every sample, and 2-D maps (3-D
+    maps use the reference form for now)."""
+    return masks.keep is not None and masks.spatial_dims == 2
 
 
 class Patches:
