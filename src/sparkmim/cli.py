@@ -122,7 +122,7 @@ def _handoff(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .backbones import TESTED_TIMM, TESTED_TORCHVISION
+    from .backbones import TESTED_MONAI, TESTED_TIMM, TESTED_TORCHVISION, TESTED_TORCHVISION_VIDEO
 
     for name, family in TESTED_TIMM:
         if not args.filter or args.filter in name or args.filter.lower() in family.lower():
@@ -130,6 +130,12 @@ def _models(args: argparse.Namespace) -> int:
     for name in TESTED_TORCHVISION:
         if not args.filter or args.filter in name:
             print(f"torchvision:{name}")
+    for name in TESTED_TORCHVISION_VIDEO:
+        if not args.filter or args.filter in name or args.filter.lower() in "video 3-d":
+            print(f"torchvision:{name:21s} video clips (3-D)")
+    for name in TESTED_MONAI:
+        if not args.filter or args.filter in name or args.filter.lower() in "monai volumes 3-d":
+            print(f"monai:{name:27s} volumes (3-D, needs sparkmim[3d])")
     return 0
 
 
@@ -142,16 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train an encoder on a folder of images",
                        description="Pre-train with SparK. Options come from the defaults (the paper's), then "
-                                   "--config YAML (a path or a built-in recipe: demo, resnet50, convnext_small, "
-                                   "one_gpu), then these flags.")
+                                   "--config YAML (a path or a built-in recipe: demo, demo3d, resnet50, "
+                                   "convnext_small, one_gpu), then these flags.")
     add_config_arguments(p)
     p.set_defaults(func=_pretrain)
 
     d = sub.add_parser("demo", help="short pre-training on the built-in demo photos (the 'demo' recipe)",
                        description="The 'demo' recipe: ResNet-18 at 96 px on the demo photographs, a few minutes "
-                                   "on a laptop CPU. Any pretrain flag overrides it.")
+                                   "on a laptop CPU. With --3d the 'demo3d' recipe: a small MONAI 3-D ResNet on "
+                                   "random crops of the MRI volumes shipped with nibabel (needs sparkmim[3d]). Any "
+                                   "pretrain flag overrides the recipe.")
+    d.add_argument("--3d", dest="three_d", action="store_true", help="the 3-D demo (volumes; the 'demo3d' recipe)")
     add_config_arguments(d)
-    d.set_defaults(func=lambda a: _pretrain(a, recipe="demo"))
+    d.set_defaults(func=lambda a: _pretrain(a, recipe="demo3d" if a.three_d else "demo"))
 
     e = sub.add_parser("export", help="write the encoder weights of a run or checkpoint with the original keys")
     e.add_argument("run", help="run directory (newest checkpoint) or checkpoint file")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "opt",
-           "recipe_path", "RECIPES", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+           "recipe_path", "RECIPES", "parse_intensity", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
 
 RECIPES = Path(__file__).parent / "configs"
 
@@ -46,19 +46,28 @@ _data, _model, _optim, _run, _out = (partial(opt, group=g) for g in
 
 @dataclass
 class PretrainConfig:
-    data: str | None = _data(None, "image folder (searched recursively) or a text file listing image paths; "
-                                  "empty: the built-in demo photographs")
+    data: str | None = _data(None, "image folder (searched recursively) or a text file listing image paths "
+                                  "(volumes: .nii, .nii.gz, .npy, .tif stacks, for 3-D models); empty: the "
+                                  "built-in demo photographs (volumes for 3-D models)")
     input_size: int = _data(224, "crop size in pixels (a multiple of the encoder's total stride)", gt=0)
+    input_depth: int = _data(0, "volumes and clips (3-D models): crop depth in slices or frames (a multiple of the "
+                                "encoder's stride along depth); 0: input_size", ge=0)
+    intensity: str = _data("zscore", "volumes: 'zscore' (per volume and channel; MRI, microscopy) or "
+                                     "'window:LOW:HIGH' (CT: clip to the window, e.g. window:-1000:400 in HU, "
+                                     "and map it to [-1, 1])")
     in_chans: ImageChannels = _data(3, "image channels: 3 (RGB), 1 (grayscale) or 4 (RGBA)")
     norm_stats: NormStats = _data("imagenet", "normalisation: 'imagenet', or 'data' to compute mean/std from the images")
-    crop_scale_min: float = _data(0.67, "RandomResizedCrop minimum area fraction", gt=0.0, le=1.0)
+    crop_scale_min: float = _data(0.67, "RandomResizedCrop minimum area fraction (volumes: fraction of each "
+                                        "axis)", gt=0.0, le=1.0)
     max_bad_fraction: float = _data(0.5, "stop when more than this fraction of the distinct image files read so far "
                                         "are unreadable", ge=0.0, le=1.0)
     demo_length: int = _data(512, "images per epoch when using the demo photographs", ge=1)
     workers: int = _data(2, "data-loading worker processes", ge=0)
     fast_decode: bool = _data(True, "JPEGs: decode at 1/2-1/8 scale when even the smallest crop stays larger than "
                                    "input_size (draft mode), else with torchvision's decoder")
-    model: str = _model("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
+    model: str = _model("resnet50", "backbone: timm name, 'timm:NAME', 'torchvision:NAME' (image or video "
+                                    "models, e.g. torchvision:r3d_18) or 'monai:NAME' (volumes: resnet10, "
+                                    "resnet18, resnet34, resnet50, densenet121, segresnet)")
     mask_ratio: float = _model(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
     decoder_width: int = _model(768, "decoder width (halved per upsampling block)", ge=1)
     densify_norm: DensifyNorm = _model("auto", "densify norm: auto, bn, ln or none")
@@ -117,6 +126,7 @@ class PretrainConfig:
 
         self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
         validate(self)
+        parse_intensity(self.intensity)
         if self.betas != "auto":
             try:
                 b = tuple(float(v) for v in self.betas.split(","))
@@ -129,6 +139,21 @@ class PretrainConfig:
 
     # settings whose change makes a checkpoint incompatible
     ARCHITECTURE = ("model", "in_chans", "decoder_width", "densify_norm", "hierarchical", "pos_embed")
+
+
+def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:
+    """A volume intensity option, ``zscore`` or ``window:LOW:HIGH`` (e.g. ``window:-1000:400``),
+    as ``(kind, window)``; raises :class:`ConfigError` for anything else."""
+    if spec == "zscore":
+        return "zscore", None
+    if isinstance(spec, str) and spec.startswith("window:"):
+        try:
+            low, high = (float(v) for v in spec.removeprefix("window:").split(":"))
+        except ValueError:
+            low = high = None
+        if low is not None and high > low:
+            return "window", (low, high)
+    raise ConfigError(f"intensity must be 'zscore' or 'window:LOW:HIGH' with LOW < HIGH, got {spec!r}")
 
 
 _BOUNDS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),

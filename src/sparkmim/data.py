@@ -182,17 +182,23 @@ class ImageFiles(Dataset):
     def __getitem__(self, key) -> tuple[torch.Tensor | None, tuple[str, str] | None, tuple[int, int, int]]:
         key = key if isinstance(key, tuple) else (0, 0, key)
         seed, epoch, index = key
-        path = self.paths[index]
         try:
-            if self.fast_decode:
-                image = read_image(path, self.channels, *self.fast_decode)
-            else:
-                image = load_image(path, self.channels)
+            image = self._read(index)
         except Exception as e:  # corrupt, truncated, unsupported, vanished: reported, never a crash
-            return None, (str(path), _reason(e)), key
+            return None, (str(self.paths[index]), _reason(e)), key
+        return self._augment(image, seed_for(seed, epoch, index)), None, key
+
+    def _read(self, index: int):
+        """The decoded file ``index`` (raises for a file that cannot be used)."""
+        if self.fast_decode:
+            return read_image(self.paths[index], self.channels, *self.fast_decode)
+        return load_image(self.paths[index], self.channels)
+
+    def _augment(self, image, seed: int):
+        """The transform of ``image`` with random numbers from ``seed`` alone."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_for(seed, epoch, index))
-            return self.transform(image), None, key
+            torch.manual_seed(seed)
+            return self.transform(image)
 
     def readable(self, key) -> tuple[torch.Tensor, list[tuple[str, str]]]:
         """The image of ``key`` or, if it is unreadable, of the next readable file (at most

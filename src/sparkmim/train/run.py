@@ -100,6 +100,8 @@ class Run:
         import torch.distributed as dist
 
         model = build_model(self.cfg).to(self.device, self.dtype)
+        if model.spatial_dims == 3:
+            self.channels_last = False  # volumes and clips stay contiguous (no channels-last kernels for them here)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.info.world > 1 and self.cfg.sync_bn:

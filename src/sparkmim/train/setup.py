@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, feature_modules_for, spatial_dims_for
 from ..config import ConfigError, PretrainConfig
 from ..data import (
     DataError,
@@ -27,7 +27,7 @@ from ..optim import default_betas, hold_on_device, lamb, param_groups
 from ..weights import load_encoder_weights
 
 __all__ = ["resolve_device", "resolve_precision", "resolve_channels_last", "autocast_for", "build_model",
-           "build_optimizer", "build_data"]
+           "build_optimizer", "build_data", "input_shape"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,14 +69,28 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def input_shape(cfg: PretrainConfig, spatial_dims: int) -> tuple[int, ...]:
+    """The training crop: ``(H, W)``, or ``(D, H, W)`` for volumes and clips."""
+    size = (cfg.input_size, cfg.input_size)
+    return size if spatial_dims == 2 else (cfg.input_depth or cfg.input_size, *size)
+
+
 def build_model(cfg: PretrainConfig) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK."""
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
     if cfg.init:
         report = load_encoder_weights(backbone, cfg.init, strict=True)
         print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
-    encoder = SparseEncoder(backbone, in_chans=cfg.in_chans, sparse_impl=cfg.sparse_impl)
-    if cfg.input_size % encoder.patch_size:
+    encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans,
+                            sparse_impl=cfg.sparse_impl)
+    if encoder.spatial_dims == 3:
+        shape, patch = input_shape(cfg, 3), encoder.patch_size
+        if any(s % p for s, p in zip(shape, patch)):
+            fit = "x".join(str(max(2, round(s / p)) * p) for s, p in zip(shape, patch))
+            raise ConfigError(f"input depth x size {'x'.join(map(str, shape))} is not a multiple of {cfg.model}'s "
+                              f"total stride {'x'.join(map(str, patch))} along each axis; try --input-depth and "
+                              f"--input-size giving {fit}")
+    elif cfg.input_size % encoder.patch_size:
         raise ConfigError(f"input_size {cfg.input_size} is not a multiple of {cfg.model}'s total stride "
                           f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")
     return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
@@ -99,7 +113,10 @@ def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.
 
 def build_data(cfg: PretrainConfig) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
     """The data set, its normalisation statistics, and the listed files that do not exist
-    (``{path: reason}``; a file list may name files that are gone)."""
+    (``{path: reason}``; a file list may name files that are gone). Volumes for 3-D models
+    (:func:`~sparkmim.backbones.spatial_dims_for`)."""
+    if spatial_dims_for(cfg.model) == 3:
+        return _build_volumes(cfg)
     missing: dict[str, str] = {}
     if cfg.data:
         paths = list_images(cfg.data)
@@ -115,6 +132,36 @@ def build_data(cfg: PretrainConfig) -> tuple[ImageFiles, tuple, tuple, dict[str,
     transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
     fast = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
     return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std, missing
+
+
+def _build_volumes(cfg: PretrainConfig) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
+    """Volume samples (each volume of a 4-D series is one), the 3-D augmentation, and display
+    statistics: volumes are normalised one by one (``--intensity``), so the statistics returned
+    only map -2..2 standard deviations to the grey scale of the reconstruction images."""
+    from ..volumes import (
+        VolumeFiles,
+        demo_volume_paths,
+        is_volume_file,
+        list_samples,
+        list_volumes,
+        volume_transform,
+    )
+
+    if cfg.norm_stats == "data":
+        raise ConfigError("volumes are normalised one by one (--intensity zscore or window:LOW:HIGH); "
+                          "--norm-stats data is for images")
+    missing: dict[str, str] = {}
+    if cfg.data:
+        paths = list_volumes(cfg.data)
+        if Path(cfg.data).is_file() and not is_volume_file(Path(cfg.data)):  # a list of files
+            paths, missing = _drop_missing(paths, cfg)
+        samples = list_samples(paths)
+    else:
+        demo = list_samples(demo_volume_paths())
+        samples = [demo[i % len(demo)] for i in range(cfg.demo_length)]
+    transform = volume_transform(input_shape(cfg, 3), cfg.intensity, scale=(cfg.crop_scale_min, 1.0))
+    mean, std = (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
+    return VolumeFiles(samples, transform, cfg.in_chans), mean, std, missing
 
 
 def _drop_missing(paths: list[Path], cfg: PretrainConfig) -> tuple[list[Path], dict[str, str]]:

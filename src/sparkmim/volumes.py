@@ -1,0 +1,183 @@
+"""Volume data (CT, MRI, microscopy stacks, clips): files, intensities, 3-D augmentation.
+
+Readers: NIfTI (``.nii``, ``.nii.gz``, with nibabel), NumPy ``.npy`` and multi-page TIFF
+stacks (``.tif``, ``.tiff``, with tifffile). A volume is a float32 array ``(C, D, H, W)``:
+NIfTI voxel axes ``(i, j, k)`` become ``(W, H, D)`` (slices along ``k`` are the depth), an
+``.npy`` array is ``(D, H, W)`` or ``(C, D, H, W)``, a TIFF stack is ``(pages, height,
+width)``. A 4-D NIfTI series ``(i, j, k, t)`` holds ``t`` volumes: each is a sample of its own
+(:func:`list_samples`), unless ``t`` equals the channel count, where its volumes are the
+channels. Files that cannot be used (unreadable, wrong number of dims, NaN or infinite voxels,
+a channel count other than the run's) are reported with the reason and skipped, as unreadable
+images are (:class:`~sparkmim.data.ImageFiles`).
+
+Augmentation (:func:`volume_transform`): MONAI's random scaled crop (each axis 67-100 % of the
+volume by default), trilinear resize to the training size, a left-right flip, and one of two
+intensity normalisations: per-volume z-score (MRI, microscopy; the default) or a CT window
+(clip to ``[low, high]`` Hounsfield units, scaled to ``[-1, 1]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import parse_intensity
+from .data import DataError, ImageFiles
+
+__all__ = ["VOLUME_EXTENSIONS", "is_volume_file", "list_volumes", "read_volume", "list_samples", "volume_transform",
+           "parse_intensity", "VolumeFiles", "demo_volume_paths"]
+
+VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".tif", ".tiff")
+
+# small real MRI volumes shipped inside nibabel's test data (nothing is downloaded)
+_DEMO_NAMES = ["anatomical.nii", "example4d.nii.gz", "functional.nii", "reoriented_anat_moved.nii"]
+
+
+def _needs(module: str, what: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as e:
+        raise RuntimeError(f"{what} needs {module.split('.')[0]}: pip install 'sparkmim[3d]'") from e
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(ext) for ext in VOLUME_EXTENSIONS)
+
+
+def list_volumes(source: str | Path) -> list[Path]:
+    """All volume files under a folder (recursively, sorted), or the paths a text file lists (one
+    per line, relative to its folder; ``#`` comments)."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.is_file() and is_volume_file(p))
+        if not paths:
+            raise FileNotFoundError(f"no volumes ({', '.join(VOLUME_EXTENSIONS)}) found under {source}")
+        return paths
+    if source.is_file() and not is_volume_file(source):
+        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        if not paths:
+            raise FileNotFoundError(f"the file list {source} names no volumes")
+        return paths
+    if source.is_file():
+        return [source]
+    raise FileNotFoundError(f"data path {source} does not exist: give a folder of volumes or a text file of paths")
+
+
+def _raw(path: Path) -> np.ndarray:
+    """The file's array as stored (NIfTI in voxel order, scaled by its slope and intercept)."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        nib = _needs("nibabel", "reading NIfTI files")
+        return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+    if name.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    if name.endswith((".tif", ".tiff")):
+        tifffile = _needs("tifffile", "reading TIFF stacks")
+        return tifffile.imread(str(path))
+    raise ValueError(f"not a volume file ({', '.join(VOLUME_EXTENSIONS)}): {path.name}")
+
+
+def _series_length(path: Path) -> int:
+    """How many volumes a file holds: the 4th dim of a 4-D NIfTI series (read from the header),
+    else 1."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        nib = _needs("nibabel", "reading NIfTI files")
+        shape = nib.load(str(path)).shape
+        return int(shape[3]) if len(shape) == 4 else 1
+    return 1
+
+
+def read_volume(path: str | Path, channels: int = 1, index: int | None = None) -> np.ndarray:
+    """A float32 ``(C, D, H, W)`` volume (see the module notes for the axes); ``index`` picks one
+    volume of a 4-D NIfTI series. Raises ``ValueError`` for a file that cannot be used."""
+    path = Path(path)
+    arr = _raw(path)
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti and arr.ndim == 4:
+        if index is not None:
+            arr = arr[..., index]
+        elif arr.shape[3] == channels:
+            arr = np.moveaxis(arr, 3, 0)  # the series' volumes are the channels
+        else:
+            raise ValueError(f"a 4-D series of {arr.shape[3]} volumes, read as {channels} channel(s)")
+    if nifti:  # (i, j, k) -> (k, j, i): depth, height, width; channels first
+        arr = arr.T if arr.ndim == 3 else np.ascontiguousarray(arr.transpose(0, 3, 2, 1))
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ValueError(f"{arr.ndim}-D array of shape {tuple(arr.shape)}: a volume is (D, H, W) or (C, D, H, W)")
+    if arr.shape[0] != channels:
+        raise ValueError(f"{arr.shape[0]} channel(s) of shape {tuple(arr.shape[1:])}, the run reads {channels}")
+    if min(arr.shape[1:]) < 1:
+        raise ValueError(f"empty volume of shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"voxels of type {arr.dtype}, not real numbers")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
+    return arr
+
+
+def list_samples(paths: list[Path]) -> list[tuple[Path, int | None]]:
+    """``(path, index)`` per training sample: one per volume of a 4-D NIfTI series, one per other
+    file (``index`` None). A file whose header cannot be read is kept as one sample, so that it
+    is reported as unreadable when it is read."""
+    samples: list[tuple[Path, int | None]] = []
+    for p in paths:
+        try:
+            n = _series_length(p)
+        except Exception:
+            n = 1
+        samples.extend((p, t) for t in range(n)) if n > 1 else samples.append((p, None))
+    return samples
+
+
+def volume_transform(size: tuple[int, int, int], intensity: str = "zscore", scale=(0.67, 1.0)):
+    """Random scaled crop (each axis ``scale`` of the volume), trilinear resize to ``size`` ``(D,
+    H, W)``, random left-right flip, then the intensity normalisation; MONAI transforms, their
+    random state set per sample by :class:`VolumeFiles`."""
+    transforms = _needs("monai.transforms", "3-D augmentation")
+    kind, window = parse_intensity(intensity)
+    if kind == "window":
+        norm = transforms.ScaleIntensityRange(window[0], window[1], b_min=-1.0, b_max=1.0, clip=True)
+    else:
+        norm = transforms.NormalizeIntensity(channel_wise=True)
+    return transforms.Compose([
+        transforms.RandScaleCrop(roi_scale=scale[0], max_roi_scale=scale[1], random_size=True),
+        transforms.Resize(tuple(size), mode="trilinear"),
+        transforms.RandFlip(prob=0.5, spatial_axis=2),
+        norm,
+        transforms.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])
+
+
+class VolumeFiles(ImageFiles):
+    """Augmented crops of volumes, one sample per ``(path, index)`` of :func:`list_samples`;
+    keys, unreadable files and batches as in :class:`~sparkmim.data.ImageFiles`."""
+
+    def __init__(self, samples: list[tuple[Path, int | None]], transform, channels: int = 1, max_skips: int = 64):
+        super().__init__([p for p, _ in samples], transform, channels, max_skips)
+        self.series_index = [t for _, t in samples]
+
+    def _read(self, index: int):
+        return read_volume(self.paths[index], self.channels, self.series_index[index])
+
+    def _augment(self, volume, seed: int):
+        self.transform.set_random_state(seed=seed % (2**32))
+        return self.transform(volume)
+
+
+def demo_volume_paths() -> list[Path]:
+    """The demo volumes: small real MRI scans from nibabel's test data (nothing is downloaded)."""
+    _needs("nibabel", "the 3-D demo")
+    from nibabel.testing import data_path
+
+    paths = [Path(data_path) / n for n in _DEMO_NAMES if (Path(data_path) / n).is_file()]
+    if not paths:
+        raise DataError(f"no demo volumes found in {data_path}")
+    return paths
