@@ -6,7 +6,6 @@ Float64, non-cubic inputs, anisotropic patches (a clip model strides time less t
 3-D maps run in the reference sparse form (dense, then mask).
 """
 
-import copy
 import math
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import buffers, fresh, loss_and_gradients, projected_run
 from sparkmim import MaskPyramid, SparK, SparseEncoder, random_visible
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
 from sparkmim.loss import patchify, unpatchify
@@ -113,15 +113,6 @@ def masks_for(batch=2, seed=0, grid=GRID):
     return MaskPyramid(v, keep=int(v[0].sum()))
 
 
-def fresh(enc):
-    torch.manual_seed(1234)
-    return copy.deepcopy(enc)
-
-
-def buffers(enc):
-    return {k: v.clone() for k, v in enc.model.named_buffers()}
-
-
 def test_strides_patch_and_feature_sizes(zoo):
     name, enc, chans = zoo
     assert enc.spatial_dims == 3 and enc.sparse_impl == "reference"
@@ -164,16 +155,7 @@ def test_p2_dense_equivalence(zoo, train):
     _, enc, chans = zoo
     x = volumes(enc, chans)
     full = MaskPyramid(torch.ones(2, 1, *GRID, dtype=torch.bool), keep=math.prod(GRID))
-    results = []
-    for sparse in (False, True):
-        e = fresh(enc).train(train)
-        feats = e(x, full) if sparse else e(x)
-        weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
-                   for i, f in enumerate(feats)]
-        sum((f * w).sum() for f, w in zip(feats, weights)).backward()
-        grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
-        results.append((feats, grads, buffers(e)))
-    (fd, gd, bd), (fs, gs, bs) = results
+    (fd, gd, bd), (fs, gs, bs) = projected_run(enc, x, None, train), projected_run(enc, x, full, train)
     for a, b in zip(fd, fs):
         torch.testing.assert_close(b, a, **TOL)
     assert gd.keys() == gs.keys() and len(gd) > 0
@@ -295,13 +277,9 @@ def test_p4_loss_and_gradients_match_a_written_out_3d_model():
     assert [b.up.stride for b in model.decoder.blocks] == [(2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)]
     x = volumes(model.encoder, 1, batch=3, seed=1)
     m = masks_for(batch=3, seed=2)
-    losses, grads = [], []
-    for fn in (lambda: written_out_loss(model, x, m.visible), lambda: model(x, m).loss):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (l0, g0), (l1, g1) = (loss_and_gradients(model, lambda: written_out_loss(model, x, m.visible)),
+                          loss_and_gradients(model, lambda: model(x, m).loss))
+    losses, grads = [l0, l1], [g0, g1]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
     assert grads[0].keys() == grads[1].keys() and any(k.startswith("encoder.") for k in grads[0])
     for k in grads[0]:

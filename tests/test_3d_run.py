@@ -104,3 +104,27 @@ def test_the_3d_demo_recipe_is_valid():
     c = load_config(recipe_path("demo3d"))
     assert c.model == "monai:resnet10" and (c.input_depth, c.input_size) == (32, 48) and c.in_chans == 1
     assert json.dumps(c.to_dict())
+
+
+def test_two_ranks_equal_one_process_on_volumes(tmp_path):
+    """DDP (2 ranks, gloo) on volumes equals one process on the same global batch, float64: the
+    sparse batch norms of the 3-D encoder, the densify norms and the 3-D decoder's batch norms see
+    both ranks."""
+    from test_distributed import final_model, torchrun
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        np.save(data / f"v{i}.npy", rng.normal(size=(20, 36, 36)).astype(np.float32))
+    common = {**TINY3D, "data": data, "epochs": 1, "precision": "fp64", "vis_every_epochs": 100, "dist_timeout": 60}
+    pretrain(load_config(None, {**common, "batch_size": 4, "out": str(tmp_path / "single")}))
+    log = tmp_path / "ddp.log"
+    proc = torchrun(2, {**common, "batch_size": 2, "sync_bn": True, "out": tmp_path / "ddp"}, log)
+    assert proc.wait(300) == 0, log.read_text()[-3000:]
+    single, ddp = final_model(tmp_path / "single"), final_model(tmp_path / "ddp")
+    assert single["step"] == ddp["step"] == 2 and ddp["world"] == 2
+    for k, v in single["model"].items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(ddp["model"]["encoder.model.bn1.running_var"],
+                               single["model"]["encoder.model.bn1.running_var"], rtol=1e-12, atol=1e-12)

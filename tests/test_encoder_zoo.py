@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TIMM_ZOO, TIMM_ZOO_SLOW, TORCHVISION_ZOO, P
+from conftest import TIMM_ZOO, TIMM_ZOO_SLOW, TORCHVISION_ZOO, P, buffers, fresh, projected_run
 from sparkmim import MaskPyramid, SparseEncoder, random_visible
 from sparkmim.backbones import create_backbone, create_timm, create_torchvision
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
@@ -48,13 +48,6 @@ def masks_for(batch=2, grid=(2, 3), seed=0, ratio=0.6):
     return MaskPyramid(v, keep=int(v[0].sum()))
 
 
-def fresh(enc):
-    """An independent copy (weights, buffers and hooks) of an encoder; the global RNG is reset so
-    stochastic layers (stochastic depth in torchvision models) draw the same numbers each run."""
-    torch.manual_seed(1234)
-    return copy.deepcopy(enc)
-
-
 def assert_grads_close(actual, expected, rel=1e-10):
     """Gradients agree to ``rel`` in norm, per parameter tensor. (Single entries that are sums of
     large cancelling terms may differ more in relative terms, from summation order alone.)"""
@@ -63,10 +56,6 @@ def assert_grads_close(actual, expected, rel=1e-10):
         err = (actual[k] - expected[k]).norm()
         scale = expected[k].norm()
         assert err <= rel * scale + 1e-10, f"grad {k}: relative error {float(err / scale):.2e}"
-
-
-def buffers(enc):
-    return {k: v.clone() for k, v in enc.model.named_buffers()}
 
 
 def test_strides_and_channels(zoo):
@@ -84,16 +73,7 @@ def test_p2_dense_equivalence(zoo, train):
     _, _, enc = zoo
     x = images()
     full = MaskPyramid(torch.ones(2, 1, 2, 3, dtype=torch.bool), keep=6)
-    results = []
-    for sparse in (False, True):
-        e = fresh(enc).train(train)
-        feats = e(x, full) if sparse else e(x)
-        weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
-                   for i, f in enumerate(feats)]
-        sum((f * w).sum() for f, w in zip(feats, weights)).backward()
-        grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
-        results.append((feats, grads, buffers(e)))
-    (fd, gd, bd), (fs, gs, bs) = results
+    (fd, gd, bd), (fs, gs, bs) = projected_run(enc, x, None, train), projected_run(enc, x, full, train)
     for a, b in zip(fd, fs):
         torch.testing.assert_close(b, a, **TOL)
     assert_grads_close(gs, gd)

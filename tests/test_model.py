@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import loss_and_gradients
 from sparkmim import MaskPyramid, SparK, SparseEncoder, random_visible
 
 
@@ -80,14 +81,9 @@ def test_p4_loss_and_gradients_match_the_paper_formulation():
     model = tiny().train()
     images = torch.randn(3, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     m = masks(3, (2, 3), seed=2)
-    grads = []
-    losses = []
-    for fn in (lambda: reference_loss(model, images, m.visible), lambda: model(images, m).loss):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (l0, g0), (l1, g1) = (loss_and_gradients(model, lambda: reference_loss(model, images, m.visible)),
+                          loss_and_gradients(model, lambda: model(images, m).loss))
+    losses, grads = [l0, l1], [g0, g1]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:

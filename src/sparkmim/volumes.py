@@ -174,10 +174,9 @@ class VolumeFiles(ImageFiles):
 
 def demo_volume_paths() -> list[Path]:
     """The demo volumes: small real MRI scans from nibabel's test data (nothing is downloaded)."""
-    _needs("nibabel", "the 3-D demo")
-    from nibabel.testing import data_path
-
-    paths = [Path(data_path) / n for n in _DEMO_NAMES if (Path(data_path) / n).is_file()]
+    nib = _needs("nibabel", "the 3-D demo")
+    data_path = Path(nib.__file__).parent / "tests" / "data"  # (nibabel.testing would import pytest)
+    paths = [data_path / n for n in _DEMO_NAMES if (data_path / n).is_file()]
     if not paths:
         raise DataError(f"no demo volumes found in {data_path}")
     return paths
