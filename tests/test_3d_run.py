@@ -128,3 +128,29 @@ def test_two_ranks_equal_one_process_on_volumes(tmp_path):
         torch.testing.assert_close(ddp["model"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(ddp["model"]["encoder.model.bn1.running_var"],
                                single["model"]["encoder.model.bn1.running_var"], rtol=1e-12, atol=1e-12)
+
+
+def test_knn_and_linear_evaluation_on_labelled_volumes(tmp_path, capsys):
+    """`sparkmim evaluate` on a folder of labelled volumes: features are pooled over the three
+    spatial dims of the last map, labels stay with their volumes (k=1 on the training folder
+    itself finds every volume's own class), and the linear probe trains on them."""
+    rng = np.random.default_rng(7)
+    for c, axis in (("depth", 0), ("width", 2)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(5):
+            v = rng.normal(size=(20, 36, 36)).astype(np.float32)
+            v += 3 * np.sin(np.arange(v.shape[axis]) / 2).reshape([-1 if a == axis else 1 for a in range(3)])
+            np.save(tmp_path / "data" / c / f"{c}{i}.npy", v)
+    data = tmp_path / "data"
+    common = ["--model=monai:resnet10", "--in-chans=1", "--input-size=32", "--input-depth=16", "--workers=0",
+              "--progress=false", "--device=cpu", "--batch-size=4", f"--data={data}", f"--val={data}"]
+    assert main(["evaluate", "knn", *common, "--k=1", f"--out={tmp_path / 'knn'}"]) == 0
+    result = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert result["train_images"] == result["val_images"] == 10 and result["classes"] == ["depth", "width"]
+    assert result["results"][0]["top1"] == 100.0
+    assert main(["evaluate", "linear", *common, "--epochs=2", f"--out={tmp_path / 'linear'}"]) == 0
+    linear = json.loads((tmp_path / "linear" / "results.json").read_text())["results"][0]
+    assert len(linear["top1_per_epoch"]) == 2 and 0.0 <= linear["top1"] <= 100.0
+    capsys.readouterr()
+    assert main(["evaluate", "finetune", *common, f"--out={tmp_path / 'ft'}"]) == 2
+    assert "fine-tuning 3-D models is not supported yet" in capsys.readouterr().err

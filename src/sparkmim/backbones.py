@@ -111,14 +111,19 @@ _MONAI = {
     "resnet50": ("resnet50", "n_input_channels", None),
     "densenet121": ("DenseNet121", "in_channels", None),
     "segresnet": ("SegResNet", "in_channels", [f"down_layers.{i}" for i in range(4)]),
+    # nnU-Net-style: 3x3x3 kernels, strides 1, 2, 2, 2, 2, instance norm
+    "dynunet": ("DynUNet", "in_channels", ["input_block", "downsamples.0", "downsamples.1", "downsamples.2",
+                                           "bottleneck"]),
 }
-TESTED_MONAI = list(_MONAI)  # tests/test_3d.py (ResNet-10 and SegResNet at small widths; ResNet-50, DenseNet-121 slow)
+_DYNUNET = dict(kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4, norm_name="instance")
+TESTED_MONAI = list(_MONAI)  # tests/test_3d.py (ResNet-10, SegResNet, DynUNet at small widths; ResNet-50, DenseNet-121 slow)
 TESTED_TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18"]  # tests/test_3d.py, slow
 
 
 def create_monai(name: str, in_chans: int = 1, **kwargs) -> nn.Module:
     """A MONAI network for volumes (``spatial_dims=3``, random init): ResNet-10/18/34/50 without
-    their classifier, DenseNet-121, SegResNet (its encoder is used: :func:`feature_modules_for`)."""
+    their classifier, DenseNet-121, SegResNet and DynUNet (nnU-Net-style, 5 levels; of both, the
+    encoder is used: :func:`feature_modules_for`)."""
     if name not in _MONAI:
         raise ValueError(f"unknown MONAI model '{name}' (sparkmim builds {', '.join(_MONAI)}){_suggest(name, _MONAI)}")
     try:
@@ -131,6 +136,8 @@ def create_monai(name: str, in_chans: int = 1, **kwargs) -> nn.Module:
         kwargs.setdefault("feed_forward", False)
     else:
         kwargs.setdefault("out_channels", 1)
+    if name == "dynunet":
+        kwargs = {**_DYNUNET, **kwargs}
     return getattr(nets, constructor)(**kwargs)
 
 

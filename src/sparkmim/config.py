@@ -67,7 +67,7 @@ class PretrainConfig:
                                    "input_size (draft mode), else with torchvision's decoder")
     model: str = _model("resnet50", "backbone: timm name, 'timm:NAME', 'torchvision:NAME' (image or video "
                                     "models, e.g. torchvision:r3d_18) or 'monai:NAME' (volumes: resnet10, "
-                                    "resnet18, resnet34, resnet50, densenet121, segresnet)")
+                                    "resnet18, resnet34, resnet50, densenet121, segresnet, dynunet)")
     mask_ratio: float = _model(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
     decoder_width: int = _model(768, "decoder width (halved per upsampling block)", ge=1)
     densify_norm: DensifyNorm = _model("auto", "densify norm: auto, bn, ln or none")

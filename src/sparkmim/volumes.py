@@ -27,6 +27,7 @@ from .config import parse_intensity
 from .data import DataError, ImageFiles
 
 __all__ = ["VOLUME_EXTENSIONS", "is_volume_file", "list_volumes", "read_volume", "list_samples", "volume_transform",
+           "volume_eval_transform",
            "parse_intensity", "VolumeFiles", "demo_volume_paths"]
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".tif", ".tiff")
@@ -137,23 +138,34 @@ def list_samples(paths: list[Path]) -> list[tuple[Path, int | None]]:
     return samples
 
 
+def _intensity(transforms, intensity: str):
+    """The MONAI transform of an ``--intensity`` option."""
+    kind, window = parse_intensity(intensity)
+    if kind == "window":
+        return transforms.ScaleIntensityRange(window[0], window[1], b_min=-1.0, b_max=1.0, clip=True)
+    return transforms.NormalizeIntensity(channel_wise=True)
+
+
 def volume_transform(size: tuple[int, int, int], intensity: str = "zscore", scale=(0.67, 1.0)):
     """Random scaled crop (each axis ``scale`` of the volume), trilinear resize to ``size`` ``(D,
     H, W)``, random left-right flip, then the intensity normalisation; MONAI transforms, their
     random state set per sample by :class:`VolumeFiles`."""
     transforms = _needs("monai.transforms", "3-D augmentation")
-    kind, window = parse_intensity(intensity)
-    if kind == "window":
-        norm = transforms.ScaleIntensityRange(window[0], window[1], b_min=-1.0, b_max=1.0, clip=True)
-    else:
-        norm = transforms.NormalizeIntensity(channel_wise=True)
     return transforms.Compose([
         transforms.RandScaleCrop(roi_scale=scale[0], max_roi_scale=scale[1], random_size=True),
         transforms.Resize(tuple(size), mode="trilinear"),
         transforms.RandFlip(prob=0.5, spatial_axis=2),
-        norm,
+        _intensity(transforms, intensity),
         transforms.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
+
+
+def volume_eval_transform(size: tuple[int, int, int], intensity: str = "zscore"):
+    """The whole volume resized (trilinear) to ``size`` ``(D, H, W)``, then the intensity
+    normalisation: for evaluation, no randomness."""
+    transforms = _needs("monai.transforms", "3-D evaluation")
+    return transforms.Compose([transforms.Resize(tuple(size), mode="trilinear"), _intensity(transforms, intensity),
+                               transforms.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False)])
 
 
 class VolumeFiles(ImageFiles):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, ImageChannels, NormStats, opt, validate
+from ..config import ConfigError, ImageChannels, NormStats, opt, parse_intensity, validate
 
 __all__ = ["EvalConfig", "MODES"]
 
@@ -20,18 +20,21 @@ class EvalConfig:
     """Options of ``sparkmim evaluate``; each is a ``--flag`` of the same name."""
 
     mode: Mode = opt("knn", "knn, linear or finetune")
-    data: str = opt("", "labelled image folder: one sub-folder per class")
+    data: str = opt("", "labelled image folder (volumes for 3-D models): one sub-folder per class")
     val: str | None = opt(None, "validation folder with the same class sub-folders (default: a seeded split of --data)")
     val_fraction: float = opt(0.2, "fraction of each class held out for validation when --val is not given",
                               gt=0.0, lt=1.0)
     train_fraction: float = opt(1.0, "fraction of each class of the training part that is used (few-label runs)",
                                 gt=0.0, le=1.0)
-    model: str = opt("resnet50", "backbone: timm name, 'timm:NAME' or 'torchvision:NAME'")
+    model: str = opt("resnet50", "backbone: timm name, 'timm:NAME', 'torchvision:NAME' or 'monai:NAME'")
     weights: str = opt("random", "comma-separated weight sources, each 'random', 'pretrained' (timm/torchvision "
                                   "weights), or a sparkmim run folder / exported .safetensors / checkpoint; "
                                   "optionally named as NAME=SOURCE")
     in_chans: ImageChannels = opt(3, "image channels the backbone takes (1 for grayscale)")
     input_size: int = opt(224, "image size in pixels", gt=0)
+    input_depth: int = opt(0, "volumes (3-D models): depth the whole volume is resized to (0: input_size); "
+                              "height and width: input_size", ge=0)
+    intensity: str = opt("zscore", "volumes: 'zscore' or 'window:LOW:HIGH', as in pre-training")
     crop_ratio: float = opt(0.875, "evaluation images are resized to input_size / crop_ratio, then centre-cropped",
                              gt=0.0, le=1.0)
     norm_stats: NormStats = opt("imagenet", "normalisation: 'imagenet' or 'data' (computed from the training images)")
@@ -64,6 +67,7 @@ class EvalConfig:
 
     def __post_init__(self):
         validate(self)
+        parse_intensity(self.intensity)
         try:
             ks = self.ks
             if not ks or min(ks) < 1:

@@ -15,21 +15,29 @@ __all__ = ["LabelledImages", "scan_classes", "split_samples", "eval_transform", 
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    """``(path, class index)`` samples with a transform; images are read with :func:`load_image`."""
+    """``(path, class index)`` samples with a transform; images are read with :func:`load_image`
+    (volumes, with ``volumes=True``, with :func:`~sparkmim.volumes.read_volume`)."""
 
-    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform, channels: int):
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform, channels: int,
+                 volumes: bool = False):
         self.samples, self.classes, self.transform, self.channels = samples, classes, transform, channels
+        self.volumes = volumes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        if self.volumes:
+            from ..volumes import read_volume
+
+            return self.transform(read_volume(path, self.channels)), label
         return self.transform(load_image(path, self.channels)), label
 
 
-def scan_classes(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Images under ``root/<class>/`` (searched recursively inside each class folder)."""
+def scan_classes(root: str | Path, classes: list[str] | None = None,
+                 volumes: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Images (or volumes) under ``root/<class>/`` (searched recursively inside each class folder)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"labelled data folder {root} does not exist")
@@ -40,12 +48,19 @@ def scan_classes(root: str | Path, classes: list[str] | None = None) -> tuple[li
             raise ValueError(f"{root} must hold one sub-folder per class (at least 2), found {len(classes)}")
     elif set(found) - set(classes):
         raise ValueError(f"{root} has classes not in the training folder: {sorted(set(found) - set(classes))}")
+    if volumes:
+        from ..volumes import VOLUME_EXTENSIONS, is_volume_file
+
+        wanted, extensions = is_volume_file, VOLUME_EXTENSIONS
+    else:
+        wanted, extensions = (lambda p: p.suffix.lower() in IMAGE_EXTENSIONS), IMAGE_EXTENSIONS
     samples = []
     for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in (root / c).rglob("*") if wanted(p) and p.is_file())
         samples += [(p, i) for p in files]
     if not samples:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+        kind = "volumes" if volumes else "images"
+        raise FileNotFoundError(f"no {kind} ({', '.join(extensions)}) in the class folders of {root}")
     return samples, classes
 
 
@@ -91,11 +106,11 @@ def train_transform(cfg: EvalConfig, mean, std):
     ])
 
 
-def build_splits(cfg: EvalConfig):
+def build_splits(cfg: EvalConfig, volumes: bool = False):
     """``(train_samples, val_samples, classes)`` of the labelled data, split as configured."""
-    samples, classes = scan_classes(cfg.data)
+    samples, classes = scan_classes(cfg.data, volumes=volumes)
     if cfg.val:
-        val, _ = scan_classes(cfg.val, classes)
+        val, _ = scan_classes(cfg.val, classes, volumes)
         train = samples
     else:
         train, val = split_samples(samples, cfg.val_fraction, cfg.seed)

@@ -15,14 +15,14 @@ __all__ = ["extract_features", "knn_accuracy", "linear_probe"]
 
 @torch.no_grad()
 def extract_features(encoder: SparseEncoder, loader, device, progress: bool, desc: str) -> tuple[Tensor, Tensor]:
-    """Global average pool of the last feature map, for every image of ``loader`` (eval mode)."""
+    """Global average pool of the last feature map (2-D or 3-D), for every image of ``loader`` (eval mode)."""
     from tqdm import tqdm
 
     encoder.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         f = encoder(x.to(device))[-1]
-        feats.append(f.float().mean((2, 3)).cpu())
+        feats.append(f.float().flatten(2).mean(2).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 

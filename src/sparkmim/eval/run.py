@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, feature_modules_for, spatial_dims_for
+from ..config import ConfigError
 from ..data import compute_stats, default_stats
 from ..encoder import SparseEncoder
 from ..train.setup import resolve_device
@@ -51,14 +52,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every weight source of ``cfg`` and write ``results.json`` in ``cfg.out``."""
     device = resolve_device(cfg.device)
     sources = cfg.sources
-    train_samples, val_samples, classes = build_splits(cfg)
+    volumes = spatial_dims_for(cfg.model) == 3
+    if volumes and cfg.mode == "finetune":
+        raise ConfigError("fine-tuning 3-D models is not supported yet: use knn or linear")
+    train_samples, val_samples, classes = build_splits(cfg, volumes)
     train_paths = [p for p, _ in train_samples]
-    if cfg.norm_stats == "data":
-        mean, std = compute_stats(train_paths, cfg.in_chans)
+    if volumes:  # normalised one by one (--intensity)
+        from ..volumes import volume_eval_transform
+
+        mean, std = None, None
+        eval_tf = volume_eval_transform((cfg.input_depth or cfg.input_size, cfg.input_size, cfg.input_size),
+                                        cfg.intensity)
     else:
-        mean, std = default_stats(cfg.in_chans)
-    eval_tf = eval_transform(cfg.input_size, cfg.crop_ratio, mean, std)
-    make = partial(LabelledImages, classes=classes, channels=cfg.in_chans)
+        if cfg.norm_stats == "data":
+            mean, std = compute_stats(train_paths, cfg.in_chans)
+        else:
+            mean, std = default_stats(cfg.in_chans)
+        eval_tf = eval_transform(cfg.input_size, cfg.crop_ratio, mean, std)
+    make = partial(LabelledImages, classes=classes, channels=cfg.in_chans, volumes=volumes)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": asdict(cfg), "classes": classes, "train_images": len(train_samples),
@@ -78,7 +89,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                make(val_samples, transform=eval_tf), len(classes), cfg, device, cfg.seed, cfg.progress)
             row.update(top1=history[-1], best_top1=max(history), top1_per_epoch=history)
         else:
-            encoder = SparseEncoder(backbone, check=False).to(device)
+            encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans, check=False).to(device)
             tr = torch.utils.data.DataLoader(make(train_samples, transform=eval_tf), **loader_kw)
             va = torch.utils.data.DataLoader(make(val_samples, transform=eval_tf), **loader_kw)
             train_f, train_y = extract_features(encoder, tr, device, cfg.progress, f"{label}: train features")
