@@ -154,3 +154,22 @@ def test_knn_and_linear_evaluation_on_labelled_volumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "finetune", *common, f"--out={tmp_path / 'ft'}"]) == 2
     assert "fine-tuning 3-D models is not supported yet" in capsys.readouterr().err
+
+
+def test_reconstruct_volumes_from_a_3d_run(volumes, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain(cfg(volumes, out, epochs=1))
+    capsys.readouterr()
+    grid = tmp_path / "rec.png"
+    vols = [volumes / "stack.npy", volumes / "mri" / "s1.nii.gz"]
+    assert main(["reconstruct", str(out), *map(str, vols), f"--out={grid}"]) == 0
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert event["event"] == "reconstruct" and event["images"] == 2
+    from PIL import Image
+
+    with Image.open(grid) as im:  # 2 volumes x 3 central slices, rows of input | masked | reconstruction
+        w, h = im.size
+    side = 32  # the largest side of the 16 x 32 x 32 crop
+    assert (w, h) == (3 * side + 4 * 2, 6 * side + 7 * 2)
+    assert main(["reconstruct", str(out), str(volumes / "mri" / "cut.nii.gz"), f"--out={grid}"]) == 2
+    assert "cannot read volume" in capsys.readouterr().err

@@ -83,13 +83,18 @@ def _reconstruct(args: argparse.Namespace) -> int:
     mean, std = state.get("norm_mean"), state.get("norm_std")
     if mean is None:
         mean, std = default_stats(cfg.in_chans)
-    tf = eval_transform(size, 1.0, mean, std)
+    if model.spatial_dims == 3:  # volumes: resized whole, normalised as in the run
+        from .volumes import read_volume, volume_eval_transform
+
+        tf, load, kind = volume_eval_transform((cfg.input_depth or size, size, size), cfg.intensity), read_volume, "volume"
+    else:
+        tf, load, kind = eval_transform(size, 1.0, mean, std), load_image, "image"
 
     def read(path: str):
         try:
-            return load_image(path, cfg.in_chans)
+            return load(path, cfg.in_chans)
         except Exception as e:  # missing, corrupt, not an image: one line naming the file
-            raise ValueError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+            raise ValueError(f"cannot read {kind} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
 
     images = torch.stack([tf(read(p)) for p in args.images])
     masks = model.draw_masks(images, torch.Generator().manual_seed(args.seed), ratio=args.mask_ratio)
@@ -168,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["safetensors", "pth"], default="safetensors")
     e.set_defaults(func=_export)
 
-    r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images")
+    r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images "
+                                           "(volumes: their three central slices)")
     r.add_argument("checkpoint", help="run directory or checkpoint file")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", help="image files (volume files for a 3-D run)")
     r.add_argument("--out", default="reconstruction.png")
-    r.add_argument("--size", type=int, help="square size (default: the run's input size)")
+    r.add_argument("--size", type=int, help="square size (default: the run's input size; volumes keep the run's "
+                                             "depth)")
     r.add_argument("--mask-ratio", type=float, help="default: the run's")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_reconstruct)
