@@ -85,20 +85,16 @@ def build(name):
         return m.double(), 1, [f"down_layers.{i}" for i in range(4)]
     if name.startswith("monai:"):  # as the command line builds it
         return create_backbone(name, in_chans=1).double(), 1, feature_modules_for(name)
-    import torchvision
-
-    m = getattr(torchvision.models.video, name)()
-    m.fc = nn.Identity()
-    return m.double(), 3, None
+    return create_backbone(f"torchvision:{name}").double(), 3, None
 
 
 ZOO = ["custom", "monai-resnet10", "monai-segresnet", "monai-dynunet",
        pytest.param("mc3_18", marks=pytest.mark.slow), pytest.param("r3d_18", marks=pytest.mark.slow),
-       pytest.param("r2plus1d_18", marks=pytest.mark.slow),
+       pytest.param("r2plus1d_18", marks=pytest.mark.slow), pytest.param("s3d", marks=pytest.mark.slow),
        pytest.param("monai:resnet50", marks=pytest.mark.slow), pytest.param("monai:densenet121", marks=pytest.mark.slow)]
 PATCHES = {"custom": (8, 16, 16), "monai-resnet10": (16, 16, 16), "monai-segresnet": (8, 8, 8),
            "monai-dynunet": (16, 16, 16),
-           "mc3_18": (1, 16, 16), "r3d_18": (8, 16, 16), "r2plus1d_18": (8, 16, 16),
+           "mc3_18": (1, 16, 16), "r3d_18": (8, 16, 16), "r2plus1d_18": (8, 16, 16), "s3d": (8, 32, 32),
            "monai:resnet50": (16, 16, 16), "monai:densenet121": (32, 32, 32)}
 
 

@@ -99,7 +99,10 @@ def create_torchvision(name: str, **kwargs) -> nn.Module:
     if name not in known:
         raise ValueError(f"unknown torchvision model '{name}'{_suggest(name, known)}")
     kwargs.setdefault("weights", None)
-    return strip_classifier(torchvision.models.get_model(name, **kwargs))
+    model = strip_classifier(torchvision.models.get_model(name, **kwargs))
+    if name == "s3d":  # its head pools a fixed 2x7x7 window (224 px clips only); it has no weights
+        model.avgpool = nn.Identity()
+    return model
 
 
 # MONAI networks for volumes (spatial_dims=3): name -> (constructor, its channel argument, feature
@@ -117,7 +120,7 @@ _MONAI = {
 }
 _DYNUNET = dict(kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4, norm_name="instance")
 TESTED_MONAI = list(_MONAI)  # tests/test_3d.py (ResNet-10, SegResNet, DynUNet at small widths; ResNet-50, DenseNet-121 slow)
-TESTED_TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18"]  # tests/test_3d.py, slow
+TESTED_TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"]  # tests/test_3d.py, slow
 
 
 def create_monai(name: str, in_chans: int = 1, **kwargs) -> nn.Module:
