@@ -42,7 +42,7 @@ def cfg(data, out, **kw):
     return load_config(None, {**TINY3D, "data": str(data), "out": str(out), **kw})
 
 
-def test_a_3d_run_skips_the_bad_volume_and_exports_strictly(volumes, tmp_path):
+def test_a_3d_run_skips_the_bad_volume_and_exports_strictly(volumes, tmp_path, capsys):
     out = tmp_path / "run"
     summary = pretrain(cfg(volumes, out))
     # 6 files, one unreadable: 3 batches of 2 per epoch, the corrupt file left out of its batch
@@ -56,6 +56,10 @@ def test_a_3d_run_skips_the_bad_volume_and_exports_strictly(volumes, tmp_path):
     changed = sum(not torch.equal(v, create_backbone("monai:resnet10", in_chans=1).state_dict()[k])
                   for k, v in fresh.state_dict().items() if v.is_floating_point())
     assert changed > 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "again.safetensors")]) == 0
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert event["strict_load"] == "ok" and not event["missing"] and event["model"] == "monai:resnet10"
 
 
 def test_a_3d_run_resumes_to_identical_weights(volumes, tmp_path, capsys):
