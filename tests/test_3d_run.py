@@ -134,10 +134,11 @@ def test_two_ranks_equal_one_process_on_volumes(tmp_path):
                                single["model"]["encoder.model.bn1.running_var"], rtol=1e-12, atol=1e-12)
 
 
-def test_knn_and_linear_evaluation_on_labelled_volumes(tmp_path, capsys):
+def test_evaluation_on_labelled_volumes(tmp_path, capsys):
     """`sparkmim evaluate` on a folder of labelled volumes: features are pooled over the three
     spatial dims of the last map, labels stay with their volumes (k=1 on the training folder
-    itself finds every volume's own class), and the linear probe trains on them."""
+    itself finds every volume's own class), the linear probe trains on them, and fine-tuning
+    runs and repeats exactly."""
     rng = np.random.default_rng(7)
     for c, axis in (("depth", 0), ("width", 2)):
         (tmp_path / "data" / c).mkdir(parents=True)
@@ -155,9 +156,16 @@ def test_knn_and_linear_evaluation_on_labelled_volumes(tmp_path, capsys):
     assert main(["evaluate", "linear", *common, "--epochs=2", f"--out={tmp_path / 'linear'}"]) == 0
     linear = json.loads((tmp_path / "linear" / "results.json").read_text())["results"][0]
     assert len(linear["top1_per_epoch"]) == 2 and 0.0 <= linear["top1"] <= 100.0
+    # fine-tuning: the whole 3-D network with a pooled linear head, repeatable (MONAI's random
+    # crops and flips drawn from torch's seeded generator)
+    ft = [*common, "--epochs=2", "--crop-scale-min=0.7", "--mixup=0.2"]
+    assert main(["evaluate", "finetune", *ft, f"--out={tmp_path / 'ft1'}"]) == 0
+    assert main(["evaluate", "finetune", *ft, f"--out={tmp_path / 'ft2'}"]) == 0
+    runs = [json.loads((tmp_path / d / "results.json").read_text())["results"][0] for d in ("ft1", "ft2")]
+    assert len(runs[0]["top1_per_epoch"]) == 2 and runs[0]["top1_per_epoch"] == runs[1]["top1_per_epoch"]
     capsys.readouterr()
-    assert main(["evaluate", "finetune", *common, f"--out={tmp_path / 'ft'}"]) == 2
-    assert "fine-tuning 3-D models is not supported yet" in capsys.readouterr().err
+    assert main(["evaluate", "finetune", *ft, "--cutmix=1", f"--out={tmp_path / 'ft3'}"]) == 2
+    assert "cutmix cuts 2-D boxes" in capsys.readouterr().err
 
 
 def test_reconstruct_volumes_from_a_3d_run(volumes, tmp_path, capsys):

@@ -146,15 +146,15 @@ def _intensity(transforms, intensity: str):
     return transforms.NormalizeIntensity(channel_wise=True)
 
 
-def volume_transform(size: tuple[int, int, int], intensity: str = "zscore", scale=(0.67, 1.0)):
+def volume_transform(size: tuple[int, int, int], intensity: str = "zscore", scale=(0.67, 1.0), flip: float = 0.5):
     """Random scaled crop (each axis ``scale`` of the volume), trilinear resize to ``size`` ``(D,
-    H, W)``, random left-right flip, then the intensity normalisation; MONAI transforms, their
-    random state set per sample by :class:`VolumeFiles`."""
+    H, W)``, left-right flip with probability ``flip``, then the intensity normalisation; MONAI
+    transforms, their random state set per sample by :class:`VolumeFiles`."""
     transforms = _needs("monai.transforms", "3-D augmentation")
     return transforms.Compose([
         transforms.RandScaleCrop(roi_scale=scale[0], max_roi_scale=scale[1], random_size=True),
         transforms.Resize(tuple(size), mode="trilinear"),
-        transforms.RandFlip(prob=0.5, spatial_axis=2),
+        transforms.RandFlip(prob=flip, spatial_axis=2),
         _intensity(transforms, intensity),
         transforms.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ])

@@ -62,7 +62,8 @@ class EvalConfig:
                                  "torchvision stochastic_depth_prob)", ge=0.0, lt=1.0)
     clip_grad: float = opt(0.0, "finetune: clip the global gradient norm to this value (0: off, as in the "
                                  "paper's fine-tuning recipes)", ge=0.0)
-    crop_scale_min: float = opt(0.35, "finetune: RandomResizedCrop minimum area fraction", gt=0.0, le=1.0)
+    crop_scale_min: float = opt(0.35, "finetune: RandomResizedCrop minimum area fraction (volumes: fraction of "
+                                      "each axis)", gt=0.0, le=1.0)
     hflip: float = opt(0.5, "finetune: horizontal-flip probability (0 for digits and text)", ge=0.0, le=1.0)
 
     def __post_init__(self):

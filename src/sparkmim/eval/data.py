@@ -31,6 +31,8 @@ class LabelledImages(torch.utils.data.Dataset):
         if self.volumes:
             from ..volumes import read_volume
 
+            if hasattr(self.transform, "set_random_state"):  # MONAI's own generator, seeded from torch's
+                self.transform.set_random_state(seed=int(torch.randint(2**31, (1,))))
             return self.transform(read_volume(path, self.channels)), label
         return self.transform(load_image(path, self.channels)), label
 

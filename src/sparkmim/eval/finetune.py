@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..backbones import feature_modules_for
 from ..encoder import SparseEncoder
 from ..optim import Schedule, clip_grad_norm_, lamb
 from ..weights import ENCODER_PREFIX
@@ -21,21 +22,22 @@ class PooledClassifier(nn.Module):
     """Global average pool of the last feature map, dropout, and a linear layer: the head for
     backbones without a timm classifier (torchvision and custom models)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, drop: float = 0.0):
+    def __init__(self, backbone: nn.Module, num_classes: int, drop: float = 0.0, feature_modules=None):
         super().__init__()
-        self.encoder = SparseEncoder(backbone, check=False)
+        self.encoder = SparseEncoder(backbone, feature_modules, check=False)
         self.drop = nn.Dropout(drop)
         self.fc = nn.Linear(self.encoder.channels[-1], num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=2e-5)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(self.encoder(x)[-1].mean((2, 3))))
+        return self.fc(self.drop(self.encoder(x)[-1].flatten(2).mean(2)))  # pooled over 2 or 3 spatial dims
 
 
-def build_classifier(backbone: nn.Module, num_classes: int) -> nn.Module:
+def build_classifier(backbone: nn.Module, num_classes: int, feature_modules=None) -> nn.Module:
     """The backbone with a new classification head: timm models get their own head back
-    (``reset_classifier``, so the architecture is the original one); others a pooled linear head."""
+    (``reset_classifier``, so the architecture is the original one); others a pooled linear head
+    (on the last of ``feature_modules`` when given, e.g. a UNet's encoder)."""
     if hasattr(backbone, "reset_classifier") and hasattr(backbone, "forward_head"):
         backbone.reset_classifier(num_classes)
         head = backbone.get_classifier()
@@ -43,7 +45,7 @@ def build_classifier(backbone: nn.Module, num_classes: int) -> nn.Module:
             nn.init.trunc_normal_(head.weight, std=2e-5)
             nn.init.zeros_(head.bias)
         return backbone
-    return PooledClassifier(backbone, num_classes)
+    return PooledClassifier(backbone, num_classes, feature_modules=feature_modules)
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -78,7 +80,8 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    model = build_classifier(backbone, num_classes).to(device)
+    np.random.seed(seed % 2**32)  # timm's mixup draws from numpy (worker processes seed theirs: _seed_worker)
+    model = build_classifier(backbone, num_classes, feature_modules_for(cfg.model)).to(device)
     bs = min(cfg.batch_size, len(train_ds))
     if bs % 2 and (cfg.mixup > 0 or cfg.cutmix > 0):
         bs -= 1  # mixup pairs samples within a batch

@@ -53,16 +53,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     sources = cfg.sources
     volumes = spatial_dims_for(cfg.model) == 3
-    if volumes and cfg.mode == "finetune":
-        raise ConfigError("fine-tuning 3-D models is not supported yet: use knn or linear")
+    if volumes and cfg.cutmix > 0:
+        raise ConfigError("cutmix cuts 2-D boxes: use --cutmix 0 with volumes (mixup works)")
     train_samples, val_samples, classes = build_splits(cfg, volumes)
     train_paths = [p for p, _ in train_samples]
     if volumes:  # normalised one by one (--intensity)
-        from ..volumes import volume_eval_transform
+        from ..volumes import volume_eval_transform, volume_transform
 
         mean, std = None, None
-        eval_tf = volume_eval_transform((cfg.input_depth or cfg.input_size, cfg.input_size, cfg.input_size),
-                                        cfg.intensity)
+        shape = (cfg.input_depth or cfg.input_size, cfg.input_size, cfg.input_size)
+        eval_tf = volume_eval_transform(shape, cfg.intensity)
     else:
         if cfg.norm_stats == "data":
             mean, std = compute_stats(train_paths, cfg.in_chans)
@@ -85,7 +85,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if report:
             row["keys_matched"] = report["matched"]
         if cfg.mode == "finetune":
-            history = finetune(backbone, make(train_samples, transform=train_transform(cfg, mean, std)),
+            train_tf = volume_transform(shape, cfg.intensity, (cfg.crop_scale_min, 1.0), cfg.hflip) if volumes else \
+                train_transform(cfg, mean, std)
+            history = finetune(backbone, make(train_samples, transform=train_tf),
                                make(val_samples, transform=eval_tf), len(classes), cfg, device, cfg.seed, cfg.progress)
             row.update(top1=history[-1], best_top1=max(history), top1_per_epoch=history)
         else:
