@@ -20,7 +20,7 @@ from ..backbones import create_backbone, feature_modules_for, spatial_dims_for
 from ..config import ConfigError
 from ..data import compute_stats, default_stats
 from ..encoder import SparseEncoder
-from ..train.setup import resolve_device
+from ..train.setup import input_shape, resolve_device
 from ..weights import atomic_write, load_encoder_weights, weights_state
 from .config import EvalConfig
 from .data import LabelledImages, build_splits, eval_transform, train_transform
@@ -61,7 +61,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         from ..volumes import volume_eval_transform, volume_transform
 
         mean, std = None, None
-        shape = (cfg.input_depth or cfg.input_size, cfg.input_size, cfg.input_size)
+        shape = input_shape(cfg, 3)
         eval_tf = volume_eval_transform(shape, cfg.intensity)
     else:
         if cfg.norm_stats == "data":

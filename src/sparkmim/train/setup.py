@@ -69,8 +69,9 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def input_shape(cfg: PretrainConfig, spatial_dims: int) -> tuple[int, ...]:
-    """The training crop: ``(H, W)``, or ``(D, H, W)`` for volumes and clips."""
+def input_shape(cfg, spatial_dims: int) -> tuple[int, ...]:
+    """The input of a config with ``input_size`` and ``input_depth`` (pre-training or evaluation):
+    ``(H, W)``, or ``(D, H, W)`` for volumes and clips."""
     size = (cfg.input_size, cfg.input_size)
     return size if spatial_dims == 2 else (cfg.input_depth or cfg.input_size, *size)
 
