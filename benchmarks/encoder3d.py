@@ -1,16 +1,16 @@
-"""Time a 3-D sparse encoder's forward + backward against the dense model; JSON lines.
+"""Time a 3-D sparse encoder's forward + backward in both sparse forms and the dense model; JSON lines.
 
     python benchmarks/encoder3d.py --model monai:resnet18 --size 96 --batch 2
+    python benchmarks/encoder3d.py --device cuda --size 128 --batch 8
 
 Variants, run alternately (one round of each, then the next), median over rounds:
 
 * ``dense``: the plain 3-D backbone on the whole volume (its feature maps, summed);
-* ``reference``: the sparse encoder in the reference form (every layer dense, then masked),
-  which is what 3-D models run today; the fast form's tiles are 2-D only, so its 3-D figure is
-  still to come.
+* ``reference``: the sparse encoder in the reference form (every layer dense, then masked);
+* ``fast``: the sparse encoder in the fast form (visible tiles only, halos across patch borders).
 
-Each line gives the median and minimum milliseconds and the ratio to ``dense``. Mask ratio 0.6,
-float32, training mode, CPU threads as torch chooses (``--threads``).
+Each line gives the median and minimum milliseconds and the ratios to ``dense`` and to
+``reference``. Mask ratio 0.6, float32, training mode, CPU threads as torch chooses (``--threads``).
 """
 
 from __future__ import annotations
@@ -32,44 +32,59 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from sparkmim import SparseEncoder
     from sparkmim.backbones import create_backbone, feature_modules_for
 
+    device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_backbone(args.model, in_chans=args.in_chans)
-    enc = SparseEncoder(model, feature_modules_for(args.model), in_chans=args.in_chans).train()
-    x = torch.randn(args.batch, args.in_chans, args.size, args.size, args.size)
+    enc = SparseEncoder(model, feature_modules_for(args.model), in_chans=args.in_chans).train().to(device)
+    x = torch.randn(args.batch, args.in_chans, args.size, args.size, args.size).to(device)
     grid = tuple(args.size // s for s in enc.patch_size)
     from sparkmim.masking import MaskPyramid, num_visible, random_visible
 
     keep = num_visible(grid[0] * grid[1] * grid[2], 0.6)
-    masks = MaskPyramid(random_visible(args.batch, grid, 0.6, generator=torch.Generator().manual_seed(0)), keep)
+    visible = random_visible(args.batch, grid, 0.6, generator=torch.Generator().manual_seed(0))
+    masks = MaskPyramid(visible.to(device), keep)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def dense():
         sum(f.sum() for f in enc(x)).backward()
 
-    def reference():
-        sum(f.sum() for f in enc(x, masks)).backward()
+    def sparse(impl):
+        def run():
+            enc.sparse_impl = impl
+            sum(f.sum() for f in enc(x, masks)).backward()
+        return run
 
-    variants = {"dense": dense, "reference": reference}
+    variants = {"dense": dense, "reference": sparse("reference"), "fast": sparse("fast")}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
         for name, fn in variants.items():
             enc.zero_grad(set_to_none=True)
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if r >= args.warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    base = statistics.median(times["dense"])
+    base, ref = statistics.median(times["dense"]), statistics.median(times["reference"])
     for name, ms in times.items():
         print(json.dumps({"bench": "encoder3d", "variant": name, "model": args.model, "size": args.size,
                           "batch": args.batch, "patch": list(enc.patch_size), "grid": list(grid), "visible": keep,
-                          "impl": enc.sparse_impl if name != "dense" else "dense", "threads": torch.get_num_threads(),
+                          "device": device.type,
+                          "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "threads": torch.get_num_threads(),
                           "rounds": args.rounds, "ms_median": round(statistics.median(ms), 1),
-                          "ms_min": round(min(ms), 1), "vs_dense": round(statistics.median(ms) / base, 3)}), flush=True)
+                          "ms_min": round(min(ms), 1), "vs_dense": round(statistics.median(ms) / base, 3),
+                          "vs_reference": round(statistics.median(ms) / ref, 3)}), flush=True)
 
 
 if __name__ == "__main__":

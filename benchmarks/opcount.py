@@ -16,9 +16,9 @@ backward), so it measures Python/dispatcher work per step the same way on any ma
 * ``optimizer``: the one gradient clip and the optimiser step.
 
 ``ops_per_step_cuda_choices`` is the step again with the layer kernels a CUDA device picks and its
-optimiser hyper-parameters held on the device (the
-CPU runs small depthwise convolutions on the canvas and one-site convolutions as im2col products:
-``CANVAS_DEPTHWISE_BELOW`` and ``IM2COL_ONE_SITE`` in :mod:`sparkmim.sparse.fast`).
+optimiser hyper-parameters held on the device (the devices put depthwise convolutions on the
+canvas below different tile sizes, and only the CPU runs one-site convolutions as im2col
+products: ``CANVAS_DEPTHWISE_BELOW`` and ``IM2COL_ONE_SITE`` in :mod:`sparkmim.sparse.fast`).
 
 Options: ``--sparse-impl fast|reference``; ``--ops`` prints the 25 most frequent operations.
 """
@@ -181,7 +181,7 @@ def main(argv=None):
     for model in args.models.split(","):
         step, loading = count_run_steps(model, args.size, args.batch, args.sparse_impl)
         parts = count_parts(model, args.size, args.batch, args.sparse_impl)
-        # the same step with the kernel choices of a CUDA device (no CPU-only canvas layers)
+        # the same step with the kernel choices of a CUDA device
         choices = getattr(fast, "CANVAS_DEPTHWISE_BELOW", None)
         if choices is None:  # code without device-dependent kernel choices
             cuda_step = step
@@ -191,6 +191,8 @@ def main(argv=None):
 
             cpu_choices, im2col, build = dict(choices), fast.IM2COL_ONE_SITE, run_module.build_optimizer
             choices.clear()
+            if "cuda" in cpu_choices:  # the CUDA device's canvas sizes, asked for by the CPU tensors
+                choices["cpu"] = cpu_choices["cuda"]
             fast.IM2COL_ONE_SITE = frozenset()
             # and lr / weight decay held on the device, as build_optimizer does off the CPU
             def held(*a, build=build):

@@ -13,8 +13,9 @@ A variant is an implementation of the sparse encoder (``reference``: dense then 
     compile      torch.compile of the dense decoder (the sparse encoder runs eagerly)
     capture      the engine's whole step recorded once as a CUDA graph and replayed
                  (sparkmim.train.capture.CapturedStep; part step only; needs >= 3 warm-up rounds)
-    dwcanvas     depthwise layers on tiles smaller than 4x4 on the zero canvas, as the CPU does,
-                 instead of the halo (sparkmim.sparse.fast.CANVAS_DEPTHWISE_BELOW)
+    dwcanvasN    depthwise layers on tiles smaller than N x N on the zero canvas instead of the
+                 halo (sparkmim.sparse.fast.CANVAS_DEPTHWISE_BELOW; ``dwcanvas`` alone: 4;
+                 ``dwcanvas0``: the halo everywhere)
 
 Every variant gets its own copy of one seeded model (same weights) and optimiser. Timed steps
 alternate between the variants (one step of each, then the next round), so slow drifts of the
@@ -77,6 +78,11 @@ class Variant:
         self.spec, self.impl, self.levers = spec, parts[0], set(parts[1:])
         if self.impl not in ("reference", "fast"):
             raise SystemExit(f"unknown implementation {self.impl!r} in variant {spec!r}")
+        self.canvas_below = None
+        for lever in sorted(self.levers):
+            if lever.startswith("dwcanvas"):
+                self.canvas_below = int(lever[len("dwcanvas"):] or 4)
+                self.levers = (self.levers - {lever}) | {"dwcanvas"}
         bad = self.levers - set(LEVERS)
         if bad:
             raise SystemExit(f"unknown levers {sorted(bad)} in variant {spec!r}; known: {', '.join(LEVERS)}")
@@ -139,7 +145,7 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
         from sparkmim.sparse import fast
 
         before = fast.CANVAS_DEPTHWISE_BELOW.get(device.type)
-        fast.CANVAS_DEPTHWISE_BELOW[device.type] = 4
+        fast.CANVAS_DEPTHWISE_BELOW[device.type] = variant.canvas_below
         try:
             step()
         finally:

@@ -3,7 +3,8 @@
 P1 no leakage, isolation (sparse, not zero-out), P2 dense equivalence (train and eval), P3 strict
 export, P4 the whole model against an independent write-out of 3-D densify, decoder and loss.
 Float64, non-cubic inputs, anisotropic patches (a clip model strides time less than space).
-3-D maps run in the reference sparse form (dense, then mask).
+P1, isolation and P2 run in both sparse forms (fast: visible tiles only; reference: dense, then
+mask), and the fast form equals the reference form (features, loss, gradients, running statistics).
 """
 
 import math
@@ -19,6 +20,7 @@ from sparkmim.backbones import create_backbone, feature_modules_for
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
 from sparkmim.loss import patchify, unpatchify
 from sparkmim.masking import grid_of
+from sparkmim.sparse import SparseMap
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 GRID = (2, 2, 3)  # patches along depth (or time), height, width
@@ -104,6 +106,18 @@ def zoo(request):
     return request.param, SparseEncoder(model, feature_modules=names), chans
 
 
+@pytest.fixture(params=["fast", "reference"])
+def impl(request):
+    return request.param
+
+
+def in_form(enc, impl):
+    """A copy of ``enc`` computing in the sparse form ``impl``."""
+    e = fresh(enc)
+    e.sparse_impl = impl
+    return e
+
+
 def volumes(enc, chans, batch=2, seed=0, grid=GRID):
     sizes = [g * p for g, p in zip(grid, enc.patch_size)]
     return torch.randn(batch, chans, *sizes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -116,7 +130,7 @@ def masks_for(batch=2, seed=0, grid=GRID):
 
 def test_strides_patch_and_feature_sizes(zoo):
     name, enc, chans = zoo
-    assert enc.spatial_dims == 3 and enc.sparse_impl == "reference"
+    assert enc.spatial_dims == 3 and enc.sparse_impl == "fast", f"{name}: the build-time check fell back to the reference form"
     assert enc.patch_size == PATCHES[name]
     assert len(enc.strides) == (5 if name in ("monai:densenet121", "monai-dynunet") else 4)
     x = volumes(enc, chans)
@@ -126,10 +140,11 @@ def test_strides_patch_and_feature_sizes(zoo):
         assert tuple(f.shape[2:]) == tuple(a // b for a, b in zip(x.shape[2:], s))
 
 
-def test_p1_no_leakage(zoo):
+def test_p1_no_leakage(zoo, impl):
     """Changing masked voxels changes no feature, running statistic or gradient; masked sites
     of every feature map are exactly zero."""
     _, enc, chans = zoo
+    enc = in_form(enc, impl)
     masks = masks_for()
     x1 = volumes(enc, chans, seed=1)
     x2 = torch.where(masks.at(enc.patch_size), x1, 50 * volumes(enc, chans, seed=2))
@@ -150,10 +165,11 @@ def test_p1_no_leakage(zoo):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_p2_dense_equivalence(zoo, train):
+def test_p2_dense_equivalence(zoo, train, impl):
     """With every patch visible the sparse encoder is the original 3-D model: features,
     gradients and running statistics."""
     _, enc, chans = zoo
+    enc = in_form(enc, impl)
     x = volumes(enc, chans)
     full = MaskPyramid(torch.ones(2, 1, *GRID, dtype=torch.bool), keep=math.prod(GRID))
     (fd, gd, bd), (fs, gs, bs) = projected_run(enc, x, None, train), projected_run(enc, x, full, train)
@@ -185,10 +201,11 @@ def _biases_before_batch_norm(model) -> dict[str, str]:
     return found
 
 
-def test_isolation_sparse_not_zero_out(zoo):
+def test_isolation_sparse_not_zero_out(zoo, impl):
     """A sample with one visible patch is encoded exactly like that patch alone (cropped, run
     densely), in training mode with batch statistics, running statistics included."""
     name, enc, chans = zoo
+    enc = in_form(enc, impl)
     if name == "monai-dynunet":
         pytest.skip("the crop of one patch is a single site at the coarsest map, where PyTorch refuses an "
                     "instance norm in training ('Expected more than 1 spatial element'): no dense reference")
@@ -212,6 +229,80 @@ def test_isolation_sparse_not_zero_out(zoo):
     bs, bd = buffers(e_sparse), buffers(e_dense)
     for k in bs:
         torch.testing.assert_close(bs[k], bd[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
+
+
+def run_form(enc, impl, x, masks, train=True):
+    """Features, the loss of a fixed random projection of them, its gradients and the buffers
+    afterwards, in sparse form ``impl``; and whether the first feature map was held as tiles."""
+    e = in_form(enc, impl).train(train)
+    held = []
+    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
+        lambda m, a, o: held.append(isinstance(o, SparseMap)))
+    feats = e(x, masks)
+    hook.remove()
+    weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
+               for i, f in enumerate(feats)]
+    loss = sum((f * w).sum() for f, w in zip(feats, weights))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
+    return feats, loss.detach(), grads, buffers(e), held == [True]
+
+
+def assert_fast_equals_reference(enc, x, masks, train):
+    ff, lf, gf, bf, held = run_form(enc, "fast", x, masks, train)
+    fr, lr, gr, br, _ = run_form(enc, "reference", x, masks, train)
+    assert held, "the fast form fell back to dense maps"
+    for a, b in zip(ff, fr):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(lf, lr, rtol=1e-10, atol=0)
+    assert gf.keys() == gr.keys() and len(gr) > 0
+    cancelled = _biases_before_batch_norm(enc.model) if train else {}
+    for k in gr:
+        scale = gr[cancelled.get(k, k)].norm()  # a bias cancelled by a batch norm: noise on either side
+        assert (gf[k] - gr[k]).norm() <= 1e-10 * scale + 1e-10, k
+    for k in br:
+        torch.testing.assert_close(bf[k], br[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fast_equals_reference(zoo, train):
+    """The fast form (visible tiles only, with halos across patch borders) gives the reference
+    form's features, loss, gradients and running statistics, on a non-cubic volume with half
+    the patches visible, and it really holds the maps as tiles."""
+    _, enc, chans = zoo
+    assert_fast_equals_reference(enc, volumes(enc, chans, batch=3, seed=4), masks_for(batch=3, seed=5), train)
+
+
+@pytest.mark.parametrize("name", ["custom", "monai-resnet10"])
+def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(name, monkeypatch):
+    """On CPU a convolution with one output site per tile is one matrix product (im2col); with
+    the convolution kernel everywhere, as on a GPU, the fast form still equals the reference."""
+    from sparkmim.sparse import fast
+
+    monkeypatch.setattr(fast, "IM2COL_ONE_SITE", frozenset())
+    model, chans, names = build(name)
+    enc = SparseEncoder(model, feature_modules=names)
+    for train in (True, False):
+        assert_fast_equals_reference(enc, volumes(enc, chans, batch=3, seed=4), masks_for(batch=3, seed=5), train)
+
+
+def test_fast_form_keeps_every_tensor_on_the_input_device(zoo):
+    """Forward and backward of the fast form on the ``meta`` device: a tensor made on the CPU, or
+    a value read by the host, would fail here as it would on a GPU."""
+    name, enc, chans = zoo
+    x = volumes(enc, chans).to("meta")
+    v = random_visible(2, GRID, 0.6, generator=torch.Generator().manual_seed(0))
+    e = fresh(enc).to("meta").train()
+    held = []
+    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
+        lambda m, a, o: held.append(isinstance(o, SparseMap)))
+    feats = e(x, MaskPyramid(v.to("meta"), keep=int(v[0].sum())))
+    hook.remove()
+    assert held == [True], f"{name}: the fast form did not run on the meta device"
+    assert [f.device.type for f in feats] == ["meta"] * len(feats)
+    sum(f.sum() for f in feats).backward()
+    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
 
 
 def test_p3_weight_identity_and_strict_export(zoo, tmp_path):

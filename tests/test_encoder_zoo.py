@@ -211,14 +211,18 @@ def test_fast_equals_reference(zoo, train):
         torch.testing.assert_close(bf[k], br[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv3_large_100"])
-def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(name, monkeypatch):
-    """The fast form picks some layer kernels by device type (on CPU: small depthwise layers on the
-    canvas, one-site convolutions as im2col products). With the choices a CUDA device makes (halo
-    and convolution everywhere), run here on the CPU, it still equals the reference form."""
+@pytest.mark.parametrize("name,device", [("resnet18", "cuda"), ("convnext_atto", "cuda"), ("convnext_atto", "other"),
+                                         ("efficientnet_b0", "other"), ("mobilenetv3_large_100", "cuda")])
+def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(name, device, monkeypatch):
+    """The fast form picks some layer kernels by device type (on CPU: depthwise layers on tiles
+    smaller than 4 x 4 on the canvas, one-site convolutions as im2col products). With the choices
+    a CUDA device makes (depthwise layers on the canvas below 16 x 16, convolution everywhere) and
+    those of other devices (halo and convolution everywhere), run here on the CPU, it still equals
+    the reference form."""
     from sparkmim.sparse import fast
 
-    monkeypatch.setattr(fast, "CANVAS_DEPTHWISE_BELOW", {})
+    below = {"cpu": fast.CANVAS_DEPTHWISE_BELOW["cuda"]} if device == "cuda" else {}
+    monkeypatch.setattr(fast, "CANVAS_DEPTHWISE_BELOW", below)
     monkeypatch.setattr(fast, "IM2COL_ONE_SITE", frozenset())
     enc = SparseEncoder(build("timm", name))
     x, masks = images(batch=4, seed=4), masks_for(batch=4, seed=5, ratio=0.5)

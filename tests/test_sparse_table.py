@@ -13,13 +13,8 @@ from sparkmim.sparse.table import RULES, SPELLINGS, resolve
 # Layers whose fast form is, on purpose, the reference handler on the zero canvas (rare layers,
 # where a row kernel would not pay). A layer added to the registry with a reference handler only
 # must be added here too, so that the choice is made knowingly.
-CANVAS_FALLBACKS = {F.conv_transpose2d, F.interpolate, F.upsample,
-                    torch.convolution, torch._convolution}  # the last two: convolutions that are not 2-D
-# 3-D layers: models of volumes and clips run in the reference form (the fast form's tiles are 2-D)
-CANVAS_FALLBACKS |= {F.conv3d, F.conv_transpose3d, F.avg_pool3d, F.max_pool3d, F.max_pool3d_with_indices,
-                     torch.max_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d}
-if hasattr(F, "_max_pool3d"):
-    CANVAS_FALLBACKS.add(F._max_pool3d)
+CANVAS_FALLBACKS = {F.conv_transpose2d, F.conv_transpose3d, F.interpolate, F.upsample,
+                    torch.convolution, torch._convolution}  # the last two: convolutions that are not 2-D or 3-D
 
 
 def test_every_rule_has_a_reference_handler_and_exactly_the_listed_ones_fall_back_to_the_canvas():
@@ -58,6 +53,11 @@ def _aten_calls():
     stats = lambda: (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))  # noqa: E731
     yield "convolution", torch.convolution, (x, w, b, [2, 2], [1, 1], [1, 1], False, [0, 0], 1), F.conv2d
     yield "transposed", torch.convolution, (x, w, b, [2, 2], [1, 1], [1, 1], True, [1, 1], 1), F.conv_transpose2d
+    v = torch.randn(2, 4, 4, 6, 8, generator=g, dtype=torch.float64)
+    w3 = torch.randn(4, 4, 3, 3, 3, generator=g, dtype=torch.float64)
+    yield "convolution3d", torch.convolution, (v, w3, b, [1, 2, 2], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1), F.conv3d
+    yield "transposed3d", torch.convolution, (v, w3, b, [2, 2, 2], [1, 1, 1], [1, 1, 1], True, [1, 1, 1], 1), \
+        F.conv_transpose3d
     yield "_convolution", torch._convolution, (x, w, None, [1, 1], [2, 2], [2, 2], False, [0, 0], 1, False, False,
                                                 False, False), F.conv2d
     yield "batch_norm", torch.batch_norm, (x, b, b, *stats(), True, 0.1, 1e-5, False), F.batch_norm
@@ -76,7 +76,7 @@ def test_lower_level_spellings_become_the_functional_call_with_the_same_result(n
         torch.testing.assert_close((new_args[1], new_args[2]), (fresh[3], fresh[4]), rtol=0, atol=0)
 
 
-def test_a_convolution_that_is_not_2d_keeps_its_spelling_and_rule():
+def test_a_convolution_that_is_not_2d_or_3d_keeps_its_spelling_and_rule():
     x, w = torch.randn(2, 3, 8), torch.randn(4, 3, 3)
     args = (x, w, None, [1], [1], [1], False, [0], 1)
     rule, func, new_args, _ = resolve(torch.convolution, args, {})

@@ -70,7 +70,7 @@ def test_halo_windows_equal_windows_of_the_padded_masked_canvas(factor, size, of
     g = Geometry(Patches(m), factor)
     x = torch.randn(3, 5, 3 * factor, 4 * factor, dtype=torch.float64)
     sm = to_tiles(x, g, 2)
-    halo = sm.halo(size, size, offset, offset, fill)
+    halo = sm.halo((size, size), (offset, offset), fill)
     pad = size  # room for any window
     canvas = F.pad(sm.canvas(fill), (pad, pad, pad, pad), value=fill)
     p = g.patches

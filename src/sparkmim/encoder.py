@@ -60,8 +60,8 @@ class SparseEncoder(nn.Module):
         sparse_impl: how the sparse semantics are computed (same results either way):
             ``"fast"`` (default) holds feature maps as their visible sites only and computes
             nothing at masked sites; ``"reference"`` runs every layer densely and masks the
-            result. Masks with different visible counts per sample, forwards traced by
-            ``torch.compile``, and 3-D models (for now) use the reference form.
+            result. Masks with different visible counts per sample and forwards traced by
+            ``torch.compile`` use the reference form.
         in_chans: input channels; default read from the first convolution.
         probe_size: image side used to discover strides (must be a multiple of the total stride;
             default 128, and 64 per side for 3-D models).
@@ -102,7 +102,6 @@ class SparseEncoder(nn.Module):
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.spatial_dims == 3:
-            self.sparse_impl = "reference"  # the fast form's tiles are 2-D for now
             probe_size, min_stride = probe_size or 64, min_stride or 2
         probe_size, min_stride = probe_size or 128, min_stride or 4
         self._capture: dict[str, Tensor] | None = None

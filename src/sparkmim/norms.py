@@ -108,9 +108,12 @@ def masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bia
 
 
 def memory_format_of(t: Tensor) -> torch.memory_format:
-    """``channels_last`` for a 4-D tensor laid out so (and not also contiguous), else ``contiguous_format``."""
+    """``channels_last`` (``channels_last_3d``) for a 4-D (5-D) tensor laid out so (and not also
+    contiguous), else ``contiguous_format``."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
     return torch.contiguous_format
 
 

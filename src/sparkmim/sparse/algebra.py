@@ -1,9 +1,9 @@
 """The fast form's tensor algebra: shape, index, split, join and reduction ops on tiles.
 
-A :class:`~.tiles.SparseMap` of logical shape ``(B, *c_before, H, W, *c_after)`` holds tiles
-``(B*K, *c_before, f, f, *c_after)``: the same dims, so an operation on its channel dims is the
-same operation, with the same dims, on the tiles. An operation that would move, split or mix the
-batch or spatial dims is refused, as the reference form refuses it. A reduction over both
+A :class:`~.tiles.SparseMap` of logical shape ``(B, *c_before, *spatial, *c_after)`` holds tiles
+``(B*K, *c_before, *factors, *c_after)``: the same dims, so an operation on its channel dims is
+the same operation, with the same dims, on the tiles. An operation that would move, split or mix
+the batch or spatial dims is refused, as the reference form refuses it. A reduction over all
 spatial dims is a reduction over each sample's tiles (the visible sites) and gives a dense result.
 
 Each translation takes ``(mode, func, name, args, kwargs)``; :data:`ON_TILES` maps every
@@ -43,10 +43,15 @@ def _first_map(args, kwargs) -> SparseMap:
     return next(tensors(args, kwargs, SparseMap))
 
 
+def _spatial(x: SparseMap) -> range:
+    """The logical (and tiles) dims of ``x``'s spatial axes."""
+    return range(x.spatial_dim, x.spatial_dim + x.geometry.spatial_dims)
+
+
 def _channel_dim(mode: FastSparseMode, func, x: SparseMap, dim: int) -> int:
     """Logical (and tiles) dim ``dim``, non-negative; refused for the batch or a spatial dim."""
     d = dim % x.dim()
-    if d == 0 or d in (x.spatial_dim, x.spatial_dim + 1):
+    if d == 0 or d in _spatial(x):
         mode.fail(func, x, f"splits or indexes the batch or spatial dims (dim {dim})")
     return d
 
@@ -122,9 +127,9 @@ def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
     if inplace:
         return args[0]
     t = lead.tiles
-    s = lead.spatial_dim
+    space = slice(lead.spatial_dim, lead.spatial_dim + lead.geometry.spatial_dims)
     if isinstance(out, Tensor) and out.dim() == t.dim() and out.shape[0] == t.shape[0] \
-            and out.shape[s: s + 2] == t.shape[s: s + 2]:
+            and out.shape[space] == t.shape[space]:
         return lead.with_tiles(out)
     if isinstance(out, Tensor):
         mode.fail(func, lead, f"gives a result of unexpected shape {tuple(out.shape)}")
@@ -138,21 +143,20 @@ def dense_as_tiles(a: Tensor, lead: SparseMap, logical) -> Tensor:
     nd = len(logical)
     if a.dim() < nd:  # (no view when it has the dims already: one operation fewer per call)
         a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
-    s = lead.spatial_dim
-    if a.shape[s] == 1 and a.shape[s + 1] == 1:
+    s, g = lead.spatial_dim, lead.geometry
+    if all(a.shape[d] == 1 for d in _spatial(lead)):
         if a.shape[0] == 1:
             return a
-        g = lead.geometry
         return a.repeat_interleave(g.tiles // g.batch, dim=0)
     full = list(a.shape)
-    g = lead.geometry
-    full[0], full[s], full[s + 1] = g.batch, g.height, g.width
+    full[0] = g.batch
+    full[s: s + g.spatial_dims] = g.sizes
     return to_tiles(a.expand(full), g, s).tiles
 
 
 # -- shapes ------------------------------------------------------------------------------------------
 def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
-    """Views, reshapes and broadcasts that keep ``(B, ..., H, W, ...)`` with the same channels
+    """Views, reshapes and broadcasts that keep ``(B, ..., *spatial, ...)`` with the same channels
     before the spatial dims; a dense operand of ``expand_as`` (a gate) is broadcast to tiles."""
     x = args[0]
     if not isinstance(x, SparseMap):
@@ -164,10 +168,11 @@ def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
     new = tuple(func(*[replace_maps(a, meta_like) for a in args],
                      **{k: replace_maps(v, meta_like) for k, v in kwargs.items()}).shape)
     g = x.geometry
+    n = g.spatial_dims
     before = math.prod(x.shape[1: x.spatial_dim])
-    for j in range(1, len(new) - 1):
-        if new[j: j + 2] == (g.height, g.width) and new[0] == g.batch and math.prod(new[1:j]) == before:
-            shape = (g.tiles, *new[1:j], g.factor, g.factor, *new[j + 2:])
+    for j in range(1, len(new) - n + 1):
+        if new[j: j + n] == g.sizes and new[0] == g.batch and math.prod(new[1:j]) == before:
+            shape = (g.tiles, *new[1:j], *g.factors, *new[j + n:])
             if name in ("expand", "expand_as", "broadcast_to"):
                 return SparseMap(x.tiles.expand(shape), g, j)
             return SparseMap(x.tiles.reshape(shape), g, j)
@@ -175,14 +180,14 @@ def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
 
 
 def permute(mode: FastSparseMode, func, name: str, args, kwargs):
-    """Permutations that keep the batch dim first and H, W adjacent and in order."""
+    """Permutations that keep the batch dim first and the spatial dims adjacent and in order."""
     x = args[0]
     perm = _permutation(func, name, x, args, kwargs)
     s = x.spatial_dim
     if perm[0] != 0 or s not in perm:
         mode.fail(func, x, f"moves the batch or spatial dims (permutation {perm})")
     j = perm.index(s)
-    if j + 1 >= len(perm) or perm[j + 1] != s + 1:
+    if perm[j: j + x.geometry.spatial_dims] != list(_spatial(x)):
         mode.fail(func, x, f"separates the spatial dims (permutation {perm})")
     return SparseMap(x.tiles.permute(perm), x.geometry, j)
 
@@ -245,7 +250,7 @@ def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
     items += [slice(None)] * (x.dim() - len(items))
     spatial_dim = x.spatial_dim
     for d, it in enumerate(items):
-        if d == 0 or d in (x.spatial_dim, x.spatial_dim + 1):
+        if d == 0 or d in _spatial(x):
             if not (isinstance(it, slice) and it == slice(None)):
                 mode.fail(func, x, f"indexes the batch or spatial dims ({index!r})")
             continue
@@ -278,7 +283,7 @@ def join(mode: FastSparseMode, func, name: str, args, kwargs):
 # -- reductions --------------------------------------------------------------------------------------
 def reduce(mode: FastSparseMode, func, name: str, args, kwargs):
     """Reductions over channel dims are the same reduction of the tiles (a map, one dim fewer
-    unless ``keepdim``); over both spatial dims (mean, sum, max, norm, ... only) they reduce each
+    unless ``keepdim``); over all spatial dims (mean, sum, max, norm, ... only) they reduce each
     sample's tiles and give a dense tensor; scans and softmax along a channel dim keep the map."""
     x, rest = args[0], list(args[1:])
     if not isinstance(x, SparseMap):
@@ -305,9 +310,9 @@ def reduce(mode: FastSparseMode, func, name: str, args, kwargs):
 
 
 def _covers_space(mode: FastSparseMode, func, name: str, x: SparseMap, dims) -> bool:
-    """Whether a reduction over ``dims`` covers the spatial dims (both: only for a reduction with
-    a masked meaning); refused for one of them."""
-    spatial = {x.spatial_dim, x.spatial_dim + 1}
+    """Whether a reduction over ``dims`` covers the spatial dims (all: only for a reduction with
+    a masked meaning); refused for some of them."""
+    spatial = set(_spatial(x))
     if not spatial & set(dims):
         return False
     if not spatial <= set(dims):

@@ -2,6 +2,8 @@
 
 Each handler has the reference handler's signature (see :mod:`.table`) and meaning:
 
+* the same handlers serve images (``conv2d``, ...) and volumes and clips (``conv3d``, ...), with
+  a tile size and stride per axis;
 * convolutions and pooling whose windows stay inside a patch (1x1, kernel = stride) run on the
   tiles as they are; other windowed layers run on each tile with its halo, gathered from the
   neighbouring visible tiles (``0``, or ``-inf`` for max pooling, where a neighbour is masked),
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from ..norms import batch_norm_rows
 from . import reference
-from .ops import ON_CANVAS, adaptive_output_size, pair
+from .ops import ON_CANVAS, adaptive_output_size, per_axis
 from .tiles import SparseMap
 
 if TYPE_CHECKING:
@@ -34,13 +36,14 @@ __all__ = ["on_canvas", "conv", "max_pool", "avg_pool", "adaptive_pool", "batch_
            "instance_norm", "channel_norm", "channel_linear", "pad_on_canvas"]
 
 
-CANVAS_DEPTHWISE_BELOW = {"cpu": 4}
+CANVAS_DEPTHWISE_BELOW = {"cpu": 4, "cuda": 16}
 """Per device type: depthwise convolutions whose output tiles are smaller than this (sites per
 side) run on the zero canvas. ConvNeXt-Small's 7x7 depthwise layers on a 2x2 tile read an 8x8
-halo (16x the tile); on CPU the canvas is faster there (ConvNeXt-Small forward + backward, 224
-px, batch 8: 4.3 s against 4.7 s), and the canvas and the gather back dispatch about as many
-operations as the halo. Elsewhere (CUDA) every layer uses the halo until a GPU measurement
-says otherwise (``benchmarks/step.py``, lever ``dwcanvas``)."""
+halo (16x the tile). On CPU the canvas is faster below 4 (ConvNeXt-Small forward + backward,
+224 px, batch 8: 4.3 s against 4.7 s). On CUDA it is faster at every tile size ConvNeXt-Small
+has (8, 4, 2, 1 sites; H200, bf16, channels-last, batch 128, 224 px, encoder forward + backward:
+177 ms with halos everywhere, 103 ms below 4, 98 below 8, 87 below 16; whole step 235, 157, 148,
+139 ms; ``benchmarks/step.py``, lever ``dwcanvasN``). Other device types use the halo."""
 
 
 IM2COL_ONE_SITE = frozenset({"cpu"})
@@ -60,40 +63,43 @@ def on_canvas(mode: FastSparseMode, handler, func, x, /, *args, fill: float = 0.
     return mode.as_tiles(out)
 
 
-def _channels_first_2d(x) -> bool:
-    """Whether ``x`` is a channels-first ``(B, C, H, W)`` map held as tiles."""
-    return isinstance(x, SparseMap) and x.spatial_dim == 2 and x.tiles.dim() == 4
+def _channels_first(x) -> bool:
+    """Whether ``x`` is a channels-first ``(B, C, *spatial)`` map held as tiles."""
+    return isinstance(x, SparseMap) and x.spatial_dim == 2 and x.tiles.dim() == x.geometry.spatial_dims + 2
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _output_factor(x: SparseMap, kernel, stride, padding, dilation) -> int | None:
-    """Sites per patch side of a windowed layer's output, when it lies on the mask grid at
-    ``factor / stride`` (equal strides dividing the factor, output size ``size / stride``); else None."""
+def _output_factor(x: SparseMap, kernel, stride, padding, dilation):
+    """Sites per patch of a windowed layer's output, when it lies on the mask grid at ``factor /
+    stride`` along each axis (each stride dividing the factor, output size ``size / stride``;
+    images: equal strides on both axes), as :meth:`MaskPyramid.factor` gives it; else None."""
     g = x.geometry
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    ho, wo = _output_size(g.height, kh, sh, ph, dh), _output_size(g.width, kw, sw, pw, dw)
-    if sh != sw or g.factor % sh or ho * sh != g.height or wo * sw != g.width:
-        return None
-    return g.factor // sh
+    out = []
+    for size, f, k, s, p, d in zip(g.sizes, g.factors, kernel, stride, padding, dilation):
+        if f % s or _output_size(size, k, s, p, d) * s != size:
+            return None
+        out.append(f // s)
+    if g.spatial_dims == 2:
+        return out[0] if stride[0] == stride[1] else None
+    return tuple(out)
 
 
-def _windowed(mode: FastSparseMode, x: SparseMap, layer, out_factor: int, stride: int, kernel, dilation, padding,
+def _windowed(mode: FastSparseMode, x: SparseMap, layer, out_factor, stride, kernel, dilation, padding,
               fill: float = 0.0) -> SparseMap:
     """``layer`` (without padding) applied to each visible tile with the halo its windows read,
-    giving the ``out_factor x out_factor`` outputs of every visible patch."""
-    (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
-    th = (out_factor - 1) * stride + dh * (kh - 1) + 1
-    tw = (out_factor - 1) * stride + dw * (kw - 1) + 1
-    out = layer(x.halo(th, tw, ph, pw, fill))
+    giving the outputs (``out_factor`` sites per patch) of every visible patch."""
+    out_factors = per_axis(out_factor, x.geometry.spatial_dims)
+    sizes = tuple((fo - 1) * s + d * (k - 1) + 1 for fo, s, k, d in zip(out_factors, stride, kernel, dilation))
+    out = layer(x.halo(sizes, tuple(padding), fill))
     return SparseMap(out, mode.geometry(out_factor), 2)
 
 
 # -- convolution -------------------------------------------------------------------------------------
 def _conv_parameters(args, kwargs) -> tuple:
-    """``(weight, bias, stride, padding, dilation, groups)`` of an ``F.conv2d`` call."""
+    """``(weight, bias, stride, padding, dilation, groups)`` of an ``F.conv2d`` / ``F.conv3d`` call."""
     names = ("weight", "bias", "stride", "padding", "dilation", "groups")
     vals = dict(zip(names, args))
     vals.update({k: v for k, v in kwargs.items() if k in names})
@@ -101,50 +107,54 @@ def _conv_parameters(args, kwargs) -> tuple:
             vals.get("groups", 1))
 
 
-def _explicit_padding(padding, kernel, dilation) -> tuple[int, int] | None:
-    """Padding as numbers; None for ``"same"`` with an even window (asymmetric padding)."""
+def _explicit_padding(padding, kernel, dilation) -> tuple[int, ...] | None:
+    """Padding as numbers, one per axis; None for ``"same"`` with an even window (asymmetric padding)."""
     if not isinstance(padding, str):
-        return pair(padding)
+        return per_axis(padding, len(kernel))
     if padding == "valid":
-        return (0, 0)
-    (kh, kw), (dh, dw) = kernel, dilation
-    if padding == "same" and (dh * (kh - 1)) % 2 == 0 and (dw * (kw - 1)) % 2 == 0:
-        return (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        return (0,) * len(kernel)
+    reach = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if padding == "same" and all(r % 2 == 0 for r in reach):
+        return tuple(r // 2 for r in reach)
     return None
 
 
 def conv(mode: FastSparseMode, func, x, /, *args, **kwargs):
-    """``F.conv2d`` at visible sites: on each tile with its halo (the tile alone when the
-    windows stay inside it)."""
+    """``F.conv2d`` / ``F.conv3d`` at visible sites: on each tile with its halo (the tile alone
+    when the windows stay inside it)."""
     x = mode.as_tiles(x)
     w, b, stride, padding, dilation, groups = _conv_parameters(args, kwargs)
-    if not _channels_first_2d(x) or w.dim() != 4:
+    if not _channels_first(x) or w.dim() != x.tiles.dim():
         return ON_CANVAS
-    kernel, stride, dilation = tuple(w.shape[-2:]), pair(stride), pair(dilation)
+    n = x.geometry.spatial_dims
+    kernel, stride, dilation = tuple(w.shape[2:]), per_axis(stride, n), per_axis(dilation, n)
     padding = _explicit_padding(padding, kernel, dilation)
     fo = None if padding is None else _output_factor(x, kernel, stride, padding, dilation)
     if fo is None:
         return ON_CANVAS
-    if fo == 1 and groups == 1 and x.tiles.device.type in IM2COL_ONE_SITE:
+    one_site = fo == 1 or fo == (1,) * n
+    if one_site and groups == 1 and x.tiles.device.type in IM2COL_ONE_SITE:
         # one output site per tile: the window's products as one matrix product (im2col), several
         # times faster than a convolution over 1 x 1 outputs on CPU
-        cols = x.halo(dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1, *padding)
-        if dilation != (1, 1):
-            cols = cols[:, :, :: dilation[0], :: dilation[1]]
+        cols = x.halo(tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation)), padding)
+        if any(d != 1 for d in dilation):
+            cols = cols[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))]
         out = F.linear(cols.reshape(cols.shape[0], -1), w.reshape(w.shape[0], -1), b)
-        return SparseMap(out.view(*out.shape, 1, 1), mode.geometry(1), 2)
-    if groups > 1 and groups == x.tiles.shape[1] and fo < CANVAS_DEPTHWISE_BELOW.get(x.tiles.device.type, 0) \
+        return SparseMap(out.view(*out.shape, *(1,) * n), mode.geometry(fo), 2)
+    if n == 2 and groups > 1 and groups == x.tiles.shape[1] and fo < CANVAS_DEPTHWISE_BELOW.get(x.tiles.device.type, 0) \
             and kernel != (1, 1):
         # a depthwise convolution with small output tiles: the halo would move several times the
         # data the layer computes on, so the (cheap) layer runs on the zero canvas instead
         return mode.as_tiles(func(x.canvas(), *args, **kwargs))  # (a channels-last canvas for channels-last tiles)
-    return _windowed(mode, x, lambda t: F.conv2d(t, w, b, stride, 0, dilation, groups), fo, stride[0], kernel,
+    layer = F.conv2d if n == 2 else F.conv3d
+    return _windowed(mode, x, lambda t: layer(t, w, b, stride, 0, dilation, groups), fo, stride, kernel,
                      dilation, padding)
 
 
 # -- pooling -----------------------------------------------------------------------------------------
-def _pool_parameters(func, args, kwargs) -> tuple:
-    """``(kernel, stride, padding, dilation, ceil_mode, return_indices)`` of any max-pool spelling."""
+def _pool_parameters(func, args, kwargs, n: int) -> tuple:
+    """``(kernel, stride, padding, dilation, ceil_mode, return_indices)`` of any max-pool spelling,
+    one value per axis of an ``n``-D pool."""
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     vals = dict(zip(names, args))
     vals.update({k: v for k, v in kwargs.items() if k in names})
@@ -152,21 +162,23 @@ def _pool_parameters(func, args, kwargs) -> tuple:
     s = vals.get("stride")
     if s is None or (isinstance(s, (tuple, list)) and len(s) == 0):
         s = k
-    return (pair(k), pair(s), pair(vals.get("padding", 0)), pair(vals.get("dilation", 1)),
+    return (per_axis(k, n), per_axis(s, n), per_axis(vals.get("padding", 0), n), per_axis(vals.get("dilation", 1), n),
             bool(vals.get("ceil_mode", False)), bool(vals.get("return_indices", False)) or
-            func is F.max_pool2d_with_indices)
+            func in (F.max_pool2d_with_indices, F.max_pool3d_with_indices))
 
 
 def max_pool(mode: FastSparseMode, func, x, /, *args, **kwargs):
     """Max pooling on each tile with its halo, read as ``-inf`` at masked sites."""
     x = mode.as_tiles(x)
-    kernel, stride, padding, dilation, ceil, indices = _pool_parameters(func, args, kwargs)
-    if not _channels_first_2d(x) or ceil or indices:
+    if not _channels_first(x):
         return ON_CANVAS
-    fo = _output_factor(x, kernel, stride, padding, dilation)
+    n = x.geometry.spatial_dims
+    kernel, stride, padding, dilation, ceil, indices = _pool_parameters(func, args, kwargs, n)
+    fo = None if ceil or indices else _output_factor(x, kernel, stride, padding, dilation)
     if fo is None:
         return ON_CANVAS
-    return _windowed(mode, x, lambda t: F.max_pool2d(t, kernel, stride, 0, dilation), fo, stride[0], kernel,
+    layer = F.max_pool2d if n == 2 else F.max_pool3d
+    return _windowed(mode, x, lambda t: layer(t, kernel, stride, 0, dilation), fo, stride, kernel,
                      dilation, padding, float("-inf"))
 
 
@@ -175,27 +187,35 @@ def avg_pool(mode: FastSparseMode, func, x, kernel_size, stride=None, padding=0,
     """Average pooling whose windows tile the patches (kernel = stride, no padding): on the tiles;
     windows across patch borders run on the canvas."""
     x = mode.as_tiles(x)
-    kernel, step = pair(kernel_size), pair(kernel_size if stride is None or stride == [] else stride)
-    if not _channels_first_2d(x) or kernel != step or step[0] != step[1] or pair(padding) != (0, 0) \
-            or x.geometry.factor % step[0]:
+    if not _channels_first(x):
         return ON_CANVAS
-    out = F.avg_pool2d(x.tiles, kernel, step, 0, ceil_mode, count_include_pad, divisor_override)
-    return SparseMap(out, mode.geometry(x.geometry.factor // step[0]), 2)
+    g = x.geometry
+    n = g.spatial_dims
+    kernel, step = per_axis(kernel_size, n), per_axis(kernel_size if stride is None or stride == [] else stride, n)
+    if kernel != step or any(per_axis(padding, n)) or any(f % s for f, s in zip(g.factors, step)) \
+            or (n == 2 and step[0] != step[1]):
+        return ON_CANVAS
+    out = (F.avg_pool2d if n == 2 else F.avg_pool3d)(x.tiles, kernel, step, 0, ceil_mode, count_include_pad,
+                                                      divisor_override)
+    factor = g.factor // step[0] if n == 2 else tuple(f // s for f, s in zip(g.factors, step))
+    return SparseMap(out, mode.geometry(factor), 2)
 
 
 def adaptive_pool(mode: FastSparseMode, func, x, /, output_size, *args, **kwargs):
-    """Pooling to 1x1: a mean (or maximum) over each sample's tiles."""
+    """Pooling to a single site: a mean (or maximum) over each sample's tiles."""
     x = mode.as_tiles(x)
-    if not _channels_first_2d(x):
+    if not _channels_first(x):
         return ON_CANVAS
-    size = adaptive_output_size(output_size, x.shape, 2)
-    if size == tuple(x.shape[-2:]):
+    n = x.geometry.spatial_dims
+    size = adaptive_output_size(output_size, x.shape, n)
+    if size == tuple(x.shape[-n:]):
         return x
-    if size != (1, 1) or args or kwargs.get("return_indices"):
-        mode.fail(func, x, f"pools to {size}, which only has a sparse meaning for 1x1")
-    t = _per_sample(x)  # (B, K, C, f, f)
-    pooled = t.amax((1, 3, 4)) if func is F.adaptive_max_pool2d else t.mean((1, 3, 4))
-    return pooled.view(*pooled.shape, 1, 1)
+    if size != (1,) * n or args or kwargs.get("return_indices"):
+        mode.fail(func, x, f"pools to {size}, which only has a sparse meaning for a single site")
+    t = _per_sample(x)  # (B, K, C, *f)
+    over = (1, *range(3, n + 3))
+    pooled = t.amax(over) if func in (F.adaptive_max_pool2d, F.adaptive_max_pool3d) else t.mean(over)
+    return pooled.view(*pooled.shape, *(1,) * n)
 
 
 # -- norms -------------------------------------------------------------------------------------------
@@ -205,9 +225,9 @@ def _per_sample(x: SparseMap):
     return x.tiles.view(g.batch, g.tiles // g.batch, *x.tiles.shape[1:])
 
 
-def _require_2d(mode: FastSparseMode, func, x: SparseMap, what: str) -> None:
-    if not _channels_first_2d(x):
-        mode.fail(func, x, f"is a {what} over a map that is not (B, C, H, W)")
+def _require_channels_first(mode: FastSparseMode, func, x: SparseMap, what: str) -> None:
+    if not _channels_first(x):
+        mode.fail(func, x, f"is a {what} over a map that is not (B, C, *spatial)")
 
 
 def batch_norm(mode: FastSparseMode, func, x, running_mean, running_var, weight=None, bias=None,
@@ -216,7 +236,7 @@ def batch_norm(mode: FastSparseMode, func, x, running_mean, running_var, weight=
     x = mode.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    _require_2d(mode, func, x, "batch norm")
+    _require_channels_first(mode, func, x, "batch norm")
     if training or running_mean is None:
         out = batch_norm_rows(x.tiles, running_mean, running_var, weight, bias, True, momentum, eps, mode.sync_group)
     else:
@@ -226,7 +246,7 @@ def batch_norm(mode: FastSparseMode, func, x, running_mean, running_var, weight=
 
 def _sample_group_norm(x: SparseMap, num_groups: int, weight, bias, eps: float) -> SparseMap:
     """Group norm with each sample's statistics over all its tiles."""
-    t = _per_sample(x).transpose(1, 2)  # (B, C, K, f, f)
+    t = _per_sample(x).transpose(1, 2)  # (B, C, K, *f)
     out = F.group_norm(t, num_groups, weight, bias, eps).transpose(1, 2)
     return x.with_tiles(out.reshape(x.tiles.shape))
 
@@ -236,7 +256,7 @@ def group_norm(mode: FastSparseMode, func, x, num_groups, weight=None, bias=None
     x = mode.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, num_groups, weight, bias, eps)
-    _require_2d(mode, func, x, "group norm")
+    _require_channels_first(mode, func, x, "group norm")
     return _sample_group_norm(x, num_groups, weight, bias, eps)
 
 
@@ -247,7 +267,7 @@ def instance_norm(mode: FastSparseMode, func, x, running_mean=None, running_var=
     x = mode.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    _require_2d(mode, func, x, "instance norm")
+    _require_channels_first(mode, func, x, "instance norm")
     if not use_input_stats:
         return x.with_tiles(F.instance_norm(x.tiles, running_mean, running_var, weight, bias, False, momentum, eps))
     if running_mean is not None:
@@ -256,7 +276,7 @@ def instance_norm(mode: FastSparseMode, func, x, running_mean=None, running_var=
 
 
 def _trailing_channels(x: SparseMap) -> int:
-    return x.dim() - (x.spatial_dim + 2)
+    return x.dim() - (x.spatial_dim + x.geometry.spatial_dims)
 
 
 def channel_norm(mode: FastSparseMode, func, x, /, normalized_shape, *args, **kwargs):

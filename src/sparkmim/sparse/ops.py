@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from torch import Tensor
 
 __all__ = ["SparseSemanticsError", "OpKind", "KIND_OF", "PASS_THROUGH", "REARRANGING", "MASKED_REDUCTIONS",
-           "ONE_DIM_REDUCTIONS", "SCANS", "METADATA_PROPERTIES", "ON_CANVAS", "is_inplace", "pair", "tensors",
+           "ONE_DIM_REDUCTIONS", "SCANS", "METADATA_PROPERTIES", "ON_CANVAS", "is_inplace", "tensors",
            "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial", "per_axis"]
 
 
@@ -129,18 +129,6 @@ class _OnCanvas:
 ON_CANVAS = _OnCanvas()
 """What a fast layer handler returns for a call it has no row kernel for: the fast form then runs
 the reference handler on the zero canvas and gathers the visible tiles back."""
-
-
-def pair(value) -> tuple:
-    """``(height, width)`` from one value or a sequence of one or two (elements kept as given, so
-    an adaptive pooling size may hold ``None``)."""
-    if isinstance(value, (tuple, list)):
-        if len(value) == 1:
-            return (value[0], value[0])
-        if len(value) == 2:
-            return (value[0], value[1])
-        raise ValueError(f"expected one or two values (height, width), got {value!r}")
-    return (value, value)
 
 
 def tensors(args, kwargs, kind: type = Tensor) -> Iterator:

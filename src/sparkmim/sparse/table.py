@@ -50,7 +50,7 @@ def _rules() -> dict[Callable, Rule]:
     rules = {
         F.conv2d: masked_conv,
         F.conv_transpose2d: canvas,
-        # convolutions of other dimensionality, spelled torch.convolution (see _convolution)
+        # convolutions of other dimensionality (1-D), spelled torch.convolution (see _convolution)
         torch.convolution: canvas,
         torch._convolution: canvas,
         F.interpolate: canvas,
@@ -70,20 +70,19 @@ def _rules() -> dict[Callable, Rule]:
     }
     if hasattr(F, "_max_pool2d"):
         rules[F._max_pool2d] = max_pool
-    # volumes and clips (3-D maps run in the reference form only: no fast kernels yet)
-    max_pool_3d = Rule(reference.max_pool, fast=None, fill=float("-inf"))
+    # volumes and clips: the same handlers, with one value per axis
     rules.update({
-        F.conv3d: canvas,
+        F.conv3d: masked_conv,
         F.conv_transpose3d: canvas,
-        F.avg_pool3d: Rule(reference.avg_pool, fast=None),
-        F.max_pool3d: max_pool_3d,
-        F.max_pool3d_with_indices: max_pool_3d,
-        torch.max_pool3d: max_pool_3d,
-        F.adaptive_avg_pool3d: Rule(reference.adaptive_pool, fast=None),
-        F.adaptive_max_pool3d: Rule(reference.adaptive_pool, fast=None),
+        F.avg_pool3d: Rule(reference.avg_pool, fast=fast.avg_pool),
+        F.max_pool3d: max_pool,
+        F.max_pool3d_with_indices: max_pool,
+        torch.max_pool3d: max_pool,
+        F.adaptive_avg_pool3d: adaptive_pool,
+        F.adaptive_max_pool3d: adaptive_pool,
     })
     if hasattr(F, "_max_pool3d"):
-        rules[F._max_pool3d] = max_pool_3d
+        rules[F._max_pool3d] = max_pool
     if hasattr(F, "rms_norm"):
         rules[F.rms_norm] = channel_norm
     return rules
@@ -96,13 +95,15 @@ RULES: dict[Callable, Rule] = _rules()
 
 # -- lower-level spellings: (args, kwargs) of the aten call -> (F function, args, kwargs) ---------------
 def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *_):
-    """``torch.convolution`` / ``torch._convolution``: ``F.conv2d`` or ``F.conv_transpose2d``
-    for 2-D kernels; other dimensionalities keep their spelling (and its rule)."""
-    if weight.dim() != 4:
+    """``torch.convolution`` / ``torch._convolution``: ``F.conv2d`` / ``F.conv3d`` or their
+    transposed forms for 2-D / 3-D kernels; other dimensionalities keep their spelling (and its rule)."""
+    if weight.dim() not in (4, 5):
         return None
+    two = weight.dim() == 4
     if transposed:
-        return F.conv_transpose2d, (input, weight, bias, stride, padding, output_padding, groups, dilation), {}
-    return F.conv2d, (input, weight, bias, stride, padding, dilation, groups), {}
+        return (F.conv_transpose2d if two else F.conv_transpose3d), \
+            (input, weight, bias, stride, padding, output_padding, groups, dilation), {}
+    return (F.conv2d if two else F.conv3d), (input, weight, bias, stride, padding, dilation, groups), {}
 
 
 def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *_):

@@ -1,18 +1,21 @@
 """Feature maps held as their visible tiles: :class:`SparseMap`, its :class:`Geometry`, halos.
 
-Every sample keeps the same number ``K`` of visible patches. At a map with ``f x f`` sites per
-patch, each visible patch is an ``f x f`` tile, and a map of logical shape ``(B, *c_before, H,
-W, *c_after)`` is held as its tiles ``(B*K, *c_before, f, f, *c_after)``. Logical dims and tile
-dims correspond one to one (sample to sample-and-patch, ``H`` to the rows of a tile, ``W`` to
-its columns), so most operations on a map are the same operation, with the same arguments, on
-its tiles: a layer computes visible sites only, with the dense network's own kernels and about
-as many operations. Spatial layers read a tile with its halo (:meth:`Geometry.halo_index`),
-gathered from the neighbouring visible tiles. Tiles are ordered sample by sample, and patch by
-patch (ascending patch index) within a sample; all shapes are static, and the index tensors are
-built once per batch on the mask's device without host synchronisation.
+Every sample keeps the same number ``K`` of visible patches. At a map with ``f`` sites per patch
+along each spatial axis (``f x f`` for images, ``fd x fh x fw`` for volumes and clips), each
+visible patch is a tile, and a map of logical shape ``(B, *c_before, *spatial, *c_after)`` is held
+as its tiles ``(B*K, *c_before, *f, *c_after)``. Logical dims and tile dims correspond one to one
+(sample to sample-and-patch, each spatial axis to that axis of a tile), so most operations on a
+map are the same operation, with the same arguments, on its tiles: a layer computes visible
+sites only, with the dense network's own kernels and about as many operations. Spatial layers
+read a tile with its halo (:meth:`Geometry.halo_index`), gathered from the neighbouring visible
+tiles. Tiles are ordered sample by sample, and patch by patch (ascending patch index) within a
+sample; all shapes are static, and the index tensors are built once per batch on the mask's
+device without host synchronisation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -25,111 +28,133 @@ __all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_
 
 
 def supports_fast(masks: MaskPyramid) -> bool:
-    """The fast form needs the same number of visible patches in every sample, and 2-D maps (3-D
-    maps use the reference form for now)."""
-    return masks.keep is not None and masks.spatial_dims == 2
+    """The fast form needs the same number of visible patches in every sample."""
+    return masks.keep is not None
 
 
 class Patches:
-    """The visible patches of one batch: for tile ``t``, its ``sample``, grid ``row`` and ``col``
-    (each ``(B*K,)``, and as ``(B*K, 1, 1)`` views ``sample3``, ``row3``, ``col3``), and ``slot``
-    ``(B, h, w)``: the tile number of each patch, ``B*K`` (the fill tile of a halo) where the
-    patch is masked."""
+    """The visible patches of one batch: for tile ``t``, its ``sample`` and its position on the
+    grid along each axis, ``coords`` (each ``(B*K,)``; for images ``row`` and ``col``), the same
+    as ``(B*K, 1, ...)`` views with one trailing 1 per axis (``sample_v``, ``coords_v``), and
+    ``slot`` ``(B, *grid)``: the tile number of each patch, ``B*K`` (the fill tile of a halo)
+    where the patch is masked."""
 
     def __init__(self, masks: MaskPyramid):
-        self.batch, self.grid_height, self.grid_width, self.per_sample = masks.batch, masks.h, masks.w, masks.keep
-        ids = masks.visible_patch_ids()  # (B, K), ascending
+        self.batch, self.grid, self.per_sample = masks.batch, masks.grid, masks.keep
+        n = len(self.grid)
+        ids = masks.visible_patch_ids()  # (B, K), ascending, row-major over the grid
         dev = ids.device
         self.count = self.batch * self.per_sample
         self.sample = torch.arange(self.count, device=dev).div(self.per_sample, rounding_mode="floor")
-        self.row, self.col = (ids // self.grid_width).reshape(-1), (ids % self.grid_width).reshape(-1)
-        self.sample3, self.row3, self.col3 = self.sample.view(-1, 1, 1), self.row.view(-1, 1, 1), self.col.view(-1, 1, 1)
-        slot = torch.full((self.batch, self.grid_height * self.grid_width), self.count, dtype=torch.long, device=dev)
+        coords, rest = [], ids
+        for g in reversed(self.grid[1:]):  # the last axis varies fastest
+            coords.insert(0, (rest % g).reshape(-1))
+            rest = rest // g
+        self.coords = (rest.reshape(-1), *coords)
+        self.row, self.col = self.coords[-2:]
+        ones = (1,) * n
+        self.sample_v = self.sample.view(-1, *ones)
+        self.coords_v = tuple(c.view(-1, *ones) for c in self.coords)
+        slot = torch.full((self.batch, math.prod(self.grid)), self.count, dtype=torch.long, device=dev)
         slot.scatter_(1, ids, torch.arange(self.count, device=dev).view(self.batch, self.per_sample))
-        self.slot = slot.view(self.batch, self.grid_height, self.grid_width)
+        self.slot = slot.view(self.batch, *self.grid)
         self._padded: dict[tuple[int, int], Tensor] = {}
 
     def padded_slot(self, margin: int, scale: int) -> Tensor:
         """``slot * scale`` with ``margin`` masked patches added on every side (off-map reads the
-        fill tile); index it with ``sample3`` and ``row3``, ``col3`` (the tiles' ``(B*K, 1, 1)``
-        positions) plus the patch offsets and ``margin``."""
+        fill tile); index it with ``sample_v`` and ``coords_v`` (the tiles' positions) plus the
+        patch offsets and ``margin``."""
         found = self._padded.get((margin, scale))
         if found is None:
-            found = self._padded[(margin, scale)] = torch.nn.functional.pad(self.slot * scale, (margin,) * 4,
-                                                                            value=self.count * scale)
+            found = self._padded[(margin, scale)] = torch.nn.functional.pad(
+                self.slot * scale, (margin,) * (2 * len(self.grid)), value=self.count * scale)
         return found
 
 
 class Geometry:
-    """Where the tiles of a map with ``factor x factor`` sites per patch sit, for one batch: the
-    map is ``height x width`` sites, ``tiles`` of them per batch."""
+    """Where the tiles of a map with ``factor`` sites per patch along each axis sit, for one
+    batch (``factor``: an int for images, one per axis for volumes, as
+    :meth:`MaskPyramid.factor` gives it): the map is ``sizes`` sites, ``tiles`` of them per batch."""
 
-    def __init__(self, patches: Patches, factor: int, constants: dict | None = None):
+    def __init__(self, patches: Patches, factor, constants: dict | None = None):
         self.patches, self.factor = patches, factor
         self.constants = {} if constants is None else constants  # mask-independent index pieces, reusable
         self.batch, self.tiles = patches.batch, patches.count
-        self.height, self.width = patches.grid_height * factor, patches.grid_width * factor
-        self._halo: dict[tuple[int, int, int, int], Tensor] = {}
+        n = len(patches.grid)
+        self.factors = (factor,) * n if isinstance(factor, int) else tuple(factor)
+        self.sizes = tuple(g * f for g, f in zip(patches.grid, self.factors))
+        self.spatial_dims = n
+        self.sites = math.prod(self.factors)  # per tile
+        self.height, self.width = self.sizes[-2:]
+        self._halo: dict[tuple, Tensor] = {}
 
     def index(self, spatial_dim: int) -> list:
-        """The index of the visible tiles in a map viewed as ``(B, *c_before, h, f, w, f, ...)``
+        """The index of the visible tiles in a map viewed as ``(B, *c_before, g0, f0, g1, f1, ...)``
         (see :meth:`split_view`), for ``aten.index`` and ``aten.index_put`` (None: a whole dim).
         Its results take the dim order of the tensor indexed: channels-last maps give
         channels-last tiles, and the other way round, with no permutation."""
         p = self.patches
-        return [p.sample, *([None] * (spatial_dim - 1)), p.row, None, p.col]
+        index = [p.sample, *([None] * (spatial_dim - 1)), p.coords[0]]
+        for c in p.coords[1:]:
+            index += [None, c]
+        return index
 
     def split_shape(self, shape, spatial_dim: int) -> tuple:
         """``shape`` (logical) with each spatial dim split into ``(patches, factor)``."""
-        s, f = spatial_dim, self.factor
-        return (*shape[:s], shape[s] // f, f, shape[s + 1] // f, f, *shape[s + 2:])
+        s, n = spatial_dim, self.spatial_dims
+        split = [d for size, f in zip(shape[s: s + n], self.factors) for d in (size // f, f)]
+        return (*shape[:s], *split, *shape[s + n:])
 
     def split_view(self, t: Tensor, spatial_dim: int) -> Tensor:
         """``t`` (logical layout) viewed with each spatial dim split into ``(patches, factor)``."""
         return t.view(self.split_shape(t.shape, spatial_dim))  # splitting a dim in two is always a view
 
-    def halo_index(self, tile_height: int, tile_width: int, top: int, left: int) -> Tensor:
-        """Where each site of every ``tile_height x tile_width`` window sits, the window's corner
-        being a visible patch's corner shifted by ``(-top, -left)``: ``(B*K*th*tw,)`` indices into
-        the tiles' sites as rows (tile by tile, row-major within a tile), followed by one fill
-        row (number ``B*K*f*f``) for masked and off-map sites."""
-        key = (tile_height, tile_width, top, left)
+    def halo_index(self, sizes: tuple[int, ...], starts: tuple[int, ...]) -> Tensor:
+        """Where each site of every window of ``sizes`` sits, the window's corner being a visible
+        patch's corner shifted back by ``starts`` along each axis: ``(B*K*prod(sizes),)`` indices
+        into the tiles' sites as rows (tile by tile, row-major within a tile), followed by one
+        fill row (number ``B*K*sites``) for masked and off-map sites."""
+        key = (sizes, starts)
         found = self._halo.get(key)
         if found is None:
-            p, f = self.patches, self.factor
-            margin, dy, dx, site = self._window_offsets(tile_height, tile_width, top, left)
-            slot = p.padded_slot(margin, f * f)  # the first row of each tile's sites (fill: B*K*f*f)
-            tile_rows = slot[p.sample3, p.row3 + dy, p.col3 + dx]
-            found = self._halo[key] = (tile_rows + site).clamp_max(p.count * f * f).view(-1)
+            p = self.patches
+            margin, offsets, site = self._window_offsets(sizes, starts)
+            slot = p.padded_slot(margin, self.sites)  # the first row of each tile's sites (fill: B*K*sites)
+            tile_rows = slot[(p.sample_v, *(c + d for c, d in zip(p.coords_v, offsets)))]
+            found = self._halo[key] = (tile_rows + site).clamp_max(p.count * self.sites).view(-1)
         return found
 
-    def _window_offsets(self, tile_height: int, tile_width: int, top: int, left: int):
-        """For a window of the given size whose corner is ``(-top, -left)`` from the patch corner:
-        the patch margin it reaches beyond its own patch, and for each of its sites the patch
-        offset plus that margin, ``dy (1, th, 1)`` and ``dx (1, 1, tw)``, and the site's row
-        within that patch ``(1, th, tw)``. They depend on no mask, so they are built once per device and kept in
-        ``constants`` (the encoder's), never inside a captured step."""
-        f, dev = self.factor, self.patches.row.device
-        key = (str(dev), f, tile_height, tile_width, top, left)
+    def _window_offsets(self, sizes: tuple[int, ...], starts: tuple[int, ...]):
+        """For a window of ``sizes`` whose corner is ``starts`` sites back from the patch corner:
+        the patch margin it reaches beyond its own patch, for each axis the patch offset of each
+        of its sites plus that margin (``(1, size, 1, ...)``-shaped views, one per axis), and each
+        site's row within that patch ``(1, *sizes)``. They depend on no mask, so they are built
+        once per device and kept in ``constants`` (the encoder's), never inside a captured step."""
+        dev, n = self.patches.sample.device, self.spatial_dims
+        key = (str(dev), self.factors, sizes, starts)
         found = self.constants.get(key)
         if found is None:
-            ys = torch.arange(-top, tile_height - top, device=dev)  # offsets from the patch corner
-            xs = torch.arange(-left, tile_width - left, device=dev)
-            dy, dx = ys.div(f, rounding_mode="floor"), xs.div(f, rounding_mode="floor")
-            site = ((ys - dy * f) * f).view(1, -1, 1) + (xs - dx * f).view(1, 1, -1)
-            # patches a window reaches beyond its own, on any side (Python ints: no host read)
-            margin = max(0, top // f + (top % f > 0), (tile_height - 1 - top) // f,
-                         left // f + (left % f > 0), (tile_width - 1 - left) // f)
-            found = self.constants[key] = (margin, (dy + margin).view(1, -1, 1), (dx + margin).view(1, 1, -1), site)
+            margin, patch_offsets, site, step = 0, [], 0, self.sites
+            for axis, (size, start, f) in enumerate(zip(sizes, starts, self.factors)):
+                at = torch.arange(-start, size - start, device=dev)  # offsets from the patch corner
+                shift = at.div(f, rounding_mode="floor")
+                shape = [1] * (n + 1)
+                shape[axis + 1] = size
+                step //= f  # rows per site along this axis within a patch
+                patch_offsets.append(shift.view(shape))
+                site = site + ((at - shift * f) * step).view(shape)
+                # patches a window reaches beyond its own, on any side (Python ints: no host read)
+                margin = max(margin, start // f + (start % f > 0), (size - 1 - start) // f)
+            found = self.constants[key] = (margin, tuple(o + margin for o in patch_offsets), site)
         return found
 
 
 class SparseMap(Tensor):
     """A feature map on the mask grid that stores only its visible tiles.
 
-    Its logical shape is ``(B, *c_before, H, W, *c_after)`` (``spatial_dim`` is the index of
-    ``H``: ``ndim - 2`` for channels-first maps, ``1`` for channels-last ones); ``tiles`` has
-    shape ``(B*K, *c_before, f, f, *c_after)``. It exists only inside the fast sparse form, which
+    Its logical shape is ``(B, *c_before, *spatial, *c_after)`` (``spatial_dim`` is the index of
+    the first spatial dim: ``ndim - 2`` for channels-first images, ``1`` for channels-last maps);
+    ``tiles`` has shape ``(B*K, *c_before, *factors, *c_after)``. It exists only inside the fast sparse form, which
     translates every operation on it into operations on ``tiles``; autograd runs on ``tiles``.
     """
 
@@ -140,7 +165,8 @@ class SparseMap(Tensor):
     @staticmethod
     def __new__(cls, tiles: Tensor, geometry: Geometry, spatial_dim: int):
         shape = list(tiles.shape)
-        shape[0], shape[spatial_dim], shape[spatial_dim + 1] = geometry.batch, geometry.height, geometry.width
+        shape[0] = geometry.batch
+        shape[spatial_dim: spatial_dim + geometry.spatial_dims] = geometry.sizes
         t = Tensor._make_wrapper_subclass(cls, shape, dtype=tiles.dtype, device=tiles.device)
         t.tiles, t.geometry, t.spatial_dim = tiles, geometry, spatial_dim
         return t
@@ -164,29 +190,32 @@ class SparseMap(Tensor):
         """The dense logical tensor, ``fill`` at masked sites, in the tiles' memory format."""
         return scatter(self.tiles, self.geometry, tuple(self.shape), self.spatial_dim, fill)
 
-    def halo(self, tile_height: int, tile_width: int, top: int, left: int, fill: float = 0.0) -> Tensor:
-        """``(B*K, C, th, tw)`` windows of a channels-first map around its visible tiles (see
+    def halo(self, sizes: tuple[int, ...], starts: tuple[int, ...], fill: float = 0.0) -> Tensor:
+        """``(B*K, C, *sizes)`` windows of a channels-first map around its visible tiles (see
         :meth:`Geometry.halo_index`), ``fill`` at masked and off-map sites, in the tiles' memory
         format (so the layer's output, and the gradients, keep the dense network's layout)."""
         t = self.tiles
-        n, c, f, _ = t.shape
-        if top == left == 0 and tile_height <= f and tile_width <= f:
-            return t[:, :, :tile_height, :tile_width]
-        index = self.geometry.halo_index(tile_height, tile_width, top, left)
+        n, c, tile = t.shape[0], t.shape[1], t.shape[2:]
+        if not any(starts) and all(s <= f for s, f in zip(sizes, tile)):
+            return t[(slice(None), slice(None), *(slice(None, s) for s in sizes))]
+        index = self.geometry.halo_index(tuple(sizes), tuple(starts))
         own = memory_format_of(t)
         if own is torch.contiguous_format and t.requires_grad:
             t = _GradientIn.apply(t, own)  # the gradient comes back as rows; give it the tiles' layout
         # gathered as rows of channel vectors (a view for channels-last tiles), with one fill row;
         # an embedding lookup is index_select with a one-operation backward (a scatter-add)
-        rows = torch.nn.functional.pad(t.permute(0, 2, 3, 1).reshape(n * f * f, c), (0, 0, 0, 1), value=fill)
-        windows = torch.nn.functional.embedding(index, rows).view(n, tile_height, tile_width, c).permute(0, 3, 1, 2)
+        d = t.dim()
+        rows = torch.nn.functional.pad(t.permute(0, *range(2, d), 1).reshape(n * math.prod(tile), c), (0, 0, 0, 1),
+                                       value=fill)
+        windows = torch.nn.functional.embedding(index, rows).view(n, *sizes, c).permute(0, d - 1, *range(1, d - 1))
         return windows.contiguous(memory_format=own)
 
 
 def _strides(shape, memory_format: torch.memory_format) -> list[int]:
     """The strides of a dense tensor of ``shape`` in ``memory_format`` (channels-last: the
     channel dim 1 innermost)."""
-    order = [0, *range(2, len(shape)), 1] if memory_format is torch.channels_last else list(range(len(shape)))
+    last = memory_format in (torch.channels_last, torch.channels_last_3d)
+    order = [0, *range(2, len(shape)), 1] if last else list(range(len(shape)))
     strides, step = [0] * len(shape), 1
     for d in reversed(order):
         strides[d], step = step, step * shape[d]
@@ -199,9 +228,10 @@ def scatter(tiles: Tensor, geometry: Geometry, shape: tuple, spatial_dim: int, f
     visible ones, in ``memory_format`` (default: the tiles'). Written out of place into a tensor
     made in the split layout: no permutation, and the backward is one gather of the gradient's
     tiles (an in-place write would add a copy of the canvas and four more operations)."""
-    s, f = spatial_dim, geometry.factor
+    s, n = spatial_dim, geometry.spatial_dims
     st = _strides(shape, memory_format_of(tiles) if memory_format is None else memory_format)
-    split_strides = (*st[:s], st[s] * f, st[s], st[s + 1] * f, st[s + 1], *st[s + 2:])
+    split = [d for stride, f in zip(st[s: s + n], geometry.factors) for d in (stride * f, stride)]
+    split_strides = (*st[:s], *split, *st[s + n:])
     base = tiles.new_empty_strided(geometry.split_shape(shape, s), split_strides).fill_(fill)
     return torch.ops.aten.index_put(base, geometry.index(s), tiles).view(shape)
 
