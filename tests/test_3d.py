@@ -62,6 +62,46 @@ class Custom3d(nn.Module):
         return self.head(x.mean((2, 3, 4)))
 
 
+class _Block3d(nn.Module):
+    """A ConvNeXt-style block: depthwise 3x3x3, then channels-last LayerNorm, Linear, GELU, Linear,
+    layer scale, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv3d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 4, 1)
+        y = self.pw2(F.gelu(self.pw1(self.norm(y)))) * self.gamma
+        return x + y.permute(0, 4, 1, 2, 3)
+
+
+class Next3d(nn.Module):
+    """A custom 3-D net of the other family: patchify stem (2, 4, 4) with a one-group GroupNorm,
+    ConvNeXt-style blocks, stride-2 downsampling, and at stride (4, 8, 8) a branch that pools by
+    2, comes back up with a transposed convolution plus nearest interpolation, and is added."""
+
+    def __init__(self, c=8, in_chans=1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(in_chans, c, (2, 4, 4), stride=(2, 4, 4)), nn.GroupNorm(1, c))
+        self.stage1 = _Block3d(c)
+        self.down2 = nn.Conv3d(c, 2 * c, 2, stride=2)
+        self.stage2 = _Block3d(2 * c)
+        self.up = nn.ConvTranspose3d(2 * c, 2 * c, 2, stride=2)
+        self.down3 = nn.Conv3d(2 * c, 4 * c, 2, stride=2)
+        self.stage3 = _Block3d(4 * c)
+
+    def forward(self, x):
+        x = self.stage1(self.stem(x))
+        x = self.stage2(self.down2(x))
+        pooled = F.avg_pool3d(x, 2)
+        x = x + self.up(pooled) + F.interpolate(pooled, scale_factor=2, mode="nearest")
+        return self.stage3(self.down3(x))
+
+
 def _monai():
     return pytest.importorskip("monai.networks.nets")
 
@@ -71,6 +111,8 @@ def build(name):
     torch.manual_seed(0)
     if name == "custom":
         return Custom3d().double(), 1, None
+    if name == "custom-next":
+        return Next3d().double(), 1, ["stage1", "stage2", "stage3"]
     if name == "monai-resnet10":
         nets = _monai()
         m = nets.ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64], spatial_dims=3,
@@ -90,11 +132,11 @@ def build(name):
     return create_backbone(f"torchvision:{name}").double(), 3, None
 
 
-ZOO = ["custom", "monai-resnet10", "monai-segresnet", "monai-dynunet",
+ZOO = ["custom", "custom-next", "monai-resnet10", "monai-segresnet", "monai-dynunet",
        pytest.param("mc3_18", marks=pytest.mark.slow), pytest.param("r3d_18", marks=pytest.mark.slow),
        pytest.param("r2plus1d_18", marks=pytest.mark.slow), pytest.param("s3d", marks=pytest.mark.slow),
        pytest.param("monai:resnet50", marks=pytest.mark.slow), pytest.param("monai:densenet121", marks=pytest.mark.slow)]
-PATCHES = {"custom": (8, 16, 16), "monai-resnet10": (16, 16, 16), "monai-segresnet": (8, 8, 8),
+PATCHES = {"custom": (8, 16, 16), "custom-next": (8, 16, 16), "monai-resnet10": (16, 16, 16), "monai-segresnet": (8, 8, 8),
            "monai-dynunet": (16, 16, 16),
            "mc3_18": (1, 16, 16), "r3d_18": (8, 16, 16), "r2plus1d_18": (8, 16, 16), "s3d": (8, 32, 32),
            "monai:resnet50": (16, 16, 16), "monai:densenet121": (32, 32, 32)}
@@ -132,7 +174,7 @@ def test_strides_patch_and_feature_sizes(zoo):
     name, enc, chans = zoo
     assert enc.spatial_dims == 3 and enc.sparse_impl == "fast", f"{name}: the build-time check fell back to the reference form"
     assert enc.patch_size == PATCHES[name]
-    assert len(enc.strides) == (5 if name in ("monai:densenet121", "monai-dynunet") else 4)
+    assert len(enc.strides) == {"monai:densenet121": 5, "monai-dynunet": 5, "custom-next": 3}.get(name, 4)
     x = volumes(enc, chans)
     feats = enc(x)
     assert [f.shape[1] for f in feats] == list(enc.channels)
