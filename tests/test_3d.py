@@ -20,7 +20,7 @@ from sparkmim.backbones import create_backbone, feature_modules_for
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
 from sparkmim.loss import patchify, unpatchify
 from sparkmim.masking import grid_of
-from sparkmim.sparse import SparseMap
+from sparkmim.sparse import SparseMap, SparseSemanticsError
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 GRID = (2, 2, 3)  # patches along depth (or time), height, width
@@ -464,6 +464,47 @@ def test_patchify_3d_is_row_major_over_patches():
     # patch 5 of a (2, 2, 3) grid is depth 0, row 1, column 2; its values come channel-last
     torch.testing.assert_close(p[1, 5].view(2, 4, 4, 2).permute(3, 0, 1, 2), x[1, :, 0:2, 4:8, 8:12])
     assert torch.equal(unpatchify(p, (2, 4, 4), (2, 2, 3), 2), x)
+
+
+class _TokenAttention(nn.Module):
+    """Self-attention over the tokens of a (B, C, D, H, W) map."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(c, 2, batch_first=True)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        return self.attn(t, t, t, need_weights=False)[0].mean(1)
+
+
+class _Tokens3d(nn.Module):
+    """A patch-embedding stem, then a transformer over its tokens (``wide``) or a small
+    attention-pooling head on a convolutional trunk."""
+
+    def __init__(self, wide: bool):
+        super().__init__()
+        c = 64 if wide else 8
+        self.stem = nn.Conv3d(1, c, (2, 4, 4), stride=(2, 4, 4))
+        self.trunk = nn.Identity() if wide else nn.Sequential(nn.Conv3d(c, 64, 3, stride=2, padding=1), nn.ReLU(),
+                                                              nn.Conv3d(64, 64, 3, stride=2, padding=1))
+        self.head = _TokenAttention(64 if wide else 8) if wide else nn.Sequential(nn.Conv3d(64, 8, 1),
+                                                                                  _TokenAttention(8))
+
+    def forward(self, x):
+        return self.head(self.trunk(self.stem(x)))
+
+
+def test_a_transformer_after_a_patch_embedding_is_refused_and_an_attention_head_is_not():
+    """Feature discovery sees only the stem of a transformer (its tokens are no feature map):
+    the encoder refuses it, naming the attention layer, instead of pre-training the stem alone.
+    A convolutional trunk with a small attention head builds (the head is left out)."""
+    with pytest.raises(SparseSemanticsError, match=r"self-attention or windowed layers after its last feature map "
+                                                   r"on the mask grid \('head', _TokenAttention"):
+        SparseEncoder(_Tokens3d(wide=True))
+    enc = SparseEncoder(_Tokens3d(wide=False))
+    assert enc.strides == ((2, 4, 4), (4, 8, 8), (8, 16, 16))
+    assert any(n.startswith("head.") for n in enc.unused_parameters)
 
 
 def test_3d_inputs_with_a_bad_size_are_clear_errors():

@@ -14,6 +14,7 @@ from .features import (
     _param_kwargs,
     _pick_tensor,
     _StopForward,
+    attention_after_features,
     discover_features,
     spatial_dims_of,
 )
@@ -111,6 +112,7 @@ class SparseEncoder(nn.Module):
         self.unused_parameters: list[str] | None = None
         specs, self._stop_at = discover_features(model, feature_modules, self.in_chans, probe_size, min_stride,
                                                  self.spatial_dims)
+        self._discovered = feature_modules is None
         self.features: list[FeatureSpec] = specs
         self.strides = tuple(s.stride for s in specs)
         self.channels = tuple(s.channels for s in specs)
@@ -237,6 +239,9 @@ class SparseEncoder(nn.Module):
                             f"expected stride {s.stride}"
                         )
                 reached = _graph_leaves(feats)
+                refusal = attention_after_features(self.model, reached) if self._discovered else None
+                if refusal:
+                    raise SparseSemanticsError(refusal)
                 self.unused_parameters = [n for n, q in self.model.named_parameters()
                                           if q.requires_grad and id(q) not in reached]
                 return

@@ -75,6 +75,29 @@ _ATTENTION = re.compile(r"attn|attention|transformer|lambdalayer", re.IGNORECASE
 _CHANNEL_ATTENTION = ("SplitAttn", "SelectiveKernelAttn")
 
 
+def is_self_attention(m: nn.Module) -> bool:
+    """Whether ``m``'s class is a self-attention or windowed-attention layer (by name)."""
+    return bool(_ATTENTION.search(type(m).__name__)) and type(m).__name__ not in _CHANNEL_ATTENTION
+
+
+def attention_after_features(model: nn.Module, reached: set[int]) -> str | None:
+    """Why ``model`` cannot be pre-trained when the feature maps reach only the parameters whose
+    ``id`` is in ``reached``: its self-attention layers lie after the last feature map and hold
+    more parameters than the layers before it (a transformer whose token maps are not feature
+    maps on the mask grid, such as a 3-D Swin after its patch embedding); else None."""
+    layers = [(n, m) for n, m in model.named_modules() if n and is_self_attention(m)]
+    left = {id(q): q.numel() for _, m in layers for q in m.parameters() if id(q) not in reached}
+    before = sum(q.numel() for q in model.parameters() if id(q) in reached)
+    if not layers or sum(left.values()) <= before:
+        return None
+    name, first = next((n, m) for n, m in layers if any(id(q) in left for q in m.parameters()))
+    return (f"{type(model).__name__} has self-attention or windowed layers after its last feature map on the "
+            f"mask grid ('{name}', {type(first).__name__}; {sum(left.values()):,} parameters there against "
+            f"{before:,} before): it is not a convolutional network sparkmim can make sparse (attention mixes "
+            f"all positions), and pre-training the layers before it alone would leave the rest untrained. "
+            f"See the README section 'Supported backbones'")
+
+
 def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: str, chans: int,
                    error: Exception) -> str:
     """Why a dense probe forward failed, naming the layer that raised; for self-attention and
@@ -84,11 +107,8 @@ def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size
     reason = " ".join(str(error).split()).rstrip(".")
     reason = f"{type(error).__name__}: {reason}" if reason else f"{type(error).__name__} (no message)"
 
-    def is_attention(m: nn.Module) -> bool:
-        return bool(_ATTENTION.search(type(m).__name__)) and type(m).__name__ not in _CHANNEL_ATTENTION
-
     layers = [m for _, m in list(model.named_modules())[1:]]
-    attention = [m for m in running if is_attention(m)] or [m for m in layers if is_attention(m)]
+    attention = [m for m in running if is_self_attention(m)] or [m for m in layers if is_self_attention(m)]
     text = (f"a probe forward of {type(model).__name__} on a {size} input with {chans} channels failed "
             f"in {where}: {reason}")
     if attention:
