@@ -427,8 +427,9 @@ def written_out_loss(model, x, visible):
     return per_patch[~visible.flatten(1)].mean()
 
 
-def test_p4_loss_and_gradients_match_a_written_out_3d_model():
+def test_p4_loss_and_gradients_match_a_written_out_3d_model(impl):
     model = tiny_spark().train()
+    model.encoder.sparse_impl = impl
     assert model.patch_size == (8, 16, 16) and model.levels == [0, 1, 2, 3]
     assert [b.up.stride for b in model.decoder.blocks] == [(2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)]
     x = volumes(model.encoder, 1, batch=3, seed=1)
