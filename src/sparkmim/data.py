@@ -266,8 +266,8 @@ class EpochSampler(Sampler):
         self.length, self.batch_size, self.seed, self.rank, self.world = length, batch_size, seed, rank, world
         self.epoch, self.start = 0, 0
         if self.batches_per_epoch() < 1:
-            raise ValueError(f"{length} images are fewer than one batch of {batch_size} x {world} device(s); "
-                             f"use a smaller batch size or more images")
+            raise ValueError(f"{length} samples (images or volumes) are fewer than one batch of {batch_size} x "
+                             f"{world} device(s); use a smaller batch size or more data")
 
     def batches_per_epoch(self) -> int:
         return self.length // (self.batch_size * self.world)
