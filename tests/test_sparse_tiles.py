@@ -88,3 +88,26 @@ def test_a_sparse_map_outside_the_sparse_forward_is_refused():
         sm + 1
     t = torch.ones(2)
     assert to_dense(t) is t
+
+
+@pytest.mark.parametrize("factor,size,offset", [((1, 2, 2), (3, 4, 4), (1, 1, 1)), ((2, 2, 4), (4, 3, 5), (1, 0, 2)),
+                                                ((2, 1, 2), (2, 3, 2), (0, 1, 0)), ((1, 1, 1), (3, 3, 3), (1, 1, 1))])
+@pytest.mark.parametrize("fill", [0.0, float("-inf")])
+def test_3d_halo_windows_equal_windows_of_the_padded_masked_canvas(factor, size, offset, fill):
+    """Volumes: tiles ``(B*K, C, fd, fh, fw)`` with a factor per axis; a tile with its 3-D halo
+    equals that window of the canvas (``fill`` at masked sites) padded with ``fill``, and
+    gathering then scattering gives the masked map."""
+    m = masks(seed=4, batch=2, grid=(2, 3, 2))
+    g = Geometry(Patches(m), factor)
+    x = torch.randn(2, 3, *(a * f for a, f in zip((2, 3, 2), factor)), dtype=torch.float64)
+    sm = to_tiles(x, g, 2)
+    assert tuple(sm.tiles.shape) == (g.tiles, 3, *factor) and sm.shape == x.shape
+    torch.testing.assert_close(to_dense(sm), torch.where(m.at(factor), x, 0.0), rtol=0, atol=0)
+    halo = sm.halo(size, offset, fill)
+    pad = max(size)
+    canvas = F.pad(sm.canvas(fill), (pad,) * 6, value=fill)
+    p = g.patches
+    for t in range(g.tiles):
+        corner = [int(c[t]) * f - o + pad for c, f, o in zip(p.coords, factor, offset)]
+        window = canvas[(int(p.sample[t]), slice(None), *(slice(c, c + s) for c, s in zip(corner, size)))]
+        assert torch.equal(halo[t], window), t
