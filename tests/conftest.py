@@ -46,6 +46,52 @@ def projected_run(enc, x, masks=None, train=True):
     return feats, grads, buffers(e)
 
 
+def _holds_tiles(out) -> bool:
+    from sparkmim.sparse import SparseMap
+
+    if isinstance(out, (list, tuple)):
+        return any(isinstance(t, SparseMap) for t in out)
+    return isinstance(out, SparseMap)
+
+
+def run_in_form(enc, impl, x, masks, train=True):
+    """A fresh copy of ``enc`` in sparse form ``impl``: its features, the loss of a fixed random
+    projection of them, that loss's gradients, its buffers afterwards, and whether the first
+    feature map was held as visible tiles."""
+    e = fresh(enc).train(train)
+    e.sparse_impl = impl
+    held = []
+    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
+        lambda m, a, o: held.append(_holds_tiles(o)))
+    feats = e(x, masks)
+    hook.remove()
+    weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
+               for i, f in enumerate(feats)]
+    loss = sum((f * w).sum() for f, w in zip(feats, weights))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
+    return feats, loss.detach(), grads, buffers(e), bool(held) and all(held)
+
+
+def assert_fast_form_stays_on_the_meta_device(enc, x, visible, name):
+    """Forward and backward of the fast form with ``x`` and the masks on the ``meta`` device: a
+    tensor made on the CPU, or a value read by the host, fails there as it would on a GPU."""
+    from sparkmim import MaskPyramid
+
+    e = fresh(enc).to("meta").train()
+    assert e.sparse_impl == "fast"
+    held = []
+    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
+        lambda m, a, o: held.append(_holds_tiles(o)))
+    feats = e(x.to("meta"), MaskPyramid(visible.to("meta"), keep=int(visible[0].sum())))
+    hook.remove()
+    assert held == [True], f"{name}: the fast form did not run on the meta device"
+    assert [f.device.type for f in feats] == ["meta"] * len(feats)
+    sum(f.sum() for f in feats).backward()
+    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
+
+
 def loss_and_gradients(model, loss_fn):
     """``loss_fn()`` and the gradients it gives every parameter of ``model`` (zeroed first)."""
     model.zero_grad()

@@ -14,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import buffers, fresh, loss_and_gradients, projected_run
+from conftest import (
+    assert_fast_form_stays_on_the_meta_device,
+    buffers,
+    fresh,
+    loss_and_gradients,
+    projected_run,
+    run_in_form,
+)
 from sparkmim import MaskPyramid, SparK, SparseEncoder, random_visible
 from sparkmim.backbones import create_backbone, feature_modules_for
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
 from sparkmim.loss import patchify, unpatchify
 from sparkmim.masking import grid_of
-from sparkmim.sparse import SparseMap, SparseSemanticsError
+from sparkmim.sparse import SparseSemanticsError
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 GRID = (2, 2, 3)  # patches along depth (or time), height, width
@@ -273,26 +280,9 @@ def test_isolation_sparse_not_zero_out(zoo, impl):
         torch.testing.assert_close(bs[k], bd[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
-def run_form(enc, impl, x, masks, train=True):
-    """Features, the loss of a fixed random projection of them, its gradients and the buffers
-    afterwards, in sparse form ``impl``; and whether the first feature map was held as tiles."""
-    e = in_form(enc, impl).train(train)
-    held = []
-    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
-        lambda m, a, o: held.append(isinstance(o, SparseMap)))
-    feats = e(x, masks)
-    hook.remove()
-    weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
-               for i, f in enumerate(feats)]
-    loss = sum((f * w).sum() for f, w in zip(feats, weights))
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
-    return feats, loss.detach(), grads, buffers(e), held == [True]
-
-
 def assert_fast_equals_reference(enc, x, masks, train):
-    ff, lf, gf, bf, held = run_form(enc, "fast", x, masks, train)
-    fr, lr, gr, br, _ = run_form(enc, "reference", x, masks, train)
+    ff, lf, gf, bf, held = run_in_form(enc, "fast", x, masks, train)
+    fr, lr, gr, br, _ = run_in_form(enc, "reference", x, masks, train)
     assert held, "the fast form fell back to dense maps"
     for a, b in zip(ff, fr):
         torch.testing.assert_close(a, b, **TOL)
@@ -332,19 +322,8 @@ def test_fast_form_keeps_every_tensor_on_the_input_device(zoo):
     """Forward and backward of the fast form on the ``meta`` device: a tensor made on the CPU, or
     a value read by the host, would fail here as it would on a GPU."""
     name, enc, chans = zoo
-    x = volumes(enc, chans).to("meta")
     v = random_visible(2, GRID, 0.6, generator=torch.Generator().manual_seed(0))
-    e = fresh(enc).to("meta").train()
-    held = []
-    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
-        lambda m, a, o: held.append(isinstance(o, SparseMap)))
-    feats = e(x, MaskPyramid(v.to("meta"), keep=int(v[0].sum())))
-    hook.remove()
-    assert held == [True], f"{name}: the fast form did not run on the meta device"
-    assert [f.device.type for f in feats] == ["meta"] * len(feats)
-    sum(f.sum() for f in feats).backward()
-    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
-    assert grads and all(g.device.type == "meta" for g in grads)
+    assert_fast_form_stays_on_the_meta_device(enc, volumes(enc, chans), v, name)
 
 
 def test_p3_weight_identity_and_strict_export(zoo, tmp_path):

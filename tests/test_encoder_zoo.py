@@ -11,11 +11,20 @@ import pytest
 import timm
 import torch
 
-from conftest import TIMM_ZOO, TIMM_ZOO_SLOW, TORCHVISION_ZOO, P, buffers, fresh, projected_run
+from conftest import (
+    TIMM_ZOO,
+    TIMM_ZOO_SLOW,
+    TORCHVISION_ZOO,
+    P,
+    assert_fast_form_stays_on_the_meta_device,
+    buffers,
+    fresh,
+    projected_run,
+    run_in_form,
+)
 from sparkmim import MaskPyramid, SparseEncoder, random_visible
 from sparkmim.backbones import create_backbone, create_timm, create_torchvision
 from sparkmim.checkpoint import load_encoder_weights, save_encoder_weights
-from sparkmim.sparse import SparseMap
 
 ZOO = [pytest.param(("timm", n), id=f"timm-{n}", marks=[pytest.mark.slow] if n in TIMM_ZOO_SLOW else [])
        for n, _ in TIMM_ZOO] + [
@@ -172,25 +181,6 @@ def test_isolation_sparse_not_zero_out(zoo):
         torch.testing.assert_close(bs[k], bd[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
-def run_impl(enc, impl, x, masks, train=True):
-    """Features, gradients of a fixed random projection of them, and buffers, with one sparse
-    implementation; also reports whether the feature maps were held as visible rows."""
-    e = fresh(enc).train(train)
-    e.sparse_impl = impl
-    held = []
-    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
-        lambda m, a, o: held.append(isinstance(o, SparseMap) or any(isinstance(t, SparseMap) for t in o)
-                                    if isinstance(o, (list, tuple)) else isinstance(o, SparseMap)))
-    feats = e(x, masks)
-    hook.remove()
-    weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
-               for i, f in enumerate(feats)]
-    loss = sum((f * w).sum() for f, w in zip(feats, weights))
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in e.model.named_parameters() if p.grad is not None}
-    return feats, loss.detach(), grads, buffers(e), all(held)
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fast_equals_reference(zoo, train):
     """The fast implementation (visible rows only) gives the reference implementation's (dense
@@ -200,8 +190,8 @@ def test_fast_equals_reference(zoo, train):
     reach 1e7 and float64 summation order alone moves them by 2e-10 relative.)"""
     _, name, enc = zoo
     x, masks = images(batch=4, seed=4), masks_for(batch=4, seed=5, ratio=0.5)
-    ff, lf, gf, bf, held = run_impl(enc, "fast", x, masks, train)
-    fr, lr, gr, br, _ = run_impl(enc, "reference", x, masks, train)
+    ff, lf, gf, bf, held = run_in_form(enc, "fast", x, masks, train)
+    fr, lr, gr, br, _ = run_in_form(enc, "reference", x, masks, train)
     assert held, f"{name}: the fast form fell back to dense maps"
     for a, b in zip(ff, fr):
         torch.testing.assert_close(a, b, **TOL)
@@ -227,8 +217,8 @@ def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(name, device, mo
     enc = SparseEncoder(build("timm", name))
     x, masks = images(batch=4, seed=4), masks_for(batch=4, seed=5, ratio=0.5)
     for train in (True, False):
-        ff, lf, gf, bf, held = run_impl(enc, "fast", x, masks, train)
-        fr, lr, gr, br, _ = run_impl(enc, "reference", x, masks, train)
+        ff, lf, gf, bf, held = run_in_form(enc, "fast", x, masks, train)
+        fr, lr, gr, br, _ = run_in_form(enc, "reference", x, masks, train)
         assert held
         for a, b in zip(ff, fr):
             torch.testing.assert_close(a, b, **TOL)
@@ -242,20 +232,8 @@ def test_fast_form_keeps_every_tensor_on_the_input_device(zoo):
     value read by the host fails too (meta tensors hold no data). So the fast form runs on any
     device and never waits for one, for every zoo model."""
     _, name, enc = zoo
-    x = images().to("meta")
     v = random_visible(2, (2, 3), 0.6, generator=torch.Generator().manual_seed(0))
-    e = fresh(enc).to("meta").train()
-    assert e.sparse_impl == "fast"
-    held = []
-    hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
-        lambda m, a, o: held.append(isinstance(o, SparseMap)))
-    feats = e(x, MaskPyramid(v.to("meta"), keep=int(v[0].sum())))
-    hook.remove()
-    assert held == [True], f"{name}: the fast form did not run on the meta device"
-    assert [f.device.type for f in feats] == ["meta"] * len(feats)
-    sum(f.sum() for f in feats).backward()
-    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
-    assert grads and all(g.device.type == "meta" for g in grads)
+    assert_fast_form_stays_on_the_meta_device(enc, images(), v, name)
 
 
 def test_p3_weight_identity_and_strict_export(zoo, tmp_path):
