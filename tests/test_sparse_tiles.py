@@ -22,14 +22,14 @@ def test_tiles_are_the_visible_patches_sample_by_sample_in_ascending_order():
         assert ids.shape == (3, m.keep) and bool((ids[:, 1:] > ids[:, :-1]).all())
         assert bool(m.visible.reshape(3, -1).gather(1, ids).all())
         assert p.sample.tolist() == [b for b in range(3) for _ in range(m.keep)]
-        assert torch.equal(p.row * 4 + p.col, ids.reshape(-1))
+        assert torch.equal(p.coords[0] * 4 + p.coords[1], ids.reshape(-1))
         # slot: the tile number of each visible patch, B*K for masked ones
         for t in range(p.count):
-            assert int(p.slot[p.sample[t], p.row[t], p.col[t]]) == t
+            assert int(p.slot[p.sample[t], p.coords[0][t], p.coords[1][t]]) == t
         assert int((p.slot == p.count).sum()) == int((~m.visible).sum())
         for f in (1, 2, 4):
             g = Geometry(p, f)
-            assert (g.height, g.width, g.tiles) == (3 * f, 4 * f, 3 * m.keep)
+            assert (g.sizes, g.tiles) == ((3 * f, 4 * f), 3 * m.keep)
     with pytest.raises(ValueError, match="same number of visible patches"):
         MaskPyramid(masks().visible).visible_patch_ids()
 
@@ -75,8 +75,8 @@ def test_halo_windows_equal_windows_of_the_padded_masked_canvas(factor, size, of
     canvas = F.pad(sm.canvas(fill), (pad, pad, pad, pad), value=fill)
     p = g.patches
     for t in range(g.tiles):
-        y0 = int(p.row[t]) * factor - offset + pad
-        x0 = int(p.col[t]) * factor - offset + pad
+        y0 = int(p.coords[0][t]) * factor - offset + pad
+        x0 = int(p.coords[1][t]) * factor - offset + pad
         window = canvas[int(p.sample[t]), :, y0: y0 + size, x0: x0 + size]
         assert torch.equal(halo[t], window), t
 

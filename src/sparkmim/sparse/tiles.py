@@ -34,7 +34,7 @@ def supports_fast(masks: MaskPyramid) -> bool:
 
 class Patches:
     """The visible patches of one batch: for tile ``t``, its ``sample`` and its position on the
-    grid along each axis, ``coords`` (each ``(B*K,)``; for images ``row`` and ``col``), the same
+    grid along each axis, ``coords`` (each ``(B*K,)``; for images row and column), the same
     as ``(B*K, 1, ...)`` views with one trailing 1 per axis (``sample_v``, ``coords_v``), and
     ``slot`` ``(B, *grid)``: the tile number of each patch, ``B*K`` (the fill tile of a halo)
     where the patch is masked."""
@@ -51,7 +51,6 @@ class Patches:
             coords.insert(0, (rest % g).reshape(-1))
             rest = rest // g
         self.coords = (rest.reshape(-1), *coords)
-        self.row, self.col = self.coords[-2:]
         ones = (1,) * n
         self.sample_v = self.sample.view(-1, *ones)
         self.coords_v = tuple(c.view(-1, *ones) for c in self.coords)
@@ -85,7 +84,6 @@ class Geometry:
         self.sizes = tuple(g * f for g, f in zip(patches.grid, self.factors))
         self.spatial_dims = n
         self.sites = math.prod(self.factors)  # per tile
-        self.height, self.width = self.sizes[-2:]
         self._halo: dict[tuple, Tensor] = {}
 
     def index(self, spatial_dim: int) -> list:
