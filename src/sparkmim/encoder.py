@@ -18,7 +18,7 @@ from .features import (
     discover_features,
     spatial_dims_of,
 )
-from .masking import MaskPyramid, grid_of
+from .masking import MaskPyramid, grid_of, per_axis
 from .sparse import SPARSE_IMPLS, SparseSemanticsError, sparse_form
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
@@ -118,7 +118,7 @@ class SparseEncoder(nn.Module):
         self.channels = tuple(s.channels for s in specs)
         self.patch_size = self.strides[-1]
         for s in specs:
-            if any(a & (a - 1) for a in self._axes(s.stride)):
+            if any(a & (a - 1) for a in per_axis(s.stride, self.spatial_dims)):
                 raise ValueError(f"feature '{s.module}' has stride {s.stride}, which is not a power of 2")
         self._sizes: dict[str, tuple[int, ...]] = {}
         self._hooks = [self.model.get_submodule(s.module).register_forward_hook(_CaptureHook(self, s.module))
@@ -142,10 +142,6 @@ class SparseEncoder(nn.Module):
 
         return cls(create_torchvision(name, **tv_kwargs), **(encoder_kwargs or {}))
 
-    def _axes(self, value) -> tuple[int, ...]:
-        """A stride or factor (an int, or one per axis) as one int per spatial axis."""
-        return tuple(value) if isinstance(value, tuple) else (value,) * self.spatial_dims
-
     def factor_of_stride(self, stride):
         """Sites per patch of the map at ``stride``: an int for 2-D models, one per axis for 3-D."""
         if self.spatial_dims == 2:
@@ -155,7 +151,7 @@ class SparseEncoder(nn.Module):
     def _run(self, x: Tensor) -> list[Tensor]:
         fn = getattr(self.model, "forward_features", None) or self.model
         n = self.spatial_dims
-        self._sizes = {s.module: tuple(a // b for a, b in zip(x.shape[-n:], self._axes(s.stride)))
+        self._sizes = {s.module: tuple(a // b for a, b in zip(x.shape[-n:], per_axis(s.stride, n)))
                        for s in self.features}
         self._capture = {}
         try:
@@ -215,7 +211,7 @@ class SparseEncoder(nn.Module):
             n = self.spatial_dims
             grids = ((2, 3), (2, 2)) if n == 2 else ((1, 2, 3), (2, 2, 2))
             for grid in grids:
-                sizes = [g * a for g, a in zip(grid, self._axes(p))]
+                sizes = [g * a for g, a in zip(grid, per_axis(p, n))]
                 x = torch.randn(2, self.in_chans, *sizes, generator=torch.Generator().manual_seed(0)).to(**kw)
                 # two visible patches per sample, diagonal neighbours (sample 0) and the other pair (sample 1)
                 visible = torch.zeros(2, 1, *grid, dtype=torch.bool, device=x.device)
@@ -276,7 +272,7 @@ class SparseEncoder(nn.Module):
             raise ValueError(f"expected {shape.format(self.in_chans)}, got {tuple(x.shape)}")
         if visible is None:
             return self._run(x)
-        grid = grid_of(tuple(x.shape[-n:]), self._axes(self.patch_size))
+        grid = grid_of(tuple(x.shape[-n:]), per_axis(self.patch_size, n))
         masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
         if masks.grid != grid or masks.batch != x.shape[0]:
             raise ValueError(

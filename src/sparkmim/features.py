@@ -238,6 +238,11 @@ def _coarser(a, b) -> bool:
     return b % a == 0
 
 
+def _reduction(stride) -> int:
+    """How much a stride (an int, or one per axis) shrinks a map: its product over the axes."""
+    return math.prod(stride) if isinstance(stride, tuple) else stride
+
+
 def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureSpec]:
     """For each stride >= ``min_stride`` (along the most strided axis, for 3-D models) dividing
     the largest, the last module to finish with it."""
@@ -248,9 +253,9 @@ def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureS
             by_stride[s] = n
     if not by_stride:
         raise ValueError(f"no module of {type(probe.model).__name__} produced a feature map with stride >= {min_stride}")
-    top = max(by_stride, key=lambda s: math.prod(s) if isinstance(s, tuple) else s)
+    top = max(by_stride, key=_reduction)
     return [FeatureSpec(by_stride[s], s, probe.seen[by_stride[s]][0][1])
-            for s in sorted(by_stride, key=lambda s: math.prod(s) if isinstance(s, tuple) else s) if _coarser(s, top)]
+            for s in sorted(by_stride, key=_reduction) if _coarser(s, top)]
 
 
 @torch.no_grad()
@@ -272,7 +277,7 @@ def discover_features(model: nn.Module, names: Sequence[str] | None, in_chans: i
         specs = _specs_of_named(probe, names, probe_size, min_stride)
     else:
         specs = _specs_by_stride(probe, probe_size, min_stride)
-    specs.sort(key=lambda s: math.prod(s.stride) if isinstance(s.stride, tuple) else s.stride)
+    specs.sort(key=lambda s: _reduction(s.stride))
     if len({s.stride for s in specs}) != len(specs):
         raise ValueError(f"feature modules must have distinct strides, got {specs}")
     finish = {n: i for i, n in enumerate(probe.order)}

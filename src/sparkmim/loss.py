@@ -6,11 +6,9 @@ import math
 
 from torch import Tensor
 
+from .masking import per_axis
+
 __all__ = ["patchify", "unpatchify", "normalize_patches", "masked_patch_loss"]
-
-
-def _per_axis(patch_size, n: int) -> tuple[int, ...]:
-    return (patch_size,) * n if isinstance(patch_size, int) else tuple(patch_size)
 
 
 def patchify(x: Tensor, patch_size) -> Tensor:
@@ -18,7 +16,7 @@ def patchify(x: Tensor, patch_size) -> Tensor:
     order; likewise ``(B, C, D, H, W)`` with a patch size per axis (or one for all)."""
     b, c, *sizes = x.shape
     n = len(sizes)
-    p = _per_axis(patch_size, n)
+    p = per_axis(patch_size, n)
     grid = [s // q for s, q in zip(sizes, p)]
     x = x.reshape(b, c, *[v for pair in zip(grid, p) for v in pair])  # (B, C, g0, p0, g1, p1, ...)
     order = [0, *range(2, 2 + 2 * n, 2), *range(3, 3 + 2 * n, 2), 1]  # (B, g..., p..., C)
@@ -28,7 +26,7 @@ def patchify(x: Tensor, patch_size) -> Tensor:
 def unpatchify(x: Tensor, patch_size, grid: tuple[int, ...], channels: int) -> Tensor:
     """Inverse of :func:`patchify`."""
     b, n = x.shape[0], len(grid)
-    p = _per_axis(patch_size, n)
+    p = per_axis(patch_size, n)
     x = x.reshape(b, *grid, *p, channels)
     order = [0, 2 * n + 1, *[v for a in range(n) for v in (1 + a, 1 + n + a)]]  # (B, C, g0, p0, g1, p1, ...)
     return x.permute(order).reshape(b, channels, *(g * q for g, q in zip(grid, p)))

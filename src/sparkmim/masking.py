@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["grid_size", "grid_of", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
+__all__ = ["per_axis", "grid_size", "grid_of", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
 
 
 def seed_for(*parts) -> int:
@@ -40,6 +40,17 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
             f"least 2 patches (use an input of at least {patch_size}x{2 * patch_size})"
         )
     return h, w
+
+
+def per_axis(value, n: int) -> tuple:
+    """``n`` values (one per spatial axis) from one value or a sequence of one or ``n``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return (value[0],) * n
+        if len(value) == n:
+            return tuple(value)
+        raise ValueError(f"expected one or {n} values, got {value!r}")
+    return (value,) * n
 
 
 def grid_of(sizes: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
@@ -149,13 +160,9 @@ class MaskPyramid:
             return factors[0] if factors[0] == factors[1] else None
         return tuple(factors)
 
-    def per_axis(self, factor) -> tuple[int, ...]:
-        """``factor`` (an int, or one per axis) as one int per axis."""
-        return (factor,) * self.spatial_dims if isinstance(factor, int) else tuple(factor)
-
     def at(self, factor) -> Tensor:
         """Bool mask ``(B, 1, *[g * f for each axis])``."""
-        fs = self.per_axis(factor)
+        fs = per_axis(factor, self.spatial_dims)
         m = self._masks.get(fs)
         if m is None:  # each patch's flag repeated over its sites, at once
             b, g = self.batch, self.grid
@@ -182,7 +189,7 @@ class MaskPyramid:
         With a known per-sample count the number of rows is static, so this needs no host
         synchronisation.
         """
-        fs = self.per_axis(factor)
+        fs = per_axis(factor, self.spatial_dims)
         idx = self._rows.get(fs)
         if idx is None:
             if self.keep is not None:  # the sites of the visible patches, in row-major order

@@ -14,7 +14,7 @@ from .config import LossOn
 from .decoder import Densify, LightDecoder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import MaskPyramid, check_mask_ratio, grid_of, grid_size, num_visible, random_visible
+from .masking import MaskPyramid, check_mask_ratio, grid_of, num_visible, per_axis, random_visible
 from .weights import ENCODER_PREFIX
 
 __all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
@@ -123,9 +123,8 @@ class SparK(nn.Module):
     # -- stages ------------------------------------------------------------------------------
     def grid(self, images: Tensor) -> tuple[int, ...]:
         """The patch grid of ``images`` (``(h, w)``, or ``(d, h, w)`` for volumes and clips)."""
-        if self.spatial_dims == 2:
-            return grid_size(images.shape[-2], images.shape[-1], self.patch_size)
-        return grid_of(tuple(images.shape[-3:]), self.patch_size)
+        n = self.spatial_dims
+        return grid_of(tuple(images.shape[-n:]), per_axis(self.patch_size, n))
 
     def draw_masks(self, images: Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
                    ratio: float | None = None) -> MaskPyramid:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from ..masking import per_axis
+
 __all__ = ["SparseSemanticsError", "OpKind", "KIND_OF", "PASS_THROUGH", "REARRANGING", "MASKED_REDUCTIONS",
            "ONE_DIM_REDUCTIONS", "SCANS", "METADATA_PROPERTIES", "ON_CANVAS", "is_inplace", "tensors",
            "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial", "per_axis"]
@@ -160,17 +162,6 @@ def reduced_dims(dim, ndim: int) -> tuple[int, ...]:
     if isinstance(dim, (tuple, list)):
         return tuple(sorted({d % ndim for d in dim}))
     return (dim % ndim,)
-
-
-def per_axis(value, n: int) -> tuple:
-    """``n`` values (one per spatial axis) from one value or a sequence of one or ``n``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) == 1:
-            return (value[0],) * n
-        if len(value) == n:
-            return tuple(value)
-        raise ValueError(f"expected one or {n} values, got {value!r}")
-    return (value,) * n
 
 
 def adaptive_output_size(output_size, shape, n: int = 2) -> tuple:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..masking import MaskPyramid
 from ..norms import memory_format_of
-from .ops import SparseSemanticsError
+from .ops import SparseSemanticsError, per_axis
 
 __all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "scatter", "replace_maps", "meta_like"]
 
@@ -80,7 +80,7 @@ class Geometry:
         self.constants = {} if constants is None else constants  # mask-independent index pieces, reusable
         self.batch, self.tiles = patches.batch, patches.count
         n = len(patches.grid)
-        self.factors = (factor,) * n if isinstance(factor, int) else tuple(factor)
+        self.factors = per_axis(factor, n)
         self.sizes = tuple(g * f for g, f in zip(patches.grid, self.factors))
         self.spatial_dims = n
         self.sites = math.prod(self.factors)  # per tile
