@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "ENCODER_PREFIX", "CHECKPOINT_PATTERN", "atomic_write",
+__all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX", "CHECKPOINT_PATTERN", "atomic_write",
            "state_bytes",
            "save_encoder_weights", "read_weights", "key_report", "mismatches", "mismatch_message",
            "load_encoder_weights", "encoder_weights", "checkpoint_paths", "checkpoint_step", "read_checkpoint",
@@ -109,15 +109,53 @@ def save_encoder_weights(model: nn.Module | dict[str, Tensor], path: str | Path)
     return atomic_write(path, lambda tmp: torch.save(state, tmp), state_bytes(state))
 
 
+class UnsafeFileError(CheckpointError):
+    """A torch file that holds more than plain data (Python objects whose loading runs code)."""
+
+
+def load_plain(path: str | Path, what: str = "file") -> object:
+    """``torch.load`` of plain data only (tensors, numbers, strings, containers; nothing in the
+    file runs). A file holding other Python objects is refused with :class:`UnsafeFileError`,
+    one that cannot be read with :class:`CheckpointError`, each naming the file as ``what``."""
+    import pickle
+    import re
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a Python object the plain-data loader refuses to build
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        holds = f" (it names {found.group(1)})" if found else ""
+        raise UnsafeFileError(
+            f"{what} {path} holds Python objects besides tensors, numbers and strings{holds}, so it is refused: "
+            f"loading it could run code. Where it was made, save plain data instead: "
+            f"torch.save(model.state_dict(), FILE) or safetensors.torch.save_file(model.state_dict(), FILE)") from e
+    except Exception as e:  # truncated zip, wrong format: name the file, not the reader
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"cannot read {what} {path}: {reason}") from e
+
+
 def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The state dict in a ``.safetensors`` file or a plain-data torch file (a ``state_dict`` or
+    ``model`` entry, as many training scripts write, is taken; a sparkmim checkpoint gives its
+    encoder's weights)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"cannot read weights file {path}: {' '.join(str(e).split())[:300]}") from e
+    state = load_plain(path, "weights file")
+    for entry in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(entry), dict):
+            inner = state[entry]
+            return encoder_weights(inner) if any(k.startswith(ENCODER_PREFIX) for k in inner) else inner
     return state
 
 
@@ -179,14 +217,7 @@ def checkpoint_paths(folder: str | Path) -> list[Path]:
 def read_checkpoint(path: str | Path) -> dict:
     """A training checkpoint's plain data (``weights_only=True``); :class:`CheckpointError` naming the
     file when it cannot be read or is not a sparkmim checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, refused pickle: name the file, not the reader
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
+    state = load_plain(path, "checkpoint")
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"cannot read checkpoint {path}: not a sparkmim training checkpoint")
     return state
@@ -207,10 +238,6 @@ def weights_state(source: str | Path) -> dict[str, Tensor]:
             p = ckpts[-1]
     if not p.is_file():
         raise FileNotFoundError(f"weights '{source}' not found (give 'random', 'pretrained' or a file/run folder)")
-    if p.suffix == ".pth":
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a pre-training checkpoint
-            return encoder_weights(state["model"])
     return read_weights(p)
 
 
