@@ -1,5 +1,6 @@
 """Command line: options, YAML recipes and overrides, clear errors, export / reconstruct / models."""
 
+import json
 from dataclasses import fields
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from conftest import write_noise_images
 from sparkmim.cli import RECIPES, build_parser, main
 from sparkmim.config import ConfigError, PretrainConfig, load_config
+from sparkmim.train.checkpoint import CheckpointManager
 from sparkmim.weights import load_encoder_weights
 
 TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
@@ -72,12 +74,12 @@ def test_channels_last_is_auto_true_or_false(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--data", "/no/such/folder"], "does not exist"),
-    (["--input-size", "72"], "not a multiple of resnet10t's total stride 32; try 64"),
+    (["--input-size", "72"], "--input-size 72 is not a multiple of resnet10t's total stride 32; try --input-size 64"),
     (["--model", "resnet5O"], "unknown timm model 'resnet5O'; did you mean"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--model", "vgg11", "--drop-path", "0.1"], "vgg11 has no stochastic depth"),
-    (["--drop-path", "1"], "drop_path must be in [0, 1)"),
-    (["--clip-grad", "-1"], "clip_grad must be >= 0"),
+    (["--drop-path", "1"], "--drop-path must be in [0, 1)"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
 ])
 def test_errors_say_what_to_do(argv, message, images, tmp_path, capsys):
     base = [*TINY, "--data", str(images), "--out", str(tmp_path / "o")]
@@ -115,3 +117,58 @@ def test_init_from_exported_weights_is_strict(images, tmp_path, capsys):
     assert main(["pretrain", *third, "--model", "resnet18", "--init", str(out / "encoder.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "weights do not match the model" in err and "missing" in err
+
+
+def test_a_mistyped_flag_gets_the_subcommands_usage_and_a_suggestion(capsys):
+    for command, typo, want in (("pretrain", "--batch-sise", "--batch-size"), ("evaluate", "--weigths", "--weights"),
+                                ("export", "--formt", "--format")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *(["knn"] if command == "evaluate" else ["run"] if command == "export" else []), typo, "4"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2
+        assert f"usage: sparkmim {command}" in err and f"sparkmim {command}: error: unrecognized arguments" in err, err
+        assert f"did you mean {want}" in err, err
+
+
+def test_errors_name_the_flag_typed_or_the_recipe_key(images, tmp_path, capsys):
+    """An option given as a flag is named as the flag; one set in a YAML file keeps its key; the
+    Python API names keyword arguments."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"warmup_epochs": -1}))
+    assert main(["pretrain", "--batch-size", "0", "--data", str(images)]) == 2
+    assert "error: --batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(recipe), "--data", str(images)]) == 2
+    assert "error: warmup_epochs must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="^batch_size must be >= 1, got 0$"):
+        load_config(None, {"batch_size": 0})
+
+
+def test_evaluate_takes_the_model_and_input_from_the_run(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out), "--in-chans", "1"]) == 0
+    labelled = tmp_path / "labelled"
+    for name in ("a", "b"):
+        (labelled / name).mkdir(parents=True)
+        write_noise_images(labelled / name, 4, (40, 40), seed=len(name))
+    capsys.readouterr()
+    assert main(["evaluate", "knn", "--data", str(labelled), "--weights", f"random,{out}", "--k", "1", "--workers", "0",
+                 "--progress", "false", "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    taken = json.loads(next(line for line in printed.splitlines() if '"event": "settings"' in line))
+    assert (taken["model"], taken["in_chans"], taken["input_size"]) == ("resnet10t", 1, 64)
+    config = json.loads((tmp_path / "eval" / "results.json").read_text())["config"]
+    assert (config["model"], config["in_chans"], config["input_size"]) == ("resnet10t", 1, 64)
+
+
+def test_a_run_says_what_its_checkpoints_cost_and_warns_of_a_tiny_lr(images, tmp_path, capsys):
+    """The start event gives the size of one checkpoint and of those kept; the paper's lr rule at
+    batch 4 gives a peak lr of 3e-6, which is named with the ways to raise it; export says which
+    files it replaces."""
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"the peak lr 3.13e-06 .* raise the effective batch with --accum-steps, set --lr"):
+        assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out)]) == 0
+    start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
+    size = (out / CheckpointManager(out).latest().name).stat().st_size
+    assert abs(start["checkpoint_mib"] * 2**20 - size) < 0.02 * size and start["checkpoints_mib"] >= start["checkpoint_mib"]
+    with pytest.warns(UserWarning, match=f"replacing the existing {out / 'encoder.safetensors'}"):
+        assert main(["export", str(out)]) == 0

@@ -52,18 +52,23 @@ def _export(args: argparse.Namespace) -> int:
     load_encoder_weights(backbone, encoder_weights(state["model"]), strict=True)
     fmt = args.format
     out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    is_timm = isinstance(getattr(backbone, "pretrained_cfg", None), dict)  # a timm model: also a timm model folder
+    replaced = [str(p) for p in (out, out.parent / "timm") if p.exists() and (p == out or is_timm)]
+    for path in replaced:
+        warnings.warn(f"replacing the existing {path} with the weights of {ckpt}", stacklevel=1)
     save_encoder_weights(backbone, out)
     fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
     report = load_encoder_weights(fresh, out, strict=True)
     timm_folder = None
-    if isinstance(getattr(backbone, "pretrained_cfg", None), dict):  # a timm model: also a timm model folder
+    if is_timm:
         default_mean, default_std = default_stats(cfg.in_chans)
         timm_folder = save_timm_folder(backbone, out.parent / "timm", mean=state.get("norm_mean", default_mean),
                                        std=state.get("norm_std", default_std), input_size=cfg.input_size)
     print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
                       "matched": len(report["matched"]), "missing": report["missing"],
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
-                      "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
+                      "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder), "replaced": replaced}),
+          flush=True)
     return 0
 
 
@@ -73,7 +78,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from .data import default_stats, load_image
     from .eval.data import eval_transform
     from .train.setup import build_model
-    from .visualize import save_reconstruction_grid
+    from .visualize import save_reconstruction_grid, slice_names_for
 
     ckpt, state, cfg = _load_run(args.checkpoint)
     model = build_model(cfg)
@@ -99,7 +104,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     images = torch.stack([tf(read(p)) for p in args.images])
     masks = model.draw_masks(images, torch.Generator().manual_seed(args.seed), ratio=args.mask_ratio)
     path = save_reconstruction_grid(model.reconstruct(images, visible=masks), args.out, mean, std,
-                                    max_images=len(args.images))
+                                    max_images=len(args.images), names=[Path(p).name for p in args.images],
+                                    slice_names=slice_names_for(cfg.model))
     print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(path)}))
     return 0
 
@@ -107,10 +113,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .eval.config import EvalConfig
+    from .eval.config import EvalConfig, settings_from_runs
     from .eval.run import evaluate
 
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
+    if "model" not in values:  # the model (and its input) of the run being evaluated, unless given
+        from_run = {k: v for k, v in settings_from_runs(values.get("weights", "")).items() if k not in values}
+        if from_run:
+            print(json.dumps({"event": "settings", "note": "taken from the run's config.yaml", **from_run}), flush=True)
+        values.update(from_run)
     evaluate(EvalConfig(**values))
     return 0
 
@@ -210,8 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown option is reported by its subcommand (its usage, and the closest
+    option names: ``did you mean --batch-size?``), not by the top-level parser."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[args.command]
+    options = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for item in (u.split("=", 1)[0] for u in unknown if u.startswith("-")):
+        close = difflib.get_close_matches(item if item.startswith("--") else "-" + item, options, n=2, cutoff=0.6)
+        if close:
+            hints.append(f"did you mean {' or '.join(close)}?")
+    command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
+    from .config import ConfigError
     from .sparse import SparseSemanticsError
     from .train.loop import NonFiniteLossError
 
@@ -223,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError, SparseSemanticsError, NonFiniteLossError) as e:
         # ConfigError, DataError, CheckpointError, KeyMismatchError are ValueErrors; WriteError and
-        # FileNotFoundError are OSErrors
-        print(f"sparkmim {args.command}: error: {e}", file=sys.stderr)
+        # FileNotFoundError are OSErrors. An option is named as the user gave it: a flag typed on
+        # the command line as the flag, one from a YAML recipe by its key.
+        typed = {k for k in vars(args) if getattr(args, k) is not None}
+        message = e.for_flags(typed) if isinstance(e, ConfigError) else e
+        print(f"sparkmim {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sparkmim {args.command}: interrupted; resume with --resume auto", file=sys.stderr)

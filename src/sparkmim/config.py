@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "opt",
-           "recipe_path", "RECIPES", "parse_intensity", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+           "recipe_path", "RECIPES", "flag_of", "typed_options", "parse_intensity", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
 
 RECIPES = Path(__file__).parent / "configs"
 
@@ -31,7 +31,31 @@ ImageChannels = Literal[1, 3, 4]
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value, with a message that says what to do."""
+    """An invalid configuration value, with a message that says what to do.
+
+    ``options`` are the option names the message mentions (as the Python API spells them,
+    ``batch_size``); :meth:`for_flags` gives the message as the command line spells them
+    (``--batch-size``)."""
+
+    def __init__(self, message: str, options: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.options = tuple(options)
+
+    def for_flags(self, typed: set[str] | None = None) -> str:
+        """The message with each option named as its flag; with ``typed``, only the options the
+        user gave as flags (one set in a YAML recipe keeps its key, as the file spells it)."""
+        import re
+
+        message = str(self)
+        for name in self.options:
+            if typed is None or name in typed:
+                message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag_of(name), message)
+        return message
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of an option: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def opt(default, help: str, *, group: str | None = None, **bounds):
@@ -120,10 +144,6 @@ class PretrainConfig:
     progress: bool = _out(True, "show a progress bar")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ConfigError(msg)
-
         self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
         validate(self)
         parse_intensity(self.intensity)
@@ -132,7 +152,8 @@ class PretrainConfig:
                 b = tuple(float(v) for v in self.betas.split(","))
             except ValueError:
                 b = ()
-            need(len(b) == 2 and all(0 <= v < 1 for v in b), f"betas must be 'auto' or 'b1,b2' in [0, 1), got {self.betas!r}")
+            if len(b) != 2 or not all(0 <= v < 1 for v in b):
+                raise ConfigError(f"betas must be 'auto' or 'b1,b2' in [0, 1), got {self.betas!r}", ["betas"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,7 +174,7 @@ def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:
             low = high = None
         if low is not None and high > low:
             return "window", (low, high)
-    raise ConfigError(f"intensity must be 'zscore' or 'window:LOW:HIGH' with LOW < HIGH, got {spec!r}")
+    raise ConfigError(f"intensity must be 'zscore' or 'window:LOW:HIGH' with LOW < HIGH, got {spec!r}", ["intensity"])
 
 
 _BOUNDS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
@@ -169,13 +190,13 @@ def validate(config) -> None:
         value = getattr(config, f.name)
         choices = _choices(hints[f.name])
         if choices and value not in choices:
-            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}", [f.name])
         if value is None or isinstance(value, bool):
             continue
         limits = [(k, f.metadata[k]) for k in _BOUNDS if k in f.metadata]
         if not isinstance(value, (int, float)):
             if limits:
-                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+                raise ConfigError(f"{f.name} must be a number, got {value!r}", [f.name])
             continue
         if not all(_BOUNDS[k][0](value, b) for k, b in limits):
             bounds = {k: f"{b:g}" for k, b in limits}
@@ -184,7 +205,7 @@ def validate(config) -> None:
                 allowed = f"in {'(' if 'gt' in bounds else '['}{low}, {high}{')' if 'lt' in bounds else ']'}"
             else:
                 allowed = " ".join(f"{_BOUNDS[k][1]} {b:g}" for k, b in limits)
-            raise ConfigError(f"{f.name} must be {allowed}, got {value}")
+            raise ConfigError(f"{f.name} must be {allowed}, got {value}", [f.name])
 
 
 def _choices(hint) -> tuple:
@@ -254,11 +275,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             try:
                 values[k] = t(v)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"option {k} expects {t.__name__}, got {v!r}") from e
+                raise ConfigError(f"option {k} expects {t.__name__}, got {v!r}", [k]) from e
     return PretrainConfig(**values)
 
 
-def _bool(v: str) -> bool:
+def _bool(v: str | bool) -> bool:
+    if isinstance(v, bool):  # the bare flag (``--overwrite``)
+        return v
     if v.lower() in ("1", "true", "yes", "on"):
         return True
     if v.lower() in ("0", "false", "no", "off"):
@@ -283,14 +306,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, skip: tuple[
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{group} options") if group else parser
         t = types[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         help_ = f"{f.metadata['help']} (default: {f.default})"
-        if t is bool:
-            groups[group].add_argument(flag, type=_bool, metavar="{true,false}", default=None, help=help_)
+        if t is bool:  # ``--flag`` alone means true; ``--flag true|false`` too
+            groups[group].add_argument(flag, type=_bool, nargs="?", const=True, metavar="{true,false}", default=None,
+                                       help=help_)
         else:
             groups[group].add_argument(flag, type=t, default=None, choices=_choices(hints[f.name]) or None, help=help_)
 
 
+def typed_options(args: argparse.Namespace, cls=None) -> dict:
+    """The options of ``cls`` (default :class:`PretrainConfig`) given as flags on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls or PretrainConfig) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if getattr(args, f.name, None) is not None}
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), typed_options(args))

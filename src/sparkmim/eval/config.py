@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..config import ConfigError, ImageChannels, NormStats, opt, parse_intensity, validate
 
-__all__ = ["EvalConfig", "MODES"]
+__all__ = ["EvalConfig", "MODES", "RUN_SETTINGS", "settings_from_runs"]
 
 Mode = Literal["knn", "linear", "finetune"]
 MODES = typing.get_args(Mode)
@@ -74,7 +74,7 @@ class EvalConfig:
             if not ks or min(ks) < 1:
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"k must be comma-separated positive integers, got '{self.k}'") from None
+            raise ConfigError(f"k must be comma-separated positive integers, got '{self.k}'", ["k"]) from None
 
     @property
     def ks(self) -> list[int]:
@@ -90,7 +90,7 @@ class EvalConfig:
             label, _, source = item.rpartition("=")
             out.append((label or _short(source), source))
         if not out:
-            raise ValueError("--weights names no weight source")
+            raise ConfigError("weights names no weight source", ["weights"])
         return out
 
     def train_epochs(self) -> int:
@@ -102,3 +102,28 @@ def _short(source: str) -> str:
         return source
     p = Path(source)
     return p.parent.name if p.name in ("encoder.safetensors",) else p.stem if p.is_file() else p.name
+
+
+# what a run's config.yaml gives an evaluation that does not name a model
+RUN_SETTINGS = ("model", "in_chans", "input_size", "input_depth", "intensity")
+
+
+def settings_from_runs(weights: str) -> dict:
+    """The model, channels, input size (and for volumes depth and intensity) of the sparkmim runs
+    among the ``--weights`` sources: a run folder, or a file inside one (``encoder.safetensors``,
+    a checkpoint), read from the run's ``config.yaml``. Empty when no source is a run; runs of
+    different models are refused."""
+    import yaml
+
+    found: dict[str, dict] = {}
+    for item in (s.strip() for s in weights.split(",")):
+        source = Path(item.rpartition("=")[2])
+        run = source if source.is_dir() else source.parent
+        if item and source.exists() and (run / "config.yaml").is_file():
+            saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            found[str(run)] = {k: saved[k] for k in RUN_SETTINGS if k in saved}
+    models = {str(v.get("model")) for v in found.values()}
+    if len(models) > 1:
+        raise ConfigError(f"the runs in weights were pre-trained with different models ({', '.join(sorted(models))}); "
+                          f"name the one to evaluate with model", ["weights", "model"])
+    return next(iter(found.values()), {})

@@ -22,6 +22,7 @@ from ..data import (
     pretrain_transform,
 )
 from ..encoder import SparseEncoder
+from ..masking import per_axis
 from ..model import SparK
 from ..optim import default_betas, hold_on_device, lamb, param_groups
 from ..weights import load_encoder_weights
@@ -84,18 +85,27 @@ def build_model(cfg: PretrainConfig) -> SparK:
         print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
     encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans,
                             sparse_impl=cfg.sparse_impl)
-    if encoder.spatial_dims == 3:
-        shape, patch = input_shape(cfg, 3), encoder.patch_size
-        if any(s % p for s, p in zip(shape, patch)):
-            fit = "x".join(str(max(2, round(s / p)) * p) for s, p in zip(shape, patch))
-            raise ConfigError(f"input depth x size {'x'.join(map(str, shape))} is not a multiple of {cfg.model}'s "
-                              f"total stride {'x'.join(map(str, patch))} along each axis; try --input-depth and "
-                              f"--input-size giving {fit}")
-    elif cfg.input_size % encoder.patch_size:
-        raise ConfigError(f"input_size {cfg.input_size} is not a multiple of {cfg.model}'s total stride "
-                          f"{encoder.patch_size}; try {max(2, round(cfg.input_size / encoder.patch_size)) * encoder.patch_size}")
+    _check_input_fits(cfg, per_axis(encoder.patch_size, encoder.spatial_dims))
     return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
                  hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on)
+
+
+def _check_input_fits(cfg, patch: tuple[int, ...]) -> None:
+    """Refuse a crop (``input_size``, and ``input_depth`` for volumes) that is not a multiple of the
+    encoder's total stride along each axis, suggesting the nearest sizes that are."""
+    import math
+
+    shape = input_shape(cfg, len(patch))
+    if not any(s % p for s, p in zip(shape, patch)):
+        return
+    steps: dict[str, int] = {}
+    given: dict[str, int] = {}
+    for name, size, step in zip(("input_depth",) * (len(patch) - 2) + ("input_size",) * 2, shape, patch):
+        steps[name], given[name] = math.lcm(steps.get(name, 1), step), size  # height and width share input_size
+    fit = " and ".join(f"{k} {max(2, round(given[k] / step)) * step}" for k, step in steps.items())
+    stride = str(patch[0]) if len(set(patch)) == 1 else "x".join(map(str, patch))
+    raise ConfigError(f"{' x '.join(f'{k} {v}' for k, v in given.items())} is not a multiple of {cfg.model}'s total "
+                      f"stride {stride}; try {fit}", list(steps))
 
 
 def build_optimizer(model: SparK, cfg: PretrainConfig, peak_lr: float) -> torch.optim.Optimizer:
