@@ -178,11 +178,11 @@ def test_mostly_unreadable_data_stops_in_one_line(tmp_path, cli):
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--log-every-steps", "0"], "log_every_steps must be >= 1, got 0"),
-    (["--save-every-steps", "-1"], "save_every_steps must be >= 0, got -1"),
-    (["--decoder-width", "0"], "decoder_width must be >= 1, got 0"),
+    (["--log-every-steps", "0"], "--log-every-steps must be >= 1, got 0"),
+    (["--save-every-steps", "-1"], "--save-every-steps must be >= 0, got -1"),
+    (["--decoder-width", "0"], "--decoder-width must be >= 1, got 0"),
     (["--decoder-width", "48"], "decoder width 48 must be divisible by 2**5"),
-    (["--keep-last", "0"], "keep_last must be >= 1"),
+    (["--keep-last", "0"], "--keep-last must be >= 1"),
     (["--device", "gpu"], "unknown device 'gpu'; use cpu, cuda, cuda:N or auto"),
     (["--model", "vit_tiny_patch16_224"], "not a convolutional network sparkmim can make sparse"),
     (["--model", "botnet26t_256"], "failed in layer 'stages.2.1.self_attn' (BottleneckAttn)"),
@@ -273,3 +273,107 @@ def test_too_little_free_space_is_warned_at_start(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
     with pytest.warns(UserWarning, match=r"has 1 MiB free, but this run's checkpoints need about \d+ MiB \(3 kept"):
         check_free_space(tmp_path, model, keep_last=3)
+
+
+# -- faults a new user met at bedecd1 ---------------------------------------------------------------
+
+def test_when_every_file_is_unreadable_the_distinct_files_are_counted(tmp_path, cli):
+    """10 truncated JPEGs: the error counts 10 files (not the 65 tries of a loop that went round the
+    folder); one NaN volume with batch 1 is named as the only volume file."""
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 80), (9, 99, 199)).save(buf, "JPEG")
+    data = tmp_path / "cut"
+    data.mkdir()
+    for i in range(10):
+        (data / f"cut{i}.jpg").write_bytes(buf.getvalue()[:150])
+    one_line_error(cli("pretrain", *TINY, "--data", data, "--out", tmp_path / "o1"),
+                   "none of the 10 image files can be read", "cut0.jpg")
+    pytest.importorskip("monai")
+    volumes = tmp_path / "nan"
+    volumes.mkdir()
+    import numpy as np
+
+    arr = np.zeros((32, 32, 32), np.float32)
+    arr[3, 4, 5] = np.nan
+    np.save(volumes / "nan.npy", arr)
+    result = cli("pretrain", "--model", "monai:resnet10", "--in-chans", "1", "--input-size", "32", "--decoder-width",
+                 "32", "--batch-size", "1", "--workers", "0", "--epochs", "1", "--progress", "false",
+                 "--data", volumes, "--out", tmp_path / "o2")
+    one_line_error(result, "the only volume file cannot be read", "nan.npy", "NaN or infinite voxels")
+
+
+def test_listed_but_missing_files_are_each_announced_once(images, tmp_path, cli):
+    """A file list naming 10 missing paths among 25: each missing file gets one warning line, is
+    listed in bad_images.txt and counted."""
+    (tmp_path / "more").mkdir()
+    more = write_noise_images(tmp_path / "more", 7, (70, 90), seed=4)
+    present = sorted(images.iterdir()) + sorted(more.iterdir())
+    listing = tmp_path / "list.txt"
+    missing = [tmp_path / f"gone{i}.png" for i in range(10)]
+    listing.write_text("".join(f"{p}\n" for p in present + missing))
+    assert len(present) + len(missing) == 25
+    with pytest.warns(UserWarning) as caught:
+        summary = summary_of(cli("pretrain", *TINY, "--data", listing, "--out", tmp_path / "run"))
+    announced = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
+    assert sorted(a.split()[3] for a in announced) == sorted(map(str, missing))  # each once
+    listed = [line.split("\t")[0] for line in (tmp_path / "run" / "bad_images.txt").read_text().splitlines()]
+    assert sorted(listed) == sorted(map(str, missing)) and summary["bad_images"] == 10
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file named ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_files_that_are_not_plain_data_are_refused_and_nothing_in_them_runs(images, finished, tmp_path, cli):
+    """A .pth holding a Python object that would run code when loaded: --init, --resume, export and
+    evaluate refuse it in one line (exit 2) in sparkmim's words, and the code never runs."""
+    out, _ = finished
+    marker = tmp_path / "ran"
+    state = torch.load(CheckpointManager(out).latest(), weights_only=True)
+    bad = tmp_path / "bad.pth"
+    torch.save({**state, "extra": Payload(marker)}, bad)
+    labelled = tmp_path / "labelled"
+    for name in ("a", "b"):
+        (labelled / name).mkdir(parents=True)
+        write_noise_images(labelled / name, 4, (40, 40), seed=len(name))
+    for args in (["pretrain", *TINY, "--data", images, "--out", tmp_path / "a", "--init", bad],
+                 ["pretrain", *TINY, "--data", images, "--out", tmp_path / "b", "--resume", bad],
+                 ["export", bad],
+                 ["evaluate", "knn", "--model", "resnet10t", "--data", labelled, "--weights", bad, "--workers", "0",
+                  "--progress", "false", "--out", tmp_path / "eval"]):
+        line = one_line_error(cli(*args), f"{bad} holds Python objects besides tensors, numbers and strings",
+                              "(it names ", "refused", "torch.save(model.state_dict(), FILE)")
+        assert "weights_only" not in line and "Weights only load failed" not in line
+    assert not marker.exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_boolean_flags_take_the_bare_form(images, finished, tmp_path, cli):
+    """``--overwrite`` alone means true (the refusal suggests it), as ``--overwrite true`` does."""
+    from sparkmim.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--overwrite", "--progress", "false", "--sparse"])
+    assert (args.overwrite, args.progress, args.sparse, args.tensorboard) == (True, False, True, None)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(finished[0]), str(copy)], check=True)
+    summary = summary_of(cli("pretrain", *TINY, "--data", images, "--out", copy, "--overwrite"))
+    assert summary["steps"] == 2 and len(list(tmp_path.glob("copy.old-*"))) == 1
+
+
+@pytest.mark.parametrize("flags", [["--decoder-width", "48"], ["--model", "resnet5O"], ["--data", "/no/such/folder"],
+                                   ["--input-size", "72"]])
+def test_a_start_that_fails_leaves_no_run_folder(flags, images, finished, tmp_path, cli):
+    out = tmp_path / "never"
+    assert cli("pretrain", *TINY, "--data", images, "--out", out, *flags).returncode == 2
+    assert not out.exists()
+    # nor does it move an earlier run aside
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(finished[0]), str(copy)], check=True)
+    assert cli("pretrain", *TINY, "--data", images, "--out", copy, "--overwrite", *flags).returncode == 2
+    assert not list(tmp_path.glob("copy.old-*")) and (copy / "config.yaml").is_file()

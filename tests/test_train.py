@@ -56,7 +56,7 @@ def test_tiny_run_writes_everything_and_exports_strictly(folder, tmp_path):
     assert summary["steps"] == 8 and summary["images_seen"] == 32 and summary["bad_images"] == 0
     assert np.isfinite(summary["loss_first"]) and np.isfinite(summary["loss_last"])
     names = sorted(p.name for p in out.iterdir())
-    assert {"config.yaml", "metrics.jsonl", "encoder.safetensors", "reconstructions"} <= set(names)
+    assert {"config.yaml", "metrics.jsonl", "metrics.png", "encoder.safetensors", "reconstructions"} <= set(names)
     assert len(list((out / "reconstructions").glob("*.png"))) == 3  # start, epoch 1, epoch 2
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8
@@ -175,8 +175,62 @@ def _assert_same_training_state(a: dict, b: dict):
                 assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
 
 
+def _metric_lines(out: Path) -> list[dict]:
+    """The metric lines of a run without ``img_per_s`` (a measured speed)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "img_per_s"} for line in lines]
+
+
+def test_a_resume_mid_window_logs_what_the_uninterrupted_run_logs(folder, tmp_path):
+    """The loss and gradient-norm sums of the metric line in progress are kept in the checkpoint:
+    resumed at step 4 of the window 4-6, the run logs lines 6 and 8 (and loss_last) exactly as
+    the uninterrupted run does."""
+    kw = dict(save_every_steps=1, keep_last=8, log_every_steps=3)
+    straight = pretrain(cfg(folder, tmp_path / "straight", **kw))
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("checkpoint-00000004.pth", "config.yaml"):
+        shutil.copy(tmp_path / "straight" / name, out)
+    (out / "metrics.jsonl").write_text((tmp_path / "straight" / "metrics.jsonl").read_text())  # lines 3, 6 and 8
+    resumed = pretrain(cfg(folder, out, resume="auto", **kw))
+    assert [line["step"] for line in _metric_lines(out)] == [3, 6, 8]
+    assert _metric_lines(out) == _metric_lines(tmp_path / "straight")
+    assert resumed["loss_last"] == straight["loss_last"]
+
+
+def test_a_finished_run_leaves_no_worker_thread_or_run_behind(folder, tmp_path):
+    """pretrain() tears down in order before it returns: the loader's worker processes are joined
+    and nothing of the run stays alive waiting for the garbage collector (with several ranks it
+    would hold the process group past its destruction, and the process could abort at exit)."""
+    import gc
+    import multiprocessing
+    import threading
+    import weakref
+
+    from sparkmim.train import run as run_module
+
+    made = []
+
+    class Watched(run_module.Run):
+        def __init__(self, *args, **kwargs):
+            made.append(weakref.ref(self))
+            super().__init__(*args, **kwargs)
+
+    threads = set(threading.enumerate())
+    original, run_module.Run = run_module.Run, Watched
+    gc.disable()
+    try:
+        pretrain(cfg(folder, tmp_path / "run", epochs=1, workers=2, tensorboard=True))
+        assert multiprocessing.active_children() == []
+        assert set(threading.enumerate()) <= threads
+        assert len(made) == 1 and made[0]() is None
+    finally:
+        gc.enable()
+        run_module.Run = original
+
+
 def test_killed_run_resumes_to_identical_weights(folder, tmp_path):
-    kw = dict(epochs=3, save_every_steps=1, keep_last=2)
+    kw = dict(epochs=3, save_every_steps=1, keep_last=2, log_every_steps=5)
     straight = pretrain(cfg(folder, tmp_path / "straight", **kw))
     reference = _final_state(tmp_path / "straight")
 
@@ -202,6 +256,8 @@ def test_killed_run_resumes_to_identical_weights(folder, tmp_path):
     assert summary["steps"] == 12
     assert summary["loss_first"] == straight["loss_first"]  # kept across the resume
     _assert_same_training_state(reference, _final_state(out))
+    assert _metric_lines(out) == _metric_lines(tmp_path / "straight")  # lines 5, 10 and 12
+    assert summary["loss_last"] == straight["loss_last"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):

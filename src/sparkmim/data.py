@@ -167,6 +167,8 @@ class ImageFiles(Dataset):
     given one image, the next readable file of the data set, so every step has data.
     """
 
+    kind = "image"  # what a sample is, in messages
+
     def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 64,
                  fast_decode: tuple[int, float] | None = None):
         self.paths = list(paths)
@@ -200,18 +202,27 @@ class ImageFiles(Dataset):
             torch.manual_seed(seed)
             return self.transform(image)
 
-    def readable(self, key) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    def name_of(self, index: int) -> str:
+        """The file name of sample ``index``, for labels."""
+        return Path(self.paths[index]).name
+
+    def readable(self, key) -> tuple[torch.Tensor, list[tuple[str, str]], int]:
         """The image of ``key`` or, if it is unreadable, of the next readable file (at most
-        ``max_skips`` further on); and the unreadable files met on the way."""
+        ``max_skips`` further on, and never round the data set twice); the distinct unreadable
+        files met on the way; and the index of the sample returned."""
         seed, epoch, index = key
-        bad = []
-        for k in range(self.max_skips + 1):
+        bad: dict[str, str] = {}
+        for k in range(min(self.max_skips + 1, len(self.paths))):
             image, problem, _ = self[(seed, epoch, (index + k) % len(self.paths))]
             if image is not None:
-                return image, bad
-            bad.append(problem)
-        raise DataError(f"{len(bad)} consecutive image files from {bad[0][0]} are unreadable "
-                        f"({bad[0][1]}); check the data")
+                return image, list(bad.items()), (index + k) % len(self.paths)
+            bad.setdefault(*problem)
+        first, reason = next(iter(bad.items()))
+        if k + 1 == len(self.paths):  # every sample tried
+            files = len(set(map(str, self.paths)))
+            which = f"the only {self.kind} file cannot" if files == 1 else f"none of the {files} {self.kind} files can"
+            raise DataError(f"{which} be read ({first}: {reason}); check the data")
+        raise DataError(f"{len(bad)} {self.kind} files in a row are unreadable, from {first} ({reason}); check the data")
 
     def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[str, str]]]:
         """``(images, unreadable)``: the readable images of a batch stacked, and the
@@ -219,7 +230,7 @@ class ImageFiles(Dataset):
         images = [im for im, _, _ in items if im is not None]
         bad = [problem for _, problem, _ in items if problem is not None]
         if not images:
-            image, more = self.readable(items[0][2])
+            image, more, _ = self.readable(items[0][2])
             images, bad = [image], bad + [p for p in more if p not in bad]
         return torch.stack(images), bad
 
@@ -262,12 +273,13 @@ class EpochSampler(Sampler):
     """Yields ``(seed, epoch, index)`` keys: a seeded permutation per epoch, split over ranks,
     truncated to whole batches; ``start`` skips what a resumed run already consumed."""
 
-    def __init__(self, length: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, length: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 kind: str = "sample"):
         self.length, self.batch_size, self.seed, self.rank, self.world = length, batch_size, seed, rank, world
         self.epoch, self.start = 0, 0
         if self.batches_per_epoch() < 1:
-            raise ValueError(f"{length} samples (images or volumes) are fewer than one batch of {batch_size} x "
-                             f"{world} device(s); use a smaller batch size or more data")
+            raise DataError(f"{length} {kind}s are fewer than one batch of {batch_size} x {world} device(s); use a "
+                            f"smaller batch size or more data")
 
     def batches_per_epoch(self) -> int:
         return self.length // (self.batch_size * self.world)

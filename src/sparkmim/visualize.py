@@ -1,32 +1,50 @@
 """Reconstruction grids: one row per image (per central slice of a volume), columns input |
-masked | reconstruction."""
+masked | reconstruction, with their titles; a volume's rows are labelled with its name and the
+slice's axis."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from .model import Reconstruction
 
-__all__ = ["reconstruction_grid", "orthogonal_slices", "save_grid", "save_reconstruction_grid"]
+__all__ = ["reconstruction_grid", "orthogonal_slices", "save_grid", "save_reconstruction_grid", "COLUMNS",
+           "VOLUME_SLICES", "CLIP_SLICES", "MIN_TILE", "slice_names_for"]
+
+COLUMNS = ("input", "masked", "reconstruction")
+VOLUME_SLICES = ("axial", "coronal", "sagittal")  # slices across depth, height and width of a scan
+CLIP_SLICES = ("depth", "height", "width")  # the same slices of a video clip (depth: time)
+MIN_TILE = 128  # tiles are shown at least this large (nearest-neighbour upscaling)
+_GAP, _WHITE = 4, (255, 255, 255)
 
 
-def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> torch.Tensor:
-    """A ``(3, H', W')`` image in [0, 1] (grayscale inputs are shown as gray, more than 3
-    channels by their first 3). The reconstruction column de-normalises the prediction of each
-    masked patch with the true patch's mean and variance (the model predicts per-patch normalised
-    pixels), as is usual for such grids."""
-    from torchvision.utils import make_grid
+def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8, names: list[str] | None = None,
+                        slice_names: tuple[str, str, str] = VOLUME_SLICES, min_tile: int = MIN_TILE) -> Tensor:
+    """A ``(3, H', W')`` image in [0, 1]: a title row (input | masked | reconstruction), then one
+    row per image, or three per volume (its central slices, each labelled with the volume's name
+    from ``names`` and the slice's axis from ``slice_names``). Tiles smaller than ``min_tile``
+    pixels are enlarged by a whole factor (nearest neighbour), so patches stay sharp.
 
-    if rec.input.dim() == 5:
-        rec, max_images = orthogonal_slices(rec), 3 * max_images
+    Grayscale inputs are shown as gray, more than 3 channels by their first 3. The reconstruction
+    column de-normalises the prediction of each masked patch with the true patch's mean and
+    variance (the model predicts per-patch normalised pixels), as is usual for such grids."""
+    volumes = rec.input.dim() == 5
     n = min(max_images, rec.input.shape[0])
+    labels = None
+    if volumes:
+        shown = [name for name in (names or [f"volume {i}" for i in range(n)])[:n]]
+        labels = [f"{name}\n{axis}" for name in shown for axis in slice_names]
+        rec = orthogonal_slices(rec)
+        n *= 3
     c = rec.input.shape[1]
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def show(x):
+    def show(x: Tensor) -> Tensor:
         x = x[:n].float().cpu()
         if m.shape[1] == x.shape[1]:
             x = x * s + m
@@ -34,8 +52,59 @@ def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8) -> 
         return x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
 
     # masked patches are zero in normalised space, so they show in the data's mean colour
-    rows = torch.stack([show(rec.input), show(rec.masked), show(rec.reconstruction)], dim=1).flatten(0, 1)
-    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    columns = [show(rec.input), show(rec.masked), show(rec.reconstruction)]
+    h, w = columns[0].shape[-2:]
+    scale = max(1, -(-min_tile // max(h, w)))  # ceil(min_tile / side)
+    tiles = [[_to_pil(col[i], scale) for col in columns] for i in range(n)]
+    return _compose(tiles, labels)
+
+
+def _to_pil(image: Tensor, scale: int):
+    from PIL import Image
+
+    arr = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    if scale > 1:
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(arr, "RGB")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _compose(tiles: list[list], labels: list[str] | None) -> Tensor:
+    """Rows of equal tiles on white, a title above each column, a label left of each row."""
+    from PIL import Image, ImageDraw
+
+    tw, th = tiles[0][0].size
+    font = _font(max(12, min(20, tw // 10)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    title_h = max(text_size(t)[1] for t in COLUMNS) + 2 * _GAP
+    label_w = max(text_size(t)[0] for t in labels) + 2 * _GAP if labels else 0
+    width = label_w + len(COLUMNS) * (tw + _GAP) + _GAP
+    height = title_h + len(tiles) * (th + _GAP) + _GAP
+    canvas = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(COLUMNS):
+        x = label_w + _GAP + j * (tw + _GAP) + (tw - text_size(title)[0]) // 2
+        draw.text((x, _GAP), title, fill=(0, 0, 0), font=font)
+    for i, row in enumerate(tiles):
+        y = title_h + i * (th + _GAP)
+        if labels:
+            draw.multiline_text((_GAP, y + (th - text_size(labels[i])[1]) // 2), labels[i], fill=(0, 0, 0), font=font)
+        for j, tile in enumerate(row):
+            canvas.paste(tile, (label_w + _GAP + j * (tw + _GAP), y))
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0
 
 
 def orthogonal_slices(rec: Reconstruction) -> Reconstruction:
@@ -43,7 +112,7 @@ def orthogonal_slices(rec: Reconstruction) -> Reconstruction:
     depth, height and width), each resized (nearest) to a square of the volume's largest side."""
     import torch.nn.functional as F
 
-    def slices(v: torch.Tensor) -> torch.Tensor:
+    def slices(v: Tensor) -> Tensor:
         d, h, w = v.shape[2:]
         side = max(d, h, w)
         views = [v[:, :, d // 2], v[:, :, :, h // 2], v[:, :, :, :, w // 2]]
@@ -54,15 +123,24 @@ def orthogonal_slices(rec: Reconstruction) -> Reconstruction:
                           prediction=slices(rec.prediction), visible=rec.visible)
 
 
-def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
-    """Write a ``(3, H, W)`` image in [0, 1] as PNG, creating the folder."""
+def slice_names_for(model: str) -> tuple[str, str, str]:
+    """How the three central slices of a model's inputs are named: a clip's (torchvision video
+    models) by its axes, a volume's by the anatomical planes."""
+    from .backbones import is_video_model
+
+    return CLIP_SLICES if is_video_model(model) else VOLUME_SLICES
+
+
+def save_grid(grid: Tensor, path: str | Path) -> Path:
+    """Write a ``(3, H, W)`` image in [0, 1] as PNG (atomically, creating the folder)."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
+    from .weights import atomic_write
+
+    return atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
-def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8) -> Path:
-    return save_grid(reconstruction_grid(rec, mean, std, max_images), path)
+def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8,
+                             **labels) -> Path:
+    """:func:`reconstruction_grid` written to ``path`` (``labels``: its ``names`` and ``slice_names``)."""
+    return save_grid(reconstruction_grid(rec, mean, std, max_images, **labels), path)

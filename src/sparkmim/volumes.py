@@ -172,9 +172,15 @@ class VolumeFiles(ImageFiles):
     """Augmented crops of volumes, one sample per ``(path, index)`` of :func:`list_samples`;
     keys, unreadable files and batches as in :class:`~sparkmim.data.ImageFiles`."""
 
+    kind = "volume"
+
     def __init__(self, samples: list[tuple[Path, int | None]], transform, channels: int = 1, max_skips: int = 64):
         super().__init__([p for p, _ in samples], transform, channels, max_skips)
         self.series_index = [t for _, t in samples]
+
+    def name_of(self, index: int) -> str:
+        t = self.series_index[index]
+        return Path(self.paths[index]).name + ("" if t is None else f" [{t}]")
 
     def _read(self, index: int):
         return read_volume(self.paths[index], self.channels, self.series_index[index])

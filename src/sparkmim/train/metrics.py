@@ -1,4 +1,5 @@
-"""What a run reports: metric lines (JSON and TensorBoard), the sums behind them, the progress bar."""
+"""What a run reports: metric lines (JSON and TensorBoard), the sums behind them, the plot of
+them (``metrics.png``), the progress bar."""
 
 from __future__ import annotations
 
@@ -12,15 +13,58 @@ import torch
 from ..weights import atomic_write
 from .loop import StepStats
 
-__all__ = ["Metrics", "Window"]
+__all__ = ["Metrics", "Window", "plot_metrics"]
+
+
+PLOTTED = (("loss", "loss (masked patches)"), ("grad_norm", "gradient norm (before clipping)"), ("lr", "learning rate"))
+PLOT_SHARE = 0.05  # drawing metrics.png takes at most this share of the run's time (but the last one)
+
+
+def plot_metrics(records: list[dict], path: Path) -> Path:
+    """``metrics.png``: loss, gradient norm and lr of the metric lines against steps (bottom axis)
+    and images seen (top axis), written atomically with matplotlib's headless backend."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(12, 3.4), dpi=100)
+    axes = fig.subplots(1, len(PLOTTED))
+    steps = [r["step"] for r in records]
+    per_step = records[-1]["images_seen"] / max(records[-1]["step"], 1)  # images per optimiser step
+    for ax, (key, title) in zip(axes, PLOTTED):
+        points = [(x, r[key]) for x, r in zip(steps, records) if r.get(key) is not None]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 30 else None, lw=1.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset text under the top axis
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda n: n / per_step))
+        top.set_xlabel("images seen", fontsize=8)
+        top.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.76, wspace=0.28)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _records(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash
+            continue
+    return records
 
 
 class Metrics:
     """``metrics.jsonl`` in the run directory (one JSON object a line), the same scalars in
-    TensorBoard when it is installed and asked for, and a progress bar once opened."""
+    TensorBoard when it is installed and asked for, ``metrics.png`` (:func:`plot_metrics`, redrawn
+    at a metric line unless drawing would take more than :data:`PLOT_SHARE` of the time since
+    the last drawing, and at the end), and a progress bar once opened."""
 
     def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        self.records = _records(path)  # the lines of the run so far (a resumed run plots them too)
+        self.plot_path, self.plotted, self.plot_seconds = run_dir / "metrics.png", time.perf_counter(), 0.0
+        self.file = open(path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             try:
@@ -56,6 +100,9 @@ class Metrics:
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        if time.perf_counter() - self.plotted >= self.plot_seconds / PLOT_SHARE:
+            self.plot()
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -73,7 +120,23 @@ class Metrics:
         if self.tb is not None:
             self.tb.add_image(tag, grid, step)
 
+    def plot(self) -> None:
+        """Redraw ``metrics.png`` (nothing without matplotlib, which is then named once)."""
+        if self.plot_path is None or not self.records:
+            return
+        started = time.perf_counter()
+        try:
+            plot_metrics(self.records, self.plot_path)
+        except ImportError:
+            warnings.warn("matplotlib is not installed: no metrics.png (pip install matplotlib)", stacklevel=2)
+            self.plot_path = None
+        self.plotted = time.perf_counter()
+        self.plot_seconds = self.plotted - started
+
     def close(self) -> None:
+        if self.file.closed:
+            return
+        self.plot()
         if self.bar is not None:
             self.bar.close()
         self.file.close()
@@ -84,7 +147,11 @@ class Metrics:
 class Window:
     """Sums over the optimiser steps since the last metric line, kept on the device so a step needs
     no host read: losses and micro-batches, pre-clip gradient norms and the steps they count (an
-    fp16 step whose gradients overflowed is skipped by the scaler and left out), images, time."""
+    fp16 step whose gradients overflowed is skipped by the scaler and left out), images, time.
+
+    The sums behind the metrics go into checkpoints (:meth:`state_dict`), so a run resumed
+    mid-window logs the lines an uninterrupted run logs; images and time restart with the
+    process (``img_per_s`` measures this process)."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -110,3 +177,17 @@ class Window:
         """The mean pre-clip gradient norm of the window's steps (a host read)."""
         steps = float(self.norm_steps)
         return float(self.norm_sum) / steps if steps else None
+
+    def state_dict(self) -> dict:
+        """The sums behind the next metric line (plain data, for a checkpoint)."""
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "norm_sum": self.norm_sum.detach().cpu().clone(),
+                "norm_steps": self.norm_steps.detach().cpu().clone(), "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict, losses: bool = True) -> None:
+        """Take the sums of a checkpoint; without ``losses`` only the gradient-norm sums (the loss
+        sums of several ranks are kept by one of them)."""
+        self.norm_sum.copy_(state["norm_sum"])
+        self.norm_steps.copy_(state["norm_steps"])
+        if losses:
+            self.loss_sum.copy_(state["loss_sum"])
+            self.micro_batches = int(state["micro_batches"])

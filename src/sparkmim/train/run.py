@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,10 +22,17 @@ from ..data import BadFiles, DataError, EpochSampler
 from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
 from ..masking import MaskPyramid, seed_for
 from ..optim import Schedule
-from ..visualize import reconstruction_grid, save_grid
+from ..visualize import reconstruction_grid, save_grid, slice_names_for
 from ..weights import atomic_write, save_encoder_weights, save_timm_folder
 from .capture import CapturedStep
-from .checkpoint import CheckpointManager, RunState, check_free_space, claim_run_dir, resume_checkpoint
+from .checkpoint import (
+    CheckpointManager,
+    RunState,
+    check_free_space,
+    check_run_dir,
+    resume_checkpoint,
+    take_run_dir,
+)
 from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
 from .metrics import Metrics, Window
 from .setup import (
@@ -37,7 +45,10 @@ from .setup import (
     resolve_precision,
 )
 
-__all__ = ["pretrain", "Run"]
+__all__ = ["pretrain", "Run", "LOW_LR"]
+
+# a peak lr below this is far below the recipes' (1e-3 in the demos, 8e-4 and up at full scale)
+LOW_LR = 1e-4
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -45,10 +56,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from ..distributed import cleanup, init_distributed
 
     info, device = init_distributed(resolve_device(cfg.device), cfg.dist_timeout)
+    run = None
     try:
         run = Run(cfg, info, device)
         return run.summary(0.0) if run.finished else run.train()
     finally:
+        # in order: the run's loader workers, DDP wrapper and process-group users first, then the
+        # process group itself; a process group freed later, by the interpreter at exit, can abort
+        # the process after a finished run
+        if run is not None:
+            run.close()
+        del run
         cleanup()
 
 
@@ -62,14 +80,21 @@ class Run:
             cfg = dataclasses.replace(cfg, resume="auto")  # torchrun restarted the workers: continue the run
         self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
         self.run_dir = Path(cfg.out)
-        problem = broadcast_object(claim_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
+        problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
         if problem:
             raise ConfigError(problem)
-        barrier()
         self._build()
-        self.state = RunState(world=info.world, bad_files=dict(self.missing))
+        self.state, self.resumed_window = RunState(world=info.world), None
         self.finished = self._resume()
-        if not self.finished:
+        if not self.finished:  # the run can start: only now is its folder made (or an old run moved aside)
+            problem = None
+            if self.main:
+                try:
+                    take_run_dir(self.run_dir, cfg)
+                except ConfigError as e:
+                    problem = str(e)
+            if broadcast_object(problem):
+                raise ConfigError(problem)
             self._prepare()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -80,7 +105,8 @@ class Run:
         self.dtype = torch.float64 if self.precision == "fp64" else None
         torch.manual_seed(cfg.seed)
         self.dataset, self.mean, self.std, self.missing = build_data(cfg)
-        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world)
+        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world,
+                                    kind=self.dataset.kind)
         steps_per_epoch = self.sampler.batches_per_epoch() // cfg.accum_steps
         if steps_per_epoch < 1:
             raise ConfigError(f"an epoch of {self.sampler.batches_per_epoch()} batches is shorter than "
@@ -126,8 +152,8 @@ class Run:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
+        self.resumed_window = saved.get("window")  # the sums of the metric line in progress (older checkpoints: none)
         self.state = RunState.from_checkpoint(saved, self.info.world, self.cfg.batch_size, self.effective_batch)
-        self.state.bad_files = {**self.missing, **self.state.bad_files}
         finished = self.state.epoch >= self.cfg.epochs
         if self.main:
             print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": self.state.epoch,
@@ -143,13 +169,14 @@ class Run:
     def _prepare(self) -> None:
         cfg = self.cfg
         self.bad = BadFiles(self.state.bad_files)
+        self.bad.add(self.missing.items())  # listed files that do not exist: announced with the first sync
         if self.main:
             atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg)))
             if self.bad.files:  # the list as of the checkpoint (a resume finds later ones again)
                 atomic_write(self.run_dir / "bad_images.txt", lambda tmp: BadFiles.write(tmp, self.bad.files.items()))
             else:
                 (self.run_dir / "bad_images.txt").unlink(missing_ok=True)
-            check_free_space(self.run_dir, self.model, cfg.keep_last)
+            self.checkpoint_bytes = check_free_space(self.run_dir, self.model, cfg.keep_last)
         self.ddp = self._wrap_ddp()
         self.step = self._step_function()
         loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -157,8 +184,10 @@ class Run:
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                                   collate_fn=self.dataset.collate, drop_last=True, **loader_kw)
         self.metrics = Metrics(self.run_dir, cfg.tensorboard) if self.main else None
-        self.vis_images = self._display_images() if self.main else None
+        self.vis_images, self.vis_names = self._display_images() if self.main else (None, None)
         self.window = Window(self.device)
+        if self.resumed_window:
+            self.window.load_state_dict(self.resumed_window, losses=self.main)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.step_images = 0
 
@@ -168,8 +197,7 @@ class Run:
         cfg = self.cfg
         kw = dict(accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, autocast=self.autocast)
         if not cfg.capture:
-            return lambda micro_batches: train_step(self.model, self.optimizer, self.scaler, micro_batches,
-                                                    ddp=self.ddp, **kw)
+            return partial(train_step, self.model, self.optimizer, self.scaler, ddp=self.ddp, **kw)
         problems = [why for bad, why in ((self.device.type != "cuda", f"a CUDA device (this run uses {self.device})"),
                                          (self.info.world > 1, "one process (this run has several ranks)"),
                                          (self.precision == "fp16", "bf16 or fp32 (fp16 scaling reads the host)"))
@@ -190,22 +218,25 @@ class Run:
         return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                        find_unused_parameters=self.unused is None, **{sync_buffers: not self.cfg.sync_bn})
 
-    def _display_images(self, count: int = 8) -> Tensor:
+    def _display_images(self, count: int = 8) -> tuple[Tensor, list[str]]:
         """``count`` readable images spread over the (sorted) data set, so a class-per-folder tree
-        shows several classes; unreadable files met on the way are reported like those in training."""
+        shows several classes, and their names; unreadable files met on the way are reported like
+        those in training."""
         n = min(count, len(self.dataset))
-        images = []
+        images, names = [], []
         for i in sorted({k * len(self.dataset) // n for k in range(n)}):
-            image, bad = self.dataset.readable((self.cfg.seed, -1, i))
+            image, bad, used = self.dataset.readable((self.cfg.seed, -1, i))
             self.bad.add(bad)
             images.append(image)
-        return torch.stack(images)
+            names.append(self.dataset.name_of(used))
+        return torch.stack(images), names
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
         """The remaining epochs; then the encoder weights are exported. Returns the summary."""
         started = time.perf_counter()
         self._announce()
+        self._sync_bad_files()  # files listed but missing, or met while picking the display images
         if self.state.step == 0:
             self._visualise("epoch0000_start")
         if self.metrics is not None and self.cfg.progress:
@@ -229,6 +260,13 @@ class Run:
             warnings.warn(f"the warm-up ({self.schedule.warmup_steps} steps, {self.cfg.warmup_epochs:g} epochs) is not "
                           f"shorter than the run ({self.total_steps} steps): the lr never reaches its peak "
                           f"{self.peak_lr:.3g}; lower --warmup-epochs", stacklevel=3)
+        if self.cfg.lr is None and self.peak_lr < LOW_LR:
+            warnings.warn(f"the peak lr {self.peak_lr:.3g} (base_lr {self.cfg.base_lr:g} x effective batch "
+                          f"{self.effective_batch} / 256, the paper's rule for batches of 4096) is far below what the "
+                          f"recipes use (1e-3 in the demos, 8e-4 to 3.2e-3 at full scale), so a short run may not "
+                          f"learn: raise the effective batch with --accum-steps, set --lr (e.g. 1e-3), or start from "
+                          f"a recipe (--config demo)", stacklevel=3)
+        mib = self.checkpoint_bytes / 2**20
         print(json.dumps({"event": "start", "model": self.cfg.model, "images": len(self.dataset),
                           "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                           "effective_batch": self.effective_batch, "peak_lr": self.peak_lr, "device": str(self.device),
@@ -236,6 +274,7 @@ class Run:
                           "strides": self.model.encoder.strides, "world": self.info.world,
                           "sync_bn": self.info.world > 1 and self.cfg.sync_bn,
                           "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
+                          "checkpoint_mib": round(mib), "checkpoints_mib": round(mib * self.cfg.keep_last),
                           "run_dir": str(self.run_dir)}), flush=True)
 
     def _epoch(self, epoch: int) -> None:
@@ -286,10 +325,21 @@ class Run:
         if _every(cfg.save_every_steps, state.step) and state.batch < self.sampler.batches_per_epoch():
             self._save()
 
+    @staticmethod
+    def _loss_totals(loss_sum: Tensor, micro_batches: int) -> Tensor:
+        """The summed loss and the micro-batches it sums, over all ranks (float64)."""
+        return all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_tensor(float(micro_batches), dtype=torch.float64)]))
+
     def _mean_loss(self, loss_sum: Tensor, micro_batches: int) -> float:
         """The mean loss over the micro-batches of all ranks."""
-        totals = all_reduce_sum(torch.stack([loss_sum.float(), loss_sum.new_tensor(float(micro_batches))]))
+        totals = self._loss_totals(loss_sum, micro_batches)
         return float(totals[0] / totals[1])
+
+    def _window_state(self) -> dict:
+        """The metric window for a checkpoint: its loss sums over all ranks (rank 0 takes them back
+        on a resume, the other ranks start from zero), its gradient-norm sums (the same on every rank)."""
+        loss, micro = self._loss_totals(self.window.loss_sum, self.window.micro_batches).cpu()
+        return {**self.window.state_dict(), "loss_sum": loss, "micro_batches": int(micro)}
 
     def _log(self) -> None:
         self._check_finite("logging")
@@ -322,11 +372,12 @@ class Run:
         listing = self.run_dir / "bad_images.txt"
         if self.main and new:
             for path, reason in new:
-                warnings.warn(f"skipping unreadable image {path} ({reason}); listed in {listing}", stacklevel=2)
+                warnings.warn(f"skipping unreadable {self.dataset.kind} {path} ({reason}); listed in {listing}",
+                              stacklevel=2)
             BadFiles.write(listing, new)
         read = min(len(self.dataset), self.state.images_seen) + len(self.missing)
         if read >= min(64, len(self.dataset) + len(self.missing)) and len(self.bad) > self.cfg.max_bad_fraction * read:
-            raise DataError(f"{len(self.bad)} of the {read} image files read so far are unreadable (more than "
+            raise DataError(f"{len(self.bad)} of the {read} {self.dataset.kind} files read so far are unreadable (more than "
                             f"--max-bad-fraction {self.cfg.max_bad_fraction:g}); they are listed in {listing}: fix "
                             f"or remove them, or raise --max-bad-fraction")
 
@@ -335,9 +386,11 @@ class Run:
         self._check_finite("a checkpoint")
         self._sync_bad_files()
         self.state.bad_files = dict(self.bad.files)
+        window = self._window_state()
         if self.main:
             self.ckpts.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "scaler": self.scaler.state_dict(), **self.state.to_checkpoint(),
+                             "scaler": self.scaler.state_dict(), "window": window,
+                             **self.state.to_checkpoint(),
                              "config": self.cfg.to_dict(), "norm_mean": list(self.mean), "norm_std": list(self.std)},
                             self.state.step)
         barrier()  # no rank runs ahead of a checkpoint being written
@@ -350,7 +403,8 @@ class Run:
         images = self.vis_images.to(self.device, next(model.parameters()).dtype)
         rec = model.reconstruct(images, visible=model.draw_masks(images, torch.Generator().manual_seed(self.cfg.seed)))
         model.train()
-        grid = reconstruction_grid(rec, self.mean, self.std)
+        grid = reconstruction_grid(rec, self.mean, self.std, names=self.vis_names,
+                                   slice_names=slice_names_for(self.cfg.model))
         save_grid(grid, self.run_dir / "reconstructions" / f"{tag}.png")
         self.metrics.image("reconstruction", grid, self.state.step)
 
@@ -362,6 +416,18 @@ class Run:
         if isinstance(getattr(backbone, "pretrained_cfg", None), dict):
             save_timm_folder(backbone, self.run_dir / "timm", mean=self.mean, std=self.std,
                              input_size=self.cfg.input_size)
+
+    def close(self) -> None:
+        """Release what the run holds beyond its results: the data-loader workers (joined), the DDP
+        wrapper, the step function and the model's sync group, the metric files. Idempotent."""
+        import gc
+
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        self.loader = self.ddp = self.step = None  # a loader's workers stop when it is freed
+        if self.info.world > 1 and self.cfg.sync_bn:
+            self.model.set_sync_group(None)
+        gc.collect()  # now, not whenever the interpreter gets to it
 
     def summary(self, seconds: float) -> dict:
         """The run's last line; valid JSON (a loss never logged is null)."""
