@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the backbones tested with sparkmim")
     m.add_argument("--filter", help="substring of the name or family")
     m.set_defaults(func=_models)
+    parser.commands = sub.choices  # each subcommand's parser, for its own error messages
     return parser
 
 
@@ -229,8 +230,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     args, unknown = parser.parse_known_args(argv)
     if not unknown:
         return args
-    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    command = sub.choices[args.command]
+    command = parser.commands[args.command]
     options = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
     hints = []
     for item in (u.split("=", 1)[0] for u in unknown if u.startswith("-")):

@@ -26,7 +26,8 @@ from ..weights import (
     state_bytes,
 )
 
-__all__ = ["CheckpointManager", "RunState", "RUN_FILES", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space", "checkpoint_bytes"]
+__all__ = ["CheckpointManager", "RunState", "RUN_FILES", "check_run_dir", "take_run_dir", "resume_checkpoint",
+           "check_free_space", "checkpoint_bytes"]
 
 # the files that make a folder a run's folder
 RUN_FILES = ("config.yaml", "metrics.jsonl", "encoder.safetensors", "bad_images.txt", CHECKPOINT_PATTERN)

@@ -328,7 +328,8 @@ class Run:
     @staticmethod
     def _loss_totals(loss_sum: Tensor, micro_batches: int) -> Tensor:
         """The summed loss and the micro-batches it sums, over all ranks (float64)."""
-        return all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_tensor(float(micro_batches), dtype=torch.float64)]))
+        count = loss_sum.new_tensor(float(micro_batches), dtype=torch.float64)
+        return all_reduce_sum(torch.stack([loss_sum.double(), count]))
 
     def _mean_loss(self, loss_sum: Tensor, micro_batches: int) -> float:
         """The mean loss over the micro-batches of all ranks."""
@@ -377,9 +378,9 @@ class Run:
             BadFiles.write(listing, new)
         read = min(len(self.dataset), self.state.images_seen) + len(self.missing)
         if read >= min(64, len(self.dataset) + len(self.missing)) and len(self.bad) > self.cfg.max_bad_fraction * read:
-            raise DataError(f"{len(self.bad)} of the {read} {self.dataset.kind} files read so far are unreadable (more than "
-                            f"--max-bad-fraction {self.cfg.max_bad_fraction:g}); they are listed in {listing}: fix "
-                            f"or remove them, or raise --max-bad-fraction")
+            raise DataError(f"{len(self.bad)} of the {read} {self.dataset.kind} files read so far are unreadable "
+                            f"(more than --max-bad-fraction {self.cfg.max_bad_fraction:g}); they are listed in "
+                            f"{listing}: fix or remove them, or raise --max-bad-fraction")
 
     def _save(self) -> None:
         """A checkpoint of the state after the last step, written by rank 0 (all ranks wait for it)."""
