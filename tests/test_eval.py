@@ -58,6 +58,10 @@ def test_bad_options_are_clear_errors():
         EvalConfig(mode="svm")
     with pytest.raises(ValueError, match="k must be"):
         EvalConfig(k="0,x")
+    assert EvalConfig().stages(4) == [4] and EvalConfig(stage="all").stages(3) == [1, 2, 3]
+    assert EvalConfig(stage="2, 4").stages(4) == [2, 4]
+    with pytest.raises(ValueError, match="stage must be 'last', 'all' or stage numbers from 1 to 4"):
+        EvalConfig(stage="5").stages(4)
     assert EvalConfig(weights="random, mine=runs/a").sources == [("random", "random"), ("mine", "runs/a")]
 
 
@@ -134,3 +138,29 @@ def test_finetune_heads_keep_the_backbone_weights_and_decay_lr_by_depth():
     m = tv.encoder.model
     assert scales[id(m.conv1.weight)] < scales[id(m.layer4[0].conv1.weight)] < scales[id(tv.fc.weight)] == 1.0
     assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim <= 1 for p in g["params"]))
+
+
+def test_every_stage_is_probed_with_its_own_pooled_features(colours, tmp_path, capsys):
+    """``--stage all``: a row per feature map, each the k-NN of that stage's pooled features (the
+    last stage's row equals the default evaluation's)."""
+    code, out = _run(capsys, "knn", "--data", colours, *COMMON, "--k", "3", "--stage", "all", "--out", tmp_path / "all")
+    assert code == 0, out.err
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())["results"]
+    assert [r["stage"] for r in rows] == [1, 2, 3, 4] and "stage" in out.out
+    code, out = _run(capsys, "knn", "--data", colours, *COMMON, "--k", "3", "--out", tmp_path / "last")
+    last = json.loads((tmp_path / "last" / "results.json").read_text())["results"]
+    assert len(last) == 1 and last[0]["top1_k3"] == rows[-1]["top1_k3"]
+
+    import timm
+
+    from sparkmim.encoder import SparseEncoder
+    from sparkmim.eval.probes import extract_features
+
+    encoder = SparseEncoder(timm.create_model("resnet10t", num_classes=0), check=False)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 1, 2])
+    feats, labels = extract_features(encoder, [(x, y)], torch.device("cpu"), False, "")
+    with torch.no_grad():
+        maps = encoder.eval()(x)
+    assert len(feats) == 4 and torch.equal(labels, y)
+    for f, m in zip(feats, maps):
+        torch.testing.assert_close(f, m.mean(dim=(2, 3)))

@@ -44,6 +44,8 @@ class EvalConfig:
     seed: int = opt(0, "seed of the split, the random initialisation, the head and the data order")
     out: str = opt("runs/eval", "run folder: results.json and the per-epoch history")
     progress: bool = opt(True, "show progress bars")
+    stage: str = opt("last", "knn and linear: whose pooled features are used: 'last' (the last feature map), 'all' "
+                             "(each stage, a table row each), or stage numbers from 1 (the finest), e.g. '3' or '2,4'")
     # k-NN
     k: str = opt("20", "k-NN: comma-separated neighbour counts")
     temperature: float = opt(0.07, "k-NN: temperature of the exp(similarity / T) vote weights")
@@ -75,6 +77,21 @@ class EvalConfig:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"k must be comma-separated positive integers, got '{self.k}'", ["k"]) from None
+
+    def stages(self, count: int) -> list[int]:
+        """The stage numbers (1 = the finest of ``count`` feature maps) that ``stage`` names."""
+        if self.stage == "last":
+            return [count]
+        if self.stage == "all":
+            return list(range(1, count + 1))
+        try:
+            chosen = [int(v) for v in self.stage.split(",") if v.strip()]
+        except ValueError:
+            chosen = []
+        if not chosen or not all(1 <= v <= count for v in chosen):
+            raise ConfigError(f"stage must be 'last', 'all' or stage numbers from 1 to {count} (the model's feature "
+                              f"maps), got '{self.stage}'", ["stage"])
+        return chosen
 
     @property
     def ks(self) -> list[int]:

@@ -14,17 +14,17 @@ __all__ = ["extract_features", "knn_accuracy", "linear_probe"]
 
 
 @torch.no_grad()
-def extract_features(encoder: SparseEncoder, loader, device, progress: bool, desc: str) -> tuple[Tensor, Tensor]:
-    """Global average pool of the last feature map (2-D or 3-D), for every image of ``loader`` (eval mode)."""
+def extract_features(encoder: SparseEncoder, loader, device, progress: bool, desc: str) -> tuple[list[Tensor], Tensor]:
+    """Global average pools of every feature map (2-D or 3-D; finest first), for every image of
+    ``loader`` (eval mode), and the labels."""
     from tqdm import tqdm
 
     encoder.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        f = encoder(x.to(device))[-1]
-        feats.append(f.float().flatten(2).mean(2).cpu())
+        feats.append([f.float().flatten(2).mean(2).cpu() for f in encoder(x.to(device))])
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return [torch.cat(stage) for stage in zip(*feats)], torch.cat(labels)
 
 
 def knn_accuracy(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, ks: list[int],

@@ -89,26 +89,34 @@ def evaluate(cfg: EvalConfig) -> dict:
                 train_transform(cfg, mean, std)
             history = finetune(backbone, make(train_samples, transform=train_tf),
                                make(val_samples, transform=eval_tf), len(classes), cfg, device, cfg.seed, cfg.progress)
-            row.update(top1=history[-1], best_top1=max(history), top1_per_epoch=history)
+            rows = [{**row, "top1": history[-1], "best_top1": max(history), "top1_per_epoch": history}]
         else:
             encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans, check=False).to(device)
             tr = torch.utils.data.DataLoader(make(train_samples, transform=eval_tf), **loader_kw)
             va = torch.utils.data.DataLoader(make(val_samples, transform=eval_tf), **loader_kw)
             train_f, train_y = extract_features(encoder, tr, device, cfg.progress, f"{label}: train features")
             val_f, val_y = extract_features(encoder, va, device, cfg.progress, f"{label}: val features")
-            if cfg.mode == "knn":
-                accs = knn_accuracy(train_f, train_y, val_f, val_y, cfg.ks, cfg.temperature, len(classes))
-                row.update({f"top1_k{k}": a for k, a in accs.items()})
-                row["top1"] = accs[cfg.ks[0]]
-            else:
-                history = linear_probe(train_f, train_y, val_f, val_y, len(classes), cfg, cfg.seed, cfg.progress)
-                row.update(top1=history[-1], best_top1=max(history), top1_per_epoch=history)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        results["results"].append(row)
-        print(json.dumps({"event": "result", **{k: v for k, v in row.items() if k != "top1_per_epoch"}}), flush=True)
+            rows = [{**row, "stage": stage, **_probe(cfg, train_f[stage - 1], train_y, val_f[stage - 1], val_y,
+                                                      len(classes))}
+                    for stage in cfg.stages(len(train_f))]
+        seconds = round(time.perf_counter() - started, 1)
+        for finished in rows:
+            finished["seconds"] = seconds
+            results["results"].append(finished)
+            print(json.dumps({"event": "result", **{k: v for k, v in finished.items() if k != "top1_per_epoch"}}),
+                  flush=True)
         _write_json(out / "results.json", results)
     print(format_table(results), flush=True)
     return results
+
+
+def _probe(cfg: EvalConfig, train_f, train_y, val_f, val_y, num_classes: int) -> dict:
+    """k-NN accuracies, or the linear probe's per-epoch accuracies, on one stage's features."""
+    if cfg.mode == "knn":
+        accs = knn_accuracy(train_f, train_y, val_f, val_y, cfg.ks, cfg.temperature, num_classes)
+        return {**{f"top1_k{k}": a for k, a in accs.items()}, "top1": accs[cfg.ks[0]]}
+    history = linear_probe(train_f, train_y, val_f, val_y, num_classes, cfg, cfg.seed, cfg.progress)
+    return {"top1": history[-1], "best_top1": max(history), "top1_per_epoch": history}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -124,8 +132,10 @@ def format_table(results: dict) -> str:
         cols = [c for c in rows[0] if c.startswith("top1_k")]
     else:
         cols = ["top1", "best_top1"]
-    header = ["weights", *cols, "seconds"]
-    lines = [[r["weights"], *(f"{r[c]:.2f}" for c in cols), f"{r['seconds']:.0f}"] for r in rows]
+    staged = results["config"].get("stage", "last") != "last" and mode != "finetune"  # a column for the stage
+    header = ["weights", *(["stage"] if staged else []), *cols, "seconds"]
+    lines = [[r["weights"], *([r["stage"]] if staged else []), *(f"{r[c]:.2f}" for c in cols), f"{r['seconds']:.0f}"]
+             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
