@@ -164,3 +164,28 @@ def test_every_stage_is_probed_with_its_own_pooled_features(colours, tmp_path, c
     assert len(feats) == 4 and torch.equal(labels, y)
     for f, m in zip(feats, maps):
         torch.testing.assert_close(f, m.mean(dim=(2, 3)))
+
+
+def test_bn_stats_data_estimates_the_running_statistics_from_the_training_images(colours, tmp_path, capsys):
+    """Weights whose BatchNorm running statistics are wrong (as after training on other inputs):
+    with the saved statistics the colour classes are lost; ``--bn-stats data`` estimates them
+    from the training images and gives the same accuracy as the correct statistics."""
+    import timm
+
+    torch.manual_seed(5)
+    model = timm.create_model("resnet10t", num_classes=0)
+    good = save_encoder_weights(model, tmp_path / "good.safetensors")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("running_mean"):
+            state[k] += 50.0
+    bad = save_encoder_weights(state, tmp_path / "bad.safetensors")
+    accs = {}
+    for bn in ("saved", "data"):
+        code, out = _run(capsys, "knn", "--data", colours, *COMMON, "--k", "5", "--bn-stats", bn,
+                         "--weights", f"good={good},bad={bad}", "--out", tmp_path / bn)
+        assert code == 0, out.err
+        for row in json.loads((tmp_path / bn / "results.json").read_text())["results"]:
+            accs[row["weights"], bn] = row["top1_k5"]
+    assert accs["bad", "saved"] < accs["good", "saved"] - 30  # the wrong statistics spoil the features
+    assert accs["bad", "data"] == accs["good", "data"] >= 88.0  # estimated again, they do not

@@ -34,6 +34,9 @@ def test_loss_equals_formula_on_hand_made_tensors():
     ta = (a - 2.5) / torch.sqrt(torch.tensor(5.0 / 3.0 + 1e-6, dtype=torch.float64))
     all_expected = (((100.0 - ta) ** 2).mean() + expected) / 2
     assert torch.allclose(masked_patch_loss(pred2, img, visible, 2, masked_only=False), all_expected, atol=1e-12)
+    # without per-patch normalisation the target is patch B's pixels themselves
+    raw = ((1.0 - b) ** 2).mean()
+    assert torch.allclose(masked_patch_loss(pred, img, visible, 2, norm_pix=False), raw, rtol=0, atol=1e-12)
 
 
 def test_loss_averages_over_masked_patches_of_all_samples():

@@ -157,6 +157,12 @@ def test_reconstruct_pastes_prediction_over_masked_patches():
     assert torch.equal(r.reconstruction[full], x[full])
     assert torch.equal(r.reconstruction[~full], r.prediction[~full])
     assert torch.equal(r.masked[~full], torch.zeros_like(x[~full]))
+    # with the image itself as the target (norm_pix False) the prediction is shown as it is
+    model.norm_pix = False
+    raw = model.reconstruct(x, m)
+    out = model(x, m)
+    assert torch.equal(raw.prediction, out.prediction) and torch.equal(raw.reconstruction[~full], out.prediction[~full])
+    torch.testing.assert_close(out.loss, ((out.prediction - x) ** 2)[~full].mean())
 
 
 def test_drawn_masks_follow_the_generator_and_ratio():

@@ -92,6 +92,9 @@ class PretrainConfig:
     model: str = _model("resnet50", "backbone: timm name, 'timm:NAME', 'torchvision:NAME' (image or video "
                                     "models, e.g. torchvision:r3d_18) or 'monai:NAME' (volumes: resnet10, "
                                     "resnet18, resnet34, resnet50, densenet121, segresnet, dynunet)")
+    feature_modules: str | None = _model(None, "comma-separated modules whose outputs are decoded, e.g. "
+                                               "layer1,layer2,layer3 (patch = the last one's stride: fewer stages "
+                                               "give a finer mask grid); empty: found automatically")
     mask_ratio: float = _model(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
     decoder_width: int = _model(768, "decoder width (halved per upsampling block)", ge=1)
     densify_norm: DensifyNorm = _model("auto", "densify norm: auto, bn, ln or none")
@@ -101,6 +104,8 @@ class PretrainConfig:
                                     "(dense then mask); same results")
     pos_embed: bool = _model(False, "add 2-D sine-cosine position embeddings to densified maps")
     loss_on: LossOn = _model("masked", "loss on 'masked' patches or 'all'")
+    norm_pix: bool = _model(True, "target: each patch's pixels normalised by the patch's mean and std (the paper); "
+                                  "false: the normalised image's pixels")
     init: str | None = _model(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
     drop_path: float = _model(0.0, "stochastic depth rate of the backbone (timm drop_path_rate, torchvision "
                                  "stochastic_depth_prob); 0: off; the paper recipes use 0.05 (ResNet-50), "
@@ -159,7 +164,7 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     # settings whose change makes a checkpoint incompatible
-    ARCHITECTURE = ("model", "in_chans", "decoder_width", "densify_norm", "hierarchical", "pos_embed")
+    ARCHITECTURE = ("model", "in_chans", "feature_modules", "decoder_width", "densify_norm", "hierarchical", "pos_embed")
 
 
 def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:

@@ -48,16 +48,20 @@ def masked_patch_loss(
     *,
     eps: float = 1e-6,
     masked_only: bool = True,
+    norm_pix: bool = True,
 ) -> Tensor:
-    """L2 between ``prediction`` and per-patch normalised ``images``, averaged per patch and
-    then over the masked patches (or over all patches when ``masked_only`` is False).
+    """L2 between ``prediction`` and per-patch normalised ``images`` (``norm_pix`` False: the
+    images themselves), averaged per patch and then over the masked patches (or over all patches
+    when ``masked_only`` is False).
 
     Args:
         prediction: ``(B, C, H, W)`` in normalised-patch space.
         images: ``(B, C, H, W)`` the (augmented, normalised) input images (or ``(B, C, D, H, W)``).
         visible: ``(B, 1, H / P, W / P)`` bool, True = visible (``(B, 1, D / Pd, H / Ph, W / Pw)``).
     """
-    target, _, _ = normalize_patches(patchify(images, patch_size), eps)
+    target = patchify(images, patch_size)
+    if norm_pix:
+        target, _, _ = normalize_patches(target, eps)
     per_patch = (patchify(prediction, patch_size) - target).pow(2).mean(dim=-1)  # (B, L)
     if not masked_only:
         return per_patch.mean()

@@ -63,6 +63,8 @@ class SparK(nn.Module):
         sparse: False runs the encoder densely on the zeroed image (the "zero-out" ablation).
         pos_embed: add fixed 2-D sine-cosine position embeddings to densified maps (ablation).
         loss_on: 'masked' (paper) or 'all' patches (ablation).
+        norm_pix: True (paper): the target is each patch's pixels normalised by the patch's mean
+            and std; False: the (normalised) image's pixels (ablation).
         norm_pix_eps: epsilon in the per-patch target normalisation.
         mask_token_std: std of the truncated-normal mask token initialisation.
 
@@ -81,6 +83,7 @@ class SparK(nn.Module):
         sparse: bool = True,
         pos_embed: bool = False,
         loss_on: str = "masked",
+        norm_pix: bool = True,
         norm_pix_eps: float = 1e-6,
         mask_token_std: float = 0.02,
     ):
@@ -95,7 +98,7 @@ class SparK(nn.Module):
         self.in_chans = encoder.in_chans
         self.hierarchical = hierarchical
         self.loss_on = loss_on
-        self.norm_pix_eps = norm_pix_eps
+        self.norm_pix, self.norm_pix_eps = norm_pix, norm_pix_eps
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
         self.spatial_dims = encoder.spatial_dims
         depth = LightDecoder.depth_for(self.patch_size)
@@ -160,7 +163,7 @@ class SparK(nn.Module):
 
     def forward_loss(self, images: Tensor, prediction: Tensor, visible: Tensor) -> Tensor:
         return masked_patch_loss(prediction, images, visible, self.patch_size, eps=self.norm_pix_eps,
-                                 masked_only=self.loss_on == "masked")
+                                 masked_only=self.loss_on == "masked", norm_pix=self.norm_pix)
 
     def _masks(self, images: Tensor, visible, generator) -> MaskPyramid:
         if visible is None:
@@ -185,8 +188,10 @@ class SparK(nn.Module):
         """Input, masked input and reconstruction for visualisation (the model's mode is kept)."""
         out = self(images, visible, generator)
         p, grid, c = self.patch_size, self.grid(images), images.shape[1]
-        _, mean, std = normalize_patches(patchify(images, p), self.norm_pix_eps)
-        pred = unpatchify(patchify(out.prediction, p) * std + mean, p, grid, c)
+        pred = out.prediction
+        if self.norm_pix:  # the prediction of each patch in the true patch's mean and std
+            _, mean, std = normalize_patches(patchify(images, p), self.norm_pix_eps)
+            pred = unpatchify(patchify(pred, p) * std + mean, p, grid, c)
         full = MaskPyramid.from_visible(out.visible).at(p)
         return Reconstruction(
             input=images,

@@ -46,6 +46,9 @@ class EvalConfig:
     progress: bool = opt(True, "show progress bars")
     stage: str = opt("last", "knn and linear: whose pooled features are used: 'last' (the last feature map), 'all' "
                              "(each stage, a table row each), or stage numbers from 1 (the finest), e.g. '3' or '2,4'")
+    bn_stats: Literal["saved", "data"] = opt("saved", "knn and linear: BatchNorm running statistics as saved "
+                                                      "('saved'), or estimated again from the training images "
+                                                      "('data': one pass over them, whole, without labels)")
     # k-NN
     k: str = opt("20", "k-NN: comma-separated neighbour counts")
     temperature: float = opt(0.07, "k-NN: temperature of the exp(similarity / T) vote weights")

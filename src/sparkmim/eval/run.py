@@ -94,6 +94,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans, check=False).to(device)
             tr = torch.utils.data.DataLoader(make(train_samples, transform=eval_tf), **loader_kw)
             va = torch.utils.data.DataLoader(make(val_samples, transform=eval_tf), **loader_kw)
+            if cfg.bn_stats == "data":  # running statistics of whole training images, not the saved ones
+                torch.optim.swa_utils.update_bn(tr, encoder.model, device)
             train_f, train_y = extract_features(encoder, tr, device, cfg.progress, f"{label}: train features")
             val_f, val_y = extract_features(encoder, va, device, cfg.progress, f"{label}: val features")
             rows = [{**row, "stage": stage, **_probe(cfg, train_f[stage - 1], train_y, val_f[stage - 1], val_y,

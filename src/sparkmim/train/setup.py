@@ -83,11 +83,13 @@ def build_model(cfg: PretrainConfig) -> SparK:
     if cfg.init:
         report = load_encoder_weights(backbone, cfg.init, strict=True)
         print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
-    encoder = SparseEncoder(backbone, feature_modules_for(cfg.model), in_chans=cfg.in_chans,
+    modules = [m.strip() for m in cfg.feature_modules.split(",") if m.strip()] if cfg.feature_modules else None
+    encoder = SparseEncoder(backbone, modules or feature_modules_for(cfg.model), in_chans=cfg.in_chans,
                             sparse_impl=cfg.sparse_impl)
     _check_input_fits(cfg, per_axis(encoder.patch_size, encoder.spatial_dims))
     return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
-                 hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on)
+                 hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
+                 norm_pix=cfg.norm_pix)
 
 
 def _check_input_fits(cfg, patch: tuple[int, ...]) -> None:
