@@ -5,6 +5,7 @@ from dataclasses import fields
 
 import pytest
 import timm
+import torch
 import yaml
 from PIL import Image
 
@@ -172,3 +173,23 @@ def test_a_run_says_what_its_checkpoints_cost_and_warns_of_a_tiny_lr(images, tmp
     assert abs(start["checkpoint_mib"] * 2**20 - size) < 0.02 * size and start["checkpoints_mib"] >= start["checkpoint_mib"]
     with pytest.warns(UserWarning, match=f"replacing the existing {out / 'encoder.safetensors'}"):
         assert main(["export", str(out)]) == 0
+
+
+def test_fewer_decoded_stages_give_a_finer_mask_grid(images, tmp_path, capsys):
+    """``--feature-modules layer1,layer2,layer3``: the patch is layer3's stride (16), so a 64 px crop
+    has a 4 x 4 grid; layer4 reaches no decoded map and is left out of training; the export still
+    loads strictly; resuming with other feature modules is refused."""
+    out = tmp_path / "run"
+    argv = ["pretrain", *TINY, "--data", str(images), "--out", str(out), "--feature-modules", "layer1,layer2,layer3"]
+    assert main(argv) == 0
+    start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
+    assert start["strides"] == [4, 8, 16]
+    state = torch.load(CheckpointManager(out).latest(), weights_only=True)
+    assert state["config"]["feature_modules"] == "layer1,layer2,layer3"
+    load_encoder_weights(timm.create_model("resnet10t", num_classes=0), out / "encoder.safetensors", strict=True)
+    from sparkmim.train.setup import build_model
+
+    unused = build_model(load_config(None, state["config"])).unused_parameters()
+    assert "encoder.model.layer4.0.conv1.weight" in unused and not any("layer3" in k for k in unused)
+    assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out), "--resume", "auto", "--epochs", "2"]) == 2
+    assert "feature_modules: checkpoint 'layer1,layer2,layer3' vs now None" in capsys.readouterr().err
