@@ -60,6 +60,8 @@ def test_tiny_run_writes_everything_and_exports_strictly(folder, tmp_path):
     assert len(list((out / "reconstructions").glob("*.png"))) == 3  # start, epoch 1, epoch 2
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8
+    with Image.open(out / "metrics.png") as plot:  # loss, gradient norm and lr, redrawn at the end
+        assert plot.size == (1200, 340)
     ckpt = CheckpointManager(out).latest()
     state = torch.load(ckpt, weights_only=True)  # plain data
     assert state["step"] == 8 and state["config"]["model"] == "resnet10t"
