@@ -1,6 +1,8 @@
 """Command line: options, YAML recipes and overrides, clear errors, export / reconstruct / models."""
 
 import json
+import re
+import warnings
 from dataclasses import fields
 
 import pytest
@@ -163,11 +165,18 @@ def test_evaluate_takes_the_model_and_input_from_the_run(images, tmp_path, capsy
 
 def test_a_run_says_what_its_checkpoints_cost_and_warns_of_a_tiny_lr(images, tmp_path, capsys):
     """The start event gives the size of one checkpoint and of those kept; the paper's lr rule at
-    batch 4 gives a peak lr of 3e-6, which is named with the ways to raise it; export says which
-    files it replaces."""
+    batch 4 gives a peak lr of 3e-6, which is named with the ways to raise it; a 64 px crop of a
+    stride-32 encoder has a 2 x 2 mask grid, called too coarse with the ways to refine it; export
+    says which files it replaces."""
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"the peak lr 3.13e-06 .* raise the effective batch with --accum-steps, set --lr"):
+    with pytest.warns(UserWarning) as caught:
         assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out)]) == 0
+    said = [str(w.message) for w in caught]
+    assert any(re.search(r"the peak lr 3.13e-06 .* raise the effective batch with --accum-steps, set --lr", m)
+               for m in said), said
+    coarse = [m for m in said if m.startswith("the mask grid")]
+    assert len(coarse) == 1 and coarse[0].startswith("the mask grid is 2x2 (4 patches of 32x32, 2 visible)")
+    assert "larger crop (--input-size)" in coarse[0] and "--feature-modules" in coarse[0] and "e.g. 16x16" in coarse[0]
     start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
     size = (out / CheckpointManager(out).latest().name).stat().st_size
     assert abs(start["checkpoint_mib"] * 2**20 - size) < 0.02 * size and start["checkpoints_mib"] >= start["checkpoint_mib"]
@@ -181,7 +190,10 @@ def test_fewer_decoded_stages_give_a_finer_mask_grid(images, tmp_path, capsys):
     loads strictly; resuming with other feature modules is refused."""
     out = tmp_path / "run"
     argv = ["pretrain", *TINY, "--data", str(images), "--out", str(out), "--feature-modules", "layer1,layer2,layer3"]
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert not [w for w in caught if str(w.message).startswith("the mask grid")]  # 4 x 4 is fine
     start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
     assert start["strides"] == [4, 8, 16]
     state = torch.load(CheckpointManager(out).latest(), weights_only=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..config import ConfigError, PretrainConfig
 from ..data import BadFiles, DataError, EpochSampler
 from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
-from ..masking import MaskPyramid, seed_for
+from ..masking import MaskPyramid, grid_of, num_visible, per_axis, seed_for
 from ..optim import Schedule
 from ..visualize import reconstruction_grid, save_grid, slice_names_for
 from ..weights import atomic_write, save_encoder_weights, save_timm_folder
@@ -40,15 +40,18 @@ from .setup import (
     build_data,
     build_model,
     build_optimizer,
+    input_shape,
     resolve_channels_last,
     resolve_device,
     resolve_precision,
 )
 
-__all__ = ["pretrain", "Run", "LOW_LR"]
+__all__ = ["pretrain", "Run", "LOW_LR", "COARSE_GRID"]
 
 # a peak lr below this is far below the recipes' (1e-3 in the demos, 8e-4 and up at full scale)
 LOW_LR = 1e-4
+# a mask grid of fewer patches than this (3 x 3) is called too coarse at start: the paper masks a 7 x 7 grid
+COARSE_GRID = 9
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -266,6 +269,7 @@ class Run:
                           f"recipes use (1e-3 in the demos, 8e-4 to 3.2e-3 at full scale), so a short run may not "
                           f"learn: raise the effective batch with --accum-steps, set --lr (e.g. 1e-3), or start from "
                           f"a recipe (--config demo)", stacklevel=3)
+        self._warn_if_coarse()
         mib = self.checkpoint_bytes / 2**20
         print(json.dumps({"event": "start", "model": self.cfg.model, "images": len(self.dataset),
                           "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
@@ -276,6 +280,24 @@ class Run:
                           "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
                           "checkpoint_mib": round(mib), "checkpoints_mib": round(mib * self.cfg.keep_last),
                           "run_dir": str(self.run_dir)}), flush=True)
+
+    def _warn_if_coarse(self) -> None:
+        """A grid of a few patches leaves a handful visible, each alone at the deepest stage (one site
+        per patch there): the encoder learns little context (docs/experiments.md, "SparK on volumes")."""
+        n, patch = self.model.spatial_dims, self.model.patch_size
+        grid = grid_of(input_shape(self.cfg, n), per_axis(patch, n))
+        patches = math.prod(grid)
+        if patches >= COARSE_GRID:
+            return
+        x = "x".join
+        finer = [s for s in self.model.encoder.strides if max(per_axis(s, n)) < max(per_axis(patch, n))]
+        hint = (f", or decode from fewer stages (--feature-modules: the patch becomes the last decoded stage's "
+                f"stride, e.g. {x(map(str, per_axis(finer[-1], n)))})" if finer else "")
+        warnings.warn(f"the mask grid is {x(map(str, grid))} ({patches} patches of "
+                      f"{x(map(str, per_axis(patch, n)))}, {num_visible(patches, self.model.mask_ratio)} visible), "
+                      f"far coarser than the paper's 7x7 at 224 px: the masked patches are guessed from very little "
+                      f"context; use a larger crop (--input-size{', --input-depth' if n == 3 else ''}){hint}",
+                      stacklevel=3)
 
     def _epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
