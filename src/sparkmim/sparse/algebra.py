@@ -340,10 +340,6 @@ def _over_space(x: SparseMap, func, name: str, rest: list, kwargs: dict, dims, k
     return out.reshape(shape)
 
 
-def _refuse(mode: FastSparseMode, func, name: str, args, kwargs):
-    mode.fail(func, _first_map(args, kwargs), "is not known to have a sparse meaning")
-
-
 ON_TILES: Mapping[OpKind, object] = MappingProxyType({
     OpKind.METADATA: metadata,
     OpKind.PROPERTY: read_property,
