@@ -45,7 +45,7 @@ def cfg(data, out, **kw):
 def test_a_3d_run_skips_the_bad_volume_and_exports_strictly(volumes, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"^the mask grid is 1x2x2 \(4 patches of 16x16x16, 2 visible\), far coarser "
-                      r"than the paper's 7x7 .* \(--input-size, --input-depth\), or decode from fewer stages "
+                      r"than the paper's 7x7 .* \(--input-depth, --input-size\), or decode from fewer stages "
                       r"\(--feature-modules: .* e\.g\. 8x8x8\)$"):
         summary = pretrain(cfg(volumes, out))
     # 6 files, one unreadable: 3 batches of 2 per epoch, the corrupt file left out of its batch

@@ -40,6 +40,7 @@ from .setup import (
     build_data,
     build_model,
     build_optimizer,
+    crop_options,
     input_shape,
     resolve_channels_last,
     resolve_device,
@@ -290,13 +291,14 @@ class Run:
         if patches >= COARSE_GRID:
             return
         x = "x".join
+        crops = ", ".join(f"--{o.replace('_', '-')}" for o in dict.fromkeys(crop_options(n)))
         finer = [s for s in self.model.encoder.strides if max(per_axis(s, n)) < max(per_axis(patch, n))]
         hint = (f", or decode from fewer stages (--feature-modules: the patch becomes the last decoded stage's "
                 f"stride, e.g. {x(map(str, per_axis(finer[-1], n)))})" if finer else "")
         warnings.warn(f"the mask grid is {x(map(str, grid))} ({patches} patches of "
                       f"{x(map(str, per_axis(patch, n)))}, {num_visible(patches, self.model.mask_ratio)} visible), "
                       f"far coarser than the paper's 7x7 at 224 px: the masked patches are guessed from very little "
-                      f"context; use a larger crop (--input-size{', --input-depth' if n == 3 else ''}){hint}",
+                      f"context; use a larger crop ({crops}){hint}",
                       stacklevel=3)
 
     def _epoch(self, epoch: int) -> None:

@@ -92,6 +92,12 @@ def build_model(cfg: PretrainConfig) -> SparK:
                  norm_pix=cfg.norm_pix)
 
 
+def crop_options(spatial_dims: int) -> tuple[str, ...]:
+    """The option that sets the crop along each spatial axis (depth for volumes, then height and
+    width, which share ``input_size``)."""
+    return ("input_depth",) * (spatial_dims - 2) + ("input_size",) * 2
+
+
 def _check_input_fits(cfg, patch: tuple[int, ...]) -> None:
     """Refuse a crop (``input_size``, and ``input_depth`` for volumes) that is not a multiple of the
     encoder's total stride along each axis, suggesting the nearest sizes that are."""
@@ -102,7 +108,7 @@ def _check_input_fits(cfg, patch: tuple[int, ...]) -> None:
         return
     steps: dict[str, int] = {}
     given: dict[str, int] = {}
-    for name, size, step in zip(("input_depth",) * (len(patch) - 2) + ("input_size",) * 2, shape, patch):
+    for name, size, step in zip(crop_options(len(patch)), shape, patch):
         steps[name], given[name] = math.lcm(steps.get(name, 1), step), size  # height and width share input_size
     fit = " and ".join(f"{k} {max(2, round(given[k] / step)) * step}" for k, step in steps.items())
     stride = str(patch[0]) if len(set(patch)) == 1 else "x".join(map(str, patch))
