@@ -34,7 +34,7 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q if np.linalg.det(q) > 0 else -q
 
 
-def _mask(kind: str, p: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+def _mask(kind: str, p: np.ndarray, s: float) -> np.ndarray:
     """The shape ``kind`` of scale ``s`` (voxels) at points ``p`` ``(..., 3)`` in its own frame."""
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
     r = np.sqrt(x**2 + y**2 + z**2)
@@ -85,7 +85,7 @@ def volume(label: int, seed: int, size: int = 32) -> np.ndarray:
     n = nuisances(seed, size)
     grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"), -1)
     points = (grid - n["centre"]) @ n["rotation"].astype(np.float32)  # into the shape's own frame
-    inside = _mask(CLASSES[label], points, n["scale"], n["rng"])
+    inside = _mask(CLASSES[label], points, n["scale"])
     ramp = (grid - size / 2) @ n["ramp"].astype(np.float32)  # a smooth background
     noise = n["rng"].normal(scale=n["noise"], size=inside.shape)
     return (n["contrast"] * inside + ramp + noise).astype(np.float32)

@@ -285,21 +285,24 @@ class Run:
     def _warn_if_coarse(self) -> None:
         """A grid of a few patches leaves a handful visible, each alone at the deepest stage (one site
         per patch there): the encoder learns little context (docs/experiments.md, "SparK on volumes")."""
-        n, patch = self.model.spatial_dims, self.model.patch_size
-        grid = grid_of(input_shape(self.cfg, n), per_axis(patch, n))
+        n = self.model.spatial_dims
+        patch = per_axis(self.model.patch_size, n)
+        grid = grid_of(input_shape(self.cfg, n), patch)
         patches = math.prod(grid)
         if patches >= COARSE_GRID:
             return
-        x = "x".join
+
+        def shown(sizes) -> str:
+            return "x".join(map(str, sizes))
+
         crops = ", ".join(f"--{o.replace('_', '-')}" for o in dict.fromkeys(crop_options(n)))
-        finer = [s for s in self.model.encoder.strides if max(per_axis(s, n)) < max(per_axis(patch, n))]
+        finer = [per_axis(s, n) for s in self.model.encoder.strides if max(per_axis(s, n)) < max(patch)]
         hint = (f", or decode from fewer stages (--feature-modules: the patch becomes the last decoded stage's "
-                f"stride, e.g. {x(map(str, per_axis(finer[-1], n)))})" if finer else "")
-        warnings.warn(f"the mask grid is {x(map(str, grid))} ({patches} patches of "
-                      f"{x(map(str, per_axis(patch, n)))}, {num_visible(patches, self.model.mask_ratio)} visible), "
-                      f"far coarser than the paper's 7x7 at 224 px: the masked patches are guessed from very little "
-                      f"context; use a larger crop ({crops}){hint}",
-                      stacklevel=3)
+                f"stride, e.g. {shown(finer[-1])})" if finer else "")
+        warnings.warn(f"the mask grid is {shown(grid)} ({patches} patches of {shown(patch)}, "
+                      f"{num_visible(patches, self.model.mask_ratio)} visible), far coarser than the paper's 7x7 at "
+                      f"224 px: the masked patches are guessed from very little context; use a larger crop "
+                      f"({crops}){hint}", stacklevel=3)
 
     def _epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
