@@ -11,6 +11,8 @@ Variants, run alternately (one round of each, then the next), median over rounds
 
 Each line gives the median and minimum milliseconds and the ratios to ``dense`` and to
 ``reference``. Mask ratio 0.6, float32, training mode, CPU threads as torch chooses (``--threads``).
+``--channels-last`` puts the model and the volumes in ``torch.channels_last_3d`` (what
+``--channels-last true`` does for a 3-D run; ``auto`` leaves volumes contiguous).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true", help="model and volumes in channels_last_3d")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,6 +47,8 @@ def main(argv=None):
     model = create_backbone(args.model, in_chans=args.in_chans)
     enc = SparseEncoder(model, feature_modules_for(args.model), in_chans=args.in_chans).train().to(device)
     x = torch.randn(args.batch, args.in_chans, args.size, args.size, args.size).to(device)
+    if args.channels_last:
+        enc, x = enc.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
     grid = tuple(args.size // s for s in enc.patch_size)
     from sparkmim.masking import MaskPyramid, num_visible, random_visible
 
@@ -60,8 +65,9 @@ def main(argv=None):
 
     def sparse(impl):
         def run():
-            enc.sparse_impl = impl
-            sum(f.sum() for f in enc(x, masks)).backward()
+            with enc.using(impl):
+                feats = enc(x, masks)
+            sum(f.sum() for f in feats).backward()
         return run
 
     variants = {"dense": dense, "reference": sparse("reference"), "fast": sparse("fast")}
@@ -79,6 +85,7 @@ def main(argv=None):
     for name, ms in times.items():
         print(json.dumps({"bench": "encoder3d", "variant": name, "model": args.model, "size": args.size,
                           "batch": args.batch, "patch": list(enc.patch_size), "grid": list(grid), "visible": keep,
+                          "channels_last_3d": args.channels_last,
                           "device": device.type,
                           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "threads": torch.get_num_threads(),

@@ -93,7 +93,6 @@ def build(args, variant: Variant, base, device):
     from sparkmim.optim import hold_on_device, lamb, param_groups
 
     model = copy.deepcopy(base).to(device).train()
-    model.encoder.sparse_impl = variant.impl
     if "cl" in variant.levers:
         model = model.to(memory_format=torch.channels_last)
     if "compile" in variant.levers:
@@ -116,6 +115,10 @@ def make_step(args, variant: Variant, model, opt, scaler, images, part, device):
     fixed = {}
 
     def step():
+        with model.encoder.using(variant.impl):  # the variant's sparse form, for every part of the step
+            one_step()
+
+    def one_step():
         masks = model.draw_masks(x, gen)
         if part == "encoder":
             with autocast():

@@ -55,3 +55,28 @@ def test_decoder_convolutions_are_trunc_normal_002_with_zero_bias(model):
     for m in big:
         assert abs(float(m.weight.detach().double().std()) / 0.02 - 1) < 0.05
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in convs if m.bias is not None)
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (2, 3, 4)], ids=["2d", "3d"])
+def test_position_embedding_gives_each_axis_its_own_channels(sizes):
+    """sincos: one group of channels per axis, each varying along its own axis only, sines then
+    cosines; in 2-D the row comes first (the layout of sincos_2d, the reference recipe's)."""
+    from sparkmim.decoder import sincos, sincos_2d
+
+    n, c = len(sizes), 12
+    emb = sincos(c, sizes, dtype=torch.float64)[0]
+    assert emb.shape == (c, *sizes)
+    for axis in range(n):
+        group = emb[axis * c // n:(axis + 1) * c // n]
+        for other in range(n):
+            if other != axis:  # constant along the other axes
+                assert torch.equal(group, group.narrow(other + 1, 0, 1).expand_as(group))
+        pos = torch.arange(sizes[axis], dtype=torch.float64)
+        first = group[(0, *[slice(None) if a == axis else 0 for a in range(n)])]
+        torch.testing.assert_close(first, pos.sin())  # omega 1 for the first channel of a group
+        half = group.shape[0] // 2
+        torch.testing.assert_close(group[(half, *[slice(None) if a == axis else 0 for a in range(n)])], pos.cos())
+    if n == 2:
+        assert torch.equal(sincos_2d(c, *sizes, dtype=torch.float64)[0], emb)
+    with pytest.raises(ValueError, match=f"divisible by {2 * n}"):
+        sincos(2 * n + 1, sizes)

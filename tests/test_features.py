@@ -27,7 +27,9 @@ class Tiny(nn.Module):
 
 
 def specs(found):
-    return [(s.module, s.stride, s.channels) for s in found]
+    """(module, stride, channels) per map; 2-D strides are checked square and given as one int."""
+    assert all(len(s.stride) == 2 and s.stride[0] == s.stride[1] for s in found), found
+    return [(s.module, s.stride[0], s.channels) for s in found]
 
 
 def test_feature_spec_keeps_its_old_import_paths():
@@ -85,7 +87,7 @@ def test_a_multi_branch_stage_gives_its_branch_at_the_next_stride():
 def test_bad_feature_lists_are_refused():
     with pytest.raises(ValueError, match="distinct strides"):
         discover_features(Tiny(), ["a", "a.0"], 3, 32, 4)
-    with pytest.raises(ValueError, match="is not a square map"):
+    with pytest.raises(ValueError, match="is not a map of a 32x32 probe"):
         discover_features(Tiny(), ["head"], 3, 32, 4)
     model = Tiny()
     model.spare = nn.Conv2d(6, 6, 1)  # never run by the forward

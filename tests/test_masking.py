@@ -41,7 +41,8 @@ def test_pyramid_views_and_rows():
     assert m4.shape == (3, 1, 8, 12)
     assert torch.equal(m4[:, :, ::4, ::4], v) and torch.equal(m4[:, :, 3::4, 3::4], v)
     assert m.at(4) is m4  # computed once per batch
-    assert m.factor(8, 12) == 4 and m.factor(8, 8) is None and m.factor(1, 1) is None
+    assert m.factor(8, 12) == (4, 4) and m.factor(8, 8) is None and m.factor(1, 1) is None
+    assert m.factor(4, 12) == (2, 4)  # a factor per axis, images as volumes
     rows = m.rows(4)
     assert torch.equal(rows, m4.reshape(-1).nonzero().squeeze(1))
     # a user mask with unequal counts still works (dynamic rows)

@@ -106,11 +106,13 @@ def test_zero_out_ablation_is_dense_on_the_masked_image():
     model = tiny(sparse=False)
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     m = masks(2, (2, 3))
-    dense = model.encoder(x, m)
+    dense = model.forward_encoder(x, m)[::-1]
     plain = model.encoder(torch.where(m.at(32), x, 0.0))  # the original model on the zeroed image
     for a, b in zip(dense, plain):
         assert torch.equal(a, b)
     assert (dense[0].abs() * ~m.at(8)).sum() > 0  # masked regions are not kept empty
+    assert model.encoder.sparse  # the ablation is the model's: its encoder is left sparse, as built
+    assert (model.encoder(x, m)[0].abs() * ~m.at(8)).sum() == 0
     assert torch.isfinite(model(x, m).loss)
 
 
@@ -213,7 +215,6 @@ def test_maps_keep_the_images_memory_format(impl):
     losses = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         model = tiny("resnet18", dtype=torch.float32, decoder_width=64).to(memory_format=fmt)
-        model.encoder.sparse_impl = impl
         xf = x.contiguous(memory_format=fmt)
         seen = []
         for mod in model.decoder.modules():
@@ -221,7 +222,8 @@ def test_maps_keep_the_images_memory_format(impl):
                 mod.register_forward_hook(lambda _m, a, o, seen=seen: seen.append(a[0]))
         for block in model.decoder.blocks:
             block.register_full_backward_hook(lambda _m, gi, go, seen=seen: seen.append(go[0]))
-        feats = model.forward_encoder(xf, m)
+        with model.encoder.using(impl):
+            feats = model.forward_encoder(xf, m)
         dense = model.forward_densify(feats, m)
         loss = model.forward_loss(xf, model.forward_decoder(dense), m.visible)
         loss.backward()
@@ -245,8 +247,7 @@ def test_fast_form_is_as_accurate_as_reference_under_bf16_autocast(name):
 
     def features(impl, bf16):
         e = copy.deepcopy(enc)
-        e.sparse_impl = impl
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with e.using(impl), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return e(x, m)
 
     exact = features("reference", False)
@@ -313,9 +314,9 @@ def test_fast_equals_reference_for_odd_channel_counts_in_the_whole_model(model_n
     m = masks(3, (2, 4), seed=3)
     results = {}
     for impl in ("reference", "fast"):
-        model.encoder.sparse_impl = impl
         model.zero_grad(set_to_none=True)
-        out = model(x, m)
+        with model.encoder.using(impl):
+            out = model(x, m)
         out.loss.backward()
         results[impl] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                              if p.grad is not None})
@@ -346,7 +347,7 @@ def test_a_model_only_the_reference_form_runs_falls_back_with_a_warning():
     with pytest.warns(UserWarning, match="sparse_impl='reference'"):
         enc = SparseEncoder(_AccumulatesIntoDense(), ["a", "b"], probe_size=32)
     assert enc.sparse_impl == "reference"
-    assert enc.patch_size == 4
+    assert enc.patch_size == (4, 4)
     feats = enc(torch.randn(2, 3, 8, 12), masks(2, (2, 3)))
     assert [tuple(f.shape) for f in feats] == [(2, 4, 4, 6), (2, 6, 2, 3)]
 

@@ -8,9 +8,9 @@ from torch import nn
 from sparkmim import norms
 from sparkmim.masking import MaskPyramid
 from sparkmim.norms import (
-    MaskedBatchNorm2d,
-    MaskedLayerNorm2d,
-    SyncableBatchNorm2d,
+    ChannelLayerNorm,
+    MaskedBatchNorm,
+    SyncableBatchNorm,
     batch_norm_rows,
     like_format,
     masked_batch_norm,
@@ -24,15 +24,6 @@ def masks(factor=2):
     m = MaskPyramid(v, keep=2)
     x = torch.randn(2, 5, 2 * factor, 3 * factor, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return x, m
-
-
-def test_the_old_homes_re_export_the_same_objects():
-    from sparkmim import decoder, sparse
-
-    assert decoder.SyncableBatchNorm2d is SyncableBatchNorm2d
-    assert decoder.MaskedBatchNorm2d is MaskedBatchNorm2d and decoder.MaskedLayerNorm2d is MaskedLayerNorm2d
-    assert sparse.batch_norm_rows is batch_norm_rows and sparse.masked_batch_norm is masked_batch_norm
-    assert sparse.like_format is like_format
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -93,7 +84,7 @@ def test_like_format_follows_the_reference_layout():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_syncable_batch_norm_without_a_group_is_batch_norm2d(momentum):
     torch.manual_seed(0)
-    ours, theirs = SyncableBatchNorm2d(4, momentum=momentum).double(), nn.BatchNorm2d(4, momentum=momentum).double()
+    ours, theirs = SyncableBatchNorm(4, momentum=momentum).double(), nn.BatchNorm2d(4, momentum=momentum).double()
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     for _ in range(2):
         torch.testing.assert_close(ours(x), theirs(x))
@@ -104,13 +95,13 @@ def test_syncable_batch_norm_without_a_group_is_batch_norm2d(momentum):
 
 def test_masked_norm_modules():
     x, m = masks()
-    bn = MaskedBatchNorm2d(5).double().train()
+    bn = MaskedBatchNorm(5).double().train()
     out = bn(x, m, 2)
     torch.testing.assert_close(out, masked_batch_norm(x, m, 2, torch.zeros(5, dtype=torch.float64),
                                                       torch.ones(5, dtype=torch.float64), bn.weight, bn.bias, True,
                                                       0.1, bn.eps))
     assert int(bn.num_batches_tracked) == 1  # counted like BatchNorm2d counts
-    ln = MaskedLayerNorm2d(5, eps=1e-6).double()
+    ln = ChannelLayerNorm(5, eps=1e-6).double()
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()

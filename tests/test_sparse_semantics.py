@@ -56,7 +56,8 @@ def capture_input(module):
 
 def test_feature_modules_and_strides_for_a_custom_model(encoder):
     enc = encoder(Tiny())
-    assert enc.strides == (4, 8) and enc.channels == (8, 16) and enc.patch_size == 8
+    assert enc.strides == ((4, 4), (8, 8)) and enc.channels == (8, 16) and enc.patch_size == (8, 8)
+    assert enc.factors == ((2, 2), (1, 1))
 
 
 def test_batch_norm_statistics_from_visible_sites_only(encoder):

@@ -28,7 +28,7 @@ def test_tiles_are_the_visible_patches_sample_by_sample_in_ascending_order():
             assert int(p.slot[p.sample[t], p.coords[0][t], p.coords[1][t]]) == t
         assert int((p.slot == p.count).sum()) == int((~m.visible).sum())
         for f in (1, 2, 4):
-            g = Geometry(p, f)
+            g = Geometry(p, (f, f))
             assert (g.sizes, g.tiles) == ((3 * f, 4 * f), 3 * m.keep)
     with pytest.raises(ValueError, match="same number of visible patches"):
         MaskPyramid(masks().visible).visible_patch_ids()
@@ -37,7 +37,7 @@ def test_tiles_are_the_visible_patches_sample_by_sample_in_ascending_order():
 def test_a_tile_holds_its_patchs_sites_row_major():
     v = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
     v[0, 0, 0, 1] = v[0, 0, 1, 0] = True
-    g = Geometry(Patches(MaskPyramid(v, keep=2)), 2)
+    g = Geometry(Patches(MaskPyramid(v, keep=2)), (2, 2))
     x = torch.arange(16.0).view(1, 1, 4, 4)
     # a 4 x 4 map: patch (0, 1) holds sites 2, 3, 6, 7; patch (1, 0) holds 8, 9, 12, 13
     assert to_tiles(x, g, 2).tiles.reshape(2, 4).tolist() == [[2, 3, 6, 7], [8, 9, 12, 13]]
@@ -47,7 +47,7 @@ def test_a_tile_holds_its_patchs_sites_row_major():
                                                ((3, 5, 6, 8, 2), 2)])
 def test_gathering_then_scattering_gives_the_masked_map(shape, spatial_dim):
     m = masks()
-    g = Geometry(Patches(m), 2)
+    g = Geometry(Patches(m), (2, 2))
     x = torch.randn(shape, dtype=torch.float64)
     sm = to_tiles(x, g, spatial_dim)
     tile_shape = list(shape)
@@ -67,7 +67,7 @@ def test_halo_windows_equal_windows_of_the_padded_masked_canvas(factor, size, of
     corner) equals that window of the canvas (``fill`` at masked sites) padded with ``fill``:
     neighbours' visible sites come from their tiles, masked and off-map sites are ``fill``."""
     m = masks(seed=3)
-    g = Geometry(Patches(m), factor)
+    g = Geometry(Patches(m), (factor, factor))
     x = torch.randn(3, 5, 3 * factor, 4 * factor, dtype=torch.float64)
     sm = to_tiles(x, g, 2)
     halo = sm.halo((size, size), (offset, offset), fill)
@@ -82,7 +82,7 @@ def test_halo_windows_equal_windows_of_the_padded_masked_canvas(factor, size, of
 
 
 def test_a_sparse_map_outside_the_sparse_forward_is_refused():
-    sm = to_tiles(torch.randn(3, 2, 6, 8), Geometry(Patches(masks()), 2), 2)
+    sm = to_tiles(torch.randn(3, 2, 6, 8), Geometry(Patches(masks()), (2, 2)), 2)
     assert isinstance(sm, SparseMap) and "SparseMap(shape=(3, 2, 6, 8)" in repr(sm)
     with pytest.raises(SparseSemanticsError, match="outside the sparse encoder's forward"):
         sm + 1

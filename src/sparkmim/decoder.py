@@ -8,25 +8,35 @@ import torch
 from torch import Tensor, nn
 
 from .masking import MaskPyramid
-from .norms import MaskedBatchNorm2d, MaskedLayerNorm2d, SyncableBatchNorm2d
+from .norms import ChannelLayerNorm, MaskedBatchNorm, SyncableBatchNorm
 
-__all__ = ["LightDecoder", "DecoderBlock", "Densify", "SyncableBatchNorm2d", "MaskedBatchNorm2d",
-           "MaskedLayerNorm2d", "sincos_2d"]
+__all__ = ["LightDecoder", "DecoderBlock", "Densify", "sincos", "sincos_2d"]
+
+
+def sincos(channels: int, sizes: tuple[int, ...], *, device=None, dtype=None) -> Tensor:
+    """Fixed sine-cosine position embedding ``(1, channels, *sizes)``: the channels split into one
+    equal group per axis (first axis first), each half sines and half cosines of the position
+    along that axis (channels must be a multiple of twice the number of axes)."""
+    n = len(sizes)
+    if channels % (2 * n):
+        raise ValueError(f"positional embeddings of {n}-D maps need a channel count divisible by {2 * n}, "
+                         f"got {channels}")
+    q = channels // (2 * n)
+    omega = 1.0 / (10000 ** (torch.arange(q, device=device, dtype=torch.float64) / q))
+    groups = []
+    for axis, size in enumerate(sizes):
+        pos = torch.arange(size, device=device, dtype=torch.float64)[:, None] * omega  # (size, q)
+        wave = torch.cat([pos.sin(), pos.cos()], dim=1)  # (size, 2q)
+        shape = [1] * n
+        shape[axis] = size
+        groups.append(wave.t().reshape(2 * q, *shape).expand(2 * q, *sizes))
+    return torch.cat(groups).unsqueeze(0).to(dtype or torch.get_default_dtype())
 
 
 def sincos_2d(channels: int, height: int, width: int, *, device=None, dtype=None) -> Tensor:
-    """Fixed 2-D sine-cosine position embedding ``(1, channels, height, width)``; half the
-    channels encode the row, half the column (channels must be a multiple of 4)."""
-    if channels % 4:
-        raise ValueError(f"positional embeddings need a channel count divisible by 4, got {channels}")
-    quarter = channels // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter))
-    ys = torch.arange(height, device=device, dtype=torch.float64)[:, None] * omega  # (H, q)
-    xs = torch.arange(width, device=device, dtype=torch.float64)[:, None] * omega  # (W, q)
-    row = torch.cat([ys.sin(), ys.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
-    col = torch.cat([xs.sin(), xs.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
-    emb = torch.cat([row, col], dim=2).permute(2, 0, 1).unsqueeze(0)
-    return emb.to(dtype or torch.get_default_dtype())
+    """:func:`sincos` of a ``height x width`` map: half the channels encode the row, half the
+    column (channels must be a multiple of 4)."""
+    return sincos(channels, (height, width), device=device, dtype=dtype)
 
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -38,22 +48,23 @@ class Densify(nn.Module):
 
     ``D = proj(where(visible, norm(S), mask_token))``; the projection is 1x1 at the coarsest
     scale (identity when the widths already match) and 3x3 elsewhere (1x1x1 and 3x3x3 for 3-D
-    maps, ``spatial_dims=3``).
+    maps, ``spatial_dims=3``). ``pos_embed`` adds :func:`sincos` after the projection.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, coarsest: bool, norm: str = "bn",
                  token_std: float = 0.02, pos_embed: bool = False, spatial_dims: int = 2):
         super().__init__()
         if norm == "bn":
-            self.norm: nn.Module = MaskedBatchNorm2d(in_channels)
+            self.norm: nn.Module = MaskedBatchNorm(in_channels)
         elif norm == "ln":
-            self.norm = MaskedLayerNorm2d(in_channels, eps=1e-6)
+            self.norm = ChannelLayerNorm(in_channels, eps=1e-6)
         elif norm == "none":
             self.norm = nn.Identity()
         else:
             raise ValueError(f"densify norm must be 'bn', 'ln' or 'none', got {norm!r}")
-        if pos_embed and spatial_dims != 2:
-            raise ValueError("position embeddings are 2-D only")
+        if pos_embed and out_channels % (2 * spatial_dims):
+            raise ValueError(f"position embeddings of {spatial_dims}-D maps need decoder widths divisible by "
+                             f"{2 * spatial_dims}, got {out_channels} (--decoder-width)")
         self.mask_token = nn.Parameter(torch.zeros(1, in_channels, *([1] * spatial_dims)))
         nn.init.trunc_normal_(self.mask_token, mean=0.0, std=token_std, a=-token_std, b=token_std)
         if coarsest and in_channels == out_channels:
@@ -65,38 +76,36 @@ class Densify(nn.Module):
             self.proj = _CONV[spatial_dims](in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
         self.pos_embed = pos_embed
 
-    def forward(self, feature: Tensor, masks: MaskPyramid, factor) -> Tensor:
+    def forward(self, feature: Tensor, masks: MaskPyramid, factor: tuple[int, ...]) -> Tensor:
         x = feature if isinstance(self.norm, nn.Identity) else self.norm(feature, masks, factor)
         x = torch.where(masks.at(factor), x, self.mask_token.to(x.dtype))
         x = self.proj(x)
         if self.pos_embed:
-            x = x + sincos_2d(x.shape[1], x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+            x = x + sincos(x.shape[1], tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
         return x
 
 
 class DecoderBlock(nn.Module):
     """2x transposed-conv upsampling followed by two 3x3 conv-BN layers (ReLU6 between).
 
-    For 3-D maps, ``up`` gives the factor (2 or 1) per axis: an axis that is not upsampled gets
-    a stride-1, kernel-3 transposed convolution (the same receptive field, the same size)."""
+    ``up`` gives the factor (2 or 1) per axis (its length is the number of spatial dims): an axis
+    that is not upsampled gets a stride-1, kernel-3 transposed convolution (the same receptive
+    field, the same size)."""
 
     def __init__(self, cin: int, cout: int, up: tuple[int, ...] = (2, 2)):
         super().__init__()
         n = len(up)
-        if n == 2 and up == (2, 2):
-            self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
-        else:
-            if any(u not in (1, 2) for u in up):
-                raise ValueError(f"decoder up-sampling factors must be 1 or 2 per axis, got {up}")
-            self.up = _CONV_T[n](cin, cin, kernel_size=tuple(4 if u == 2 else 3 for u in up), stride=up,
-                                 padding=1, bias=True)
+        if any(u not in (1, 2) for u in up):
+            raise ValueError(f"decoder up-sampling factors must be 1 or 2 per axis, got {up}")
+        self.up = _CONV_T[n](cin, cin, kernel_size=tuple(4 if u == 2 else 3 for u in up), stride=tuple(up),
+                             padding=1, bias=True)
         conv = _CONV[n]
         self.conv = nn.Sequential(
             conv(cin, cin, kernel_size=3, padding=1, bias=False),
-            SyncableBatchNorm2d(cin),
+            SyncableBatchNorm(cin),
             nn.ReLU6(inplace=True),
             conv(cin, cout, kernel_size=3, padding=1, bias=False),
-            SyncableBatchNorm2d(cout),
+            SyncableBatchNorm(cout),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,30 +116,26 @@ class LightDecoder(nn.Module):
     """UNet-style decoder of appendix A: ``depth`` blocks, width halving each time, then a 1x1 head.
 
     ``forward(inputs)`` takes one tensor (or None) per block, coarsest first; input ``i`` is
-    added before block ``i``. ``patch_size`` (3-D: one per axis, e.g. ``(8, 16, 16)``) sets the
-    up-sampling of each block: block ``i`` doubles the axes whose patch size exceeds ``2**i``, so
-    the input of block ``i`` sits at ``min(2**i, P)`` sites per patch along each axis (see
-    :meth:`level_factor`); with ``patch_size`` None the decoder is 2-D with ``depth`` blocks.
+    added before block ``i``. ``patch_size``, one per axis (e.g. ``(32, 32)``, or ``(8, 16, 16)``
+    for a clip), sets the up-sampling of each block: block ``i`` doubles the axes whose patch size
+    exceeds ``2**i``, so the input of block ``i`` sits at ``factors[i] = min(2**i, P)`` sites per
+    patch along each axis. ``patch_size`` None is the 2-D square patch of ``depth`` blocks
+    (``2**depth`` pixels per side).
     """
 
-    def __init__(self, width: int = 768, depth: int = 5, out_channels: int = 3, patch_size=None):
+    def __init__(self, width: int = 768, depth: int = 5, out_channels: int = 3,
+                 patch_size: tuple[int, ...] | None = None):
         super().__init__()
-        if patch_size is not None:
-            depth = self.depth_for(patch_size)
+        self.patch = (2**depth, 2**depth) if patch_size is None else tuple(patch_size)
+        depth = self.depth_for(self.patch)
         if width % (2 ** depth):
             raise ValueError(f"decoder width {width} must be divisible by 2**{depth} (it halves per block)")
-        self.patch = (2**depth, 2**depth) if patch_size is None or isinstance(patch_size, int) else tuple(patch_size)
         self.widths = [width // 2**i for i in range(depth + 1)]
+        self.factors = [tuple(min(2**i, p) for p in self.patch) for i in range(depth)]
         ups = [tuple(2 if 2**i < p else 1 for p in self.patch) for i in range(depth)]
         self.blocks = nn.ModuleList(DecoderBlock(a, b, up) for a, b, up in zip(self.widths[:-1], self.widths[1:], ups))
         self.head = _CONV[len(self.patch)](self.widths[-1], out_channels, kernel_size=1, bias=True)
         self.reset_parameters()
-
-    def level_factor(self, level: int):
-        """Sites per patch of the input of block ``level`` (an int for 2-D, one per axis for 3-D)."""
-        if len(self.patch) == 2:
-            return 2**level
-        return tuple(min(2**level, p) for p in self.patch)
 
     def reset_parameters(self) -> None:
         """The reference recipe's initialisation (what produced the paper's results):
@@ -159,10 +164,9 @@ class LightDecoder(nn.Module):
         return self.head(x)
 
     @staticmethod
-    def depth_for(patch_size) -> int:
+    def depth_for(patch_size: tuple[int, ...]) -> int:
         """Blocks needed to go from one site per patch to the patch size (along its largest axis)."""
-        sizes = (patch_size,) if isinstance(patch_size, int) else tuple(patch_size)
-        for p in sizes:
+        for p in patch_size:
             if p < 1 or p & (p - 1):
                 raise ValueError(f"patch size {patch_size} must be a power of 2 (along each axis)")
-        return round(math.log2(max(sizes)))
+        return round(math.log2(max(patch_size)))

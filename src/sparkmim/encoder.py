@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +19,16 @@ from .features import (
     discover_features,
     spatial_dims_of,
 )
-from .masking import MaskPyramid, grid_of, per_axis
+from .masking import MaskPyramid, grid_of
 from .sparse import SPARSE_IMPLS, SparseSemanticsError, sparse_form
 
 __all__ = ["SparseEncoder", "FeatureSpec", "SPARSE_IMPLS"]
+
+# per number of spatial dims: the probe's side, the finest stride used, what the inputs are called
+_PROBE_SIZE = {2: 128, 3: 64}
+_MIN_STRIDE = {2: 4, 3: 2}
+_INPUTS = {2: "images", 3: "volumes or clips"}
+_AXES = ("D", "H", "W")
 
 
 class _CaptureHook:
@@ -62,21 +69,25 @@ class SparseEncoder(nn.Module):
             ``"fast"`` (default) holds feature maps as their visible sites only and computes
             nothing at masked sites; ``"reference"`` runs every layer densely and masks the
             result. Masks with different visible counts per sample and forwards traced by
-            ``torch.compile`` use the reference form.
+            ``torch.compile`` use the reference form. If the build-time check finds that only
+            the reference form can run the model, the encoder is built in it, with a warning.
+            Read it back as ``enc.sparse_impl``; ``with enc.using("reference"): ...`` computes
+            in the other form for a block (comparisons, benchmarks).
         in_chans: input channels; default read from the first convolution.
         probe_size: image side used to discover strides (must be a multiple of the total stride;
             default 128, and 64 per side for 3-D models).
-        min_stride: feature maps finer than this stride are not used (the paper uses 4..32; for
-            3-D models the stride along the most strided axis, default 2: video ResNets without
+        min_stride: feature maps finer than this stride (along the most strided axis) are not
+            used (the paper uses 4..32; for 3-D models the default is 2: video ResNets without
             a max pool reach 16, so their four scales are 2..16).
         check: run a sparse probe forward at build time, so an unsupported layer is reported
             now, with its module path, instead of during training.
 
-    ``enc(x, visible)`` takes images ``(B, C, H, W)`` and a bool mask ``(B, 1, H/P, W/P)``
+    ``enc(x, visible)`` takes images ``(B, C, H, W)`` and a bool mask ``(B, 1, H/Ph, W/Pw)``
     (``True`` = visible; or a :class:`MaskPyramid`) and returns the feature maps at
     ``enc.strides`` (ascending), zero at masked sites. ``enc(x)`` runs the original dense model.
-    For 3-D models the inputs are ``(B, C, D, H, W)``, masks ``(B, 1, D/Pd, H/Ph, W/Pw)``, and
-    strides and ``patch_size`` hold one value per axis.
+    For 3-D models the inputs are ``(B, C, D, H, W)`` and masks ``(B, 1, D/Pd, H/Ph, W/Pw)``.
+    Every stride, ``patch_size`` and factor holds one value per spatial axis (``(32, 32)`` for
+    a ResNet-50); ``factors`` are the sites per patch of each feature map.
     """
 
     def __init__(
@@ -95,16 +106,13 @@ class SparseEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.sparse = sparse
-        if sparse_impl not in SPARSE_IMPLS:
-            raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {sparse_impl!r}")
-        self.sparse_impl = sparse_impl
+        self._impl = _checked_impl(sparse_impl)
         self.in_chans = in_chans or _first_conv_in_chans(model)
         self.spatial_dims = spatial_dims or spatial_dims_of(model)
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if self.spatial_dims == 3:
-            probe_size, min_stride = probe_size or 64, min_stride or 2
-        probe_size, min_stride = probe_size or 128, min_stride or 4
+        probe_size = probe_size or _PROBE_SIZE[self.spatial_dims]
+        min_stride = min_stride or _MIN_STRIDE[self.spatial_dims]
         self._capture: dict[str, Tensor] | None = None
         self._index_constants: dict = {}  # the fast form's mask-independent index pieces, per device and layer shape
         self.sync_group = None  # set for batch statistics across ranks (sparse SyncBatchNorm)
@@ -117,14 +125,15 @@ class SparseEncoder(nn.Module):
         self.strides = tuple(s.stride for s in specs)
         self.channels = tuple(s.channels for s in specs)
         self.patch_size = self.strides[-1]
+        self.factors = tuple(tuple(p // a for p, a in zip(self.patch_size, s)) for s in self.strides)
         for s in specs:
-            if any(a & (a - 1) for a in per_axis(s.stride, self.spatial_dims)):
+            if any(a & (a - 1) for a in s.stride):
                 raise ValueError(f"feature '{s.module}' has stride {s.stride}, which is not a power of 2")
         self._sizes: dict[str, tuple[int, ...]] = {}
         self._hooks = [self.model.get_submodule(s.module).register_forward_hook(_CaptureHook(self, s.module))
                        for s in specs]
         if check:
-            self.check()
+            self._impl = self.check()
 
     # -- construction helpers ------------------------------------------------------------------
     @classmethod
@@ -142,16 +151,10 @@ class SparseEncoder(nn.Module):
 
         return cls(create_torchvision(name, **tv_kwargs), **(encoder_kwargs or {}))
 
-    def factor_of_stride(self, stride):
-        """Sites per patch of the map at ``stride``: an int for 2-D models, one per axis for 3-D."""
-        if self.spatial_dims == 2:
-            return self.patch_size // stride
-        return tuple(p // s for p, s in zip(self.patch_size, stride))
-
     def _run(self, x: Tensor) -> list[Tensor]:
         fn = getattr(self.model, "forward_features", None) or self.model
         n = self.spatial_dims
-        self._sizes = {s.module: tuple(a // b for a, b in zip(x.shape[-n:], per_axis(s.stride, n)))
+        self._sizes = {s.module: tuple(a // b for a, b in zip(x.shape[-n:], s.stride))
                        for s in self.features}
         self._capture = {}
         try:
@@ -165,29 +168,42 @@ class SparseEncoder(nn.Module):
             raise RuntimeError(f"feature modules {missing} were not run by the model's forward")
         return [captured[s.module] for s in self.features]
 
-    def check(self) -> None:
+    @property
+    def sparse_impl(self) -> str:
+        """The sparse form the encoder computes in (``"fast"`` or ``"reference"``)."""
+        return self._impl
+
+    @contextlib.contextmanager
+    def using(self, sparse_impl: str) -> Iterator[SparseEncoder]:
+        """Compute in the sparse form ``sparse_impl`` inside the ``with`` block (the same weights;
+        for comparing the forms); the encoder's own form is back afterwards."""
+        before, self._impl = self._impl, _checked_impl(sparse_impl)
+        try:
+            yield self
+        finally:
+            self._impl = before
+
+    def check(self) -> str:
         """Run one sparse forward in training mode on a small non-square input and restore all
         state afterwards; raises :class:`SparseSemanticsError` naming the first unsupported layer.
-
-        If the fast implementation cannot run the model but the reference one can, the encoder
-        switches to ``sparse_impl="reference"`` with a warning (same results, dense cost)."""
-        if not self.sparse or self.sparse_impl != "fast":
-            return self._check()
+        Returns the sparse form that runs the model: the encoder's own, or ``"reference"`` with a
+        warning when the fast form cannot run it but the reference form can (same results, dense
+        cost). It changes nothing: the constructor builds the encoder in the form returned."""
+        if not self.sparse or self._impl != "fast":
+            self._check(self._impl)
+            return self._impl
         try:
-            return self._check()
+            self._check("fast")
+            return "fast"
         except Exception as fast_error:
-            self.sparse_impl = "reference"
-            try:
-                self._check()
-            except Exception:
-                self.sparse_impl = "fast"
-                raise
+            self._check("reference")
             warnings.warn(f"{type(self.model).__name__}: the fast sparse implementation failed ({fast_error}); "
                           f"using sparse_impl='reference', which gives the same results at the cost of dense "
-                          f"layers", stacklevel=2)
+                          f"layers", stacklevel=3)
+            return "reference"
 
     @torch.no_grad()
-    def _check(self) -> None:
+    def _check(self, impl: str) -> None:
         p = self.patch_size
         kw = _param_kwargs(self.model)
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
@@ -209,9 +225,10 @@ class SparseEncoder(nn.Module):
             self.model.train()
             last_error = None
             n = self.spatial_dims
-            grids = ((2, 3), (2, 2)) if n == 2 else ((1, 2, 3), (2, 2, 2))
+            # a non-square (non-cubic) grid first, then a square one for models that need it
+            grids = ((1,) * (n - 2) + (2, 3), (2,) * n)
             for grid in grids:
-                sizes = [g * a for g, a in zip(grid, per_axis(p, n))]
+                sizes = [g * a for g, a in zip(grid, p)]
                 x = torch.randn(2, self.in_chans, *sizes, generator=torch.Generator().manual_seed(0)).to(**kw)
                 # two visible patches per sample, diagonal neighbours (sample 0) and the other pair (sample 1)
                 visible = torch.zeros(2, 1, *grid, dtype=torch.bool, device=x.device)
@@ -220,7 +237,7 @@ class SparseEncoder(nn.Module):
                 visible[(1, 0, *lead, 0, 1)] = visible[(1, 0, *lead, 1, 0)] = True
                 masks = MaskPyramid(visible, keep=2)
                 try:
-                    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                    with torch.random.fork_rng(devices=[]), torch.enable_grad(), self.using(impl):
                         feats = self._encode(x, masks, path)
                 except SparseSemanticsError:
                     raise
@@ -228,8 +245,8 @@ class SparseEncoder(nn.Module):
                     last_error = e
                     path.clear()
                     continue
-                for f, s in zip(feats, self.features):
-                    if masks.factor(*f.shape[-n:]) != self.factor_of_stride(s.stride):
+                for f, s, factor in zip(feats, self.features, self.factors):
+                    if masks.factor(*f.shape[-n:]) != factor:
                         raise SparseSemanticsError(
                             f"feature '{s.module}' has size {tuple(f.shape[-n:])} for a {tuple(x.shape[-n:])} input; "
                             f"expected stride {s.stride}"
@@ -256,23 +273,23 @@ class SparseEncoder(nn.Module):
     def _encode(self, x: Tensor, masks: MaskPyramid, path=None) -> list[Tensor]:
         if not self.sparse:
             return self._run(torch.where(masks.at(self.patch_size), x, 0.0))
-        form = sparse_form(self.sparse_impl, masks, self.sync_group, path, self._index_constants)
+        form = sparse_form(self._impl, masks, self.sync_group, path, self._index_constants, self.patch_size)
         if not form.fast:  # the fast form keeps the visible tiles only; the reference form sees zeros there
             x = torch.where(masks.at(self.patch_size), x, 0.0)
         with form:
             feats = self._run(form.enter(x))
-        return [form.exit(f, self.factor_of_stride(s)) for f, s in zip(feats, self.strides)]
+        return [form.exit(f, factor) for f, factor in zip(feats, self.factors)]
 
     def forward(self, x: Tensor, visible: Tensor | MaskPyramid | None = None) -> list[Tensor]:
         """Feature maps ``[(B, C_i, H / s_i, W / s_i)]`` for ``s_i`` in ``self.strides`` (and
         ``(B, C_i, D / s_i, H / s_i, W / s_i)``, per axis, for 3-D models)."""
         n = self.spatial_dims
         if x.dim() != n + 2 or x.shape[1] != self.in_chans:
-            shape = "images of shape (B, {}, H, W)" if n == 2 else "volumes or clips of shape (B, {}, D, H, W)"
-            raise ValueError(f"expected {shape.format(self.in_chans)}, got {tuple(x.shape)}")
+            raise ValueError(f"expected {_INPUTS[n]} of shape (B, {self.in_chans}, {', '.join(_AXES[-n:])}), "
+                             f"got {tuple(x.shape)}")
         if visible is None:
             return self._run(x)
-        grid = grid_of(tuple(x.shape[-n:]), per_axis(self.patch_size, n))
+        grid = grid_of(tuple(x.shape[-n:]), self.patch_size)
         masks = visible if isinstance(visible, MaskPyramid) else MaskPyramid.from_visible(visible)
         if masks.grid != grid or masks.batch != x.shape[0]:
             raise ValueError(
@@ -285,6 +302,12 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"strides={self.strides}, channels={self.channels}, sparse={self.sparse}, "
                 f"sparse_impl={self.sparse_impl!r}")
+
+
+def _checked_impl(impl: str) -> str:
+    if impl not in SPARSE_IMPLS:
+        raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {impl!r}")
+    return impl
 
 
 def _graph_leaves(outputs: list[Tensor]) -> set[int]:

@@ -28,8 +28,8 @@ class _StopForward(Exception):
 class FeatureSpec:
     """Where one feature map comes from: module name, stride and channel count."""
 
-    def __init__(self, module: str, stride, channels: int):
-        self.module, self.stride, self.channels = module, stride, channels  # stride: int, or one per axis (3-D)
+    def __init__(self, module: str, stride: tuple[int, ...], channels: int):
+        self.module, self.stride, self.channels = module, tuple(stride), channels  # stride: one per axis
 
     def __repr__(self) -> str:
         return f"FeatureSpec(module={self.module!r}, stride={self.stride}, channels={self.channels})"
@@ -95,7 +95,7 @@ def attention_after_features(model: nn.Module, reached: set[int]) -> str | None:
             f"mask grid ('{name}', {type(first).__name__}; {sum(left.values()):,} parameters there against "
             f"{before:,} before): it is not a convolutional network sparkmim can make sparse (attention mixes "
             f"all positions), and pre-training the layers before it alone would leave the rest untrained. "
-            f"See the README section 'Supported backbones'")
+            f"See docs/backbones.md")
 
 
 def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size: str, chans: int,
@@ -115,7 +115,7 @@ def _probe_failure(model: nn.Module, running: list[nn.Module], names: dict, size
         first = attention[0]
         text += (f". {type(model).__name__} has self-attention or windowed layers ('{names.get(first, '?')}', "
                  f"{type(first).__name__}) and a fixed input size: it is not a convolutional network sparkmim can "
-                 f"make sparse (attention mixes all positions). See the README section 'Supported backbones'")
+                 f"make sparse (attention mixes all positions). See docs/backbones.md")
     return text
 
 
@@ -172,75 +172,81 @@ class _Probe:
         was_training = model.training
         model.eval()
         try:
-            x = torch.zeros(1, in_chans, *([size] * self.spatial_dims), **_param_kwargs(model))
+            x = torch.zeros(1, in_chans, *self.shape(size), **_param_kwargs(model))
             (getattr(model, "forward_features", None) or model)(x)
         except Exception as e:
             names = {m: n for n, m in model.named_modules()}
-            shown = "x".join([str(size)] * self.spatial_dims)
+            shown = "x".join(map(str, self.shape(size)))
             raise SparseSemanticsError(_probe_failure(model, self.running, names, shown, in_chans, e)) from e
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
 
-    def stride_of(self, name: str, size: int):
-        """The stride of a module's single square output map, or None; for 3-D models, the stride
-        along each axis (an output of at least 2 along each, dividing the probe)."""
+    def shape(self, size: int) -> tuple[int, ...]:
+        """The probe's spatial shape: ``size`` along every axis."""
+        return (size,) * self.spatial_dims
+
+    def stride_of(self, name: str, size: int) -> tuple[int, ...] | None:
+        """The stride, one per axis, of a module's single output map (at least 2 sites along each
+        axis, dividing the probe), or None."""
         shape, multi = self.seen[name]
         if multi is not None:  # multi-branch stage: its branches are picked by the listed order
             return None
-        if self.spatial_dims == 3:
-            out = shape[2:]
-            if len(shape) != 5 or any(o <= 1 or size % o for o in out):
-                return None
-            return tuple(size // o for o in out)
-        if len(shape) != 4 or shape[-2] <= 1 or shape[-2] != shape[-1] or size % shape[-1]:
+        out = shape[2:]
+        if len(out) != self.spatial_dims or any(o <= 1 or size % o for o in out):
             return None
-        return size // shape[-1]
+        return tuple(size // o for o in out)
 
 
 def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: int) -> list[FeatureSpec]:
     """Specs of the listed modules; a stage returning several resolutions gives, as the i-th
     listed module, its map at stride ``min_stride * 2**i``."""
     specs: list[FeatureSpec] = []
-    expected = None
+    expected: tuple[int, ...] | None = None
+    n_dims = probe.spatial_dims
     for n in names:
         if n not in probe.seen:
-            raise ValueError(f"feature module '{n}' produced no {probe.spatial_dims + 2}-D feature map in a probe forward")
+            raise ValueError(f"feature module '{n}' produced no {n_dims + 2}-D feature map in a probe forward")
         shape, multi = probe.seen[n]
         if multi is not None:
-            expected = min_stride if expected is None else expected * 2
-            t = next((t for t in multi if t.dim() == 4 and size // t.shape[-1] == expected), None)
+            expected = (min_stride,) * n_dims if expected is None else tuple(2 * e for e in expected)
+            t = next((t for t in multi if t.dim() == n_dims + 2
+                      and tuple(size // o for o in t.shape[2:]) == expected), None)
             if t is None:
-                raise ValueError(f"feature module '{n}' has no output at stride {expected}")
+                raise ValueError(f"feature module '{n}' has no output at stride {_shown(expected)}")
             specs.append(FeatureSpec(n, expected, t.shape[1]))
             continue
         s = probe.stride_of(n, size)
         if s is None:
-            what = f"square map of a {size}px probe" if probe.spatial_dims == 2 else f"map of a {size}^3 probe"
-            raise ValueError(f"feature module '{n}' output {shape} is not a {what}")
+            shown = "x".join(map(str, probe.shape(size)))
+            raise ValueError(f"feature module '{n}' output {shape} is not a map of a {shown} probe (at least 2 sites "
+                             f"along each axis, dividing the probe)")
         expected = s
         specs.append(FeatureSpec(n, s, shape[1]))
     return specs
 
 
-def _coarser(a, b) -> bool:
-    """Whether stride ``b`` is a whole multiple of stride ``a``; for 3-D strides, per axis and on
-    the decoder's ladder: the factors ``b / a`` along the axes are ``min(k, b)`` for one ``k``
-    (so ``(8, 16, 16)`` takes ``(2, 4, 4)`` but not ``(1, 4, 4)``, the middle of a
-    (2+1)-D factorised block, which strides the two spatial axes before the temporal one)."""
-    if isinstance(a, tuple):
-        if any(y % x for x, y in zip(a, b)):
-            return False
-        factors = [y // x for x, y in zip(a, b)]
-        k = max(factors)
-        return all(f == min(k, y) for f, y in zip(factors, b))
-    return b % a == 0
+def _shown(stride: tuple[int, ...]) -> str:
+    """``8`` for a stride that is the same along every axis, else ``2x4x4``."""
+    return str(stride[0]) if len(set(stride)) == 1 else "x".join(map(str, stride))
 
 
-def _reduction(stride) -> int:
-    """How much a stride (an int, or one per axis) shrinks a map: its product over the axes."""
-    return math.prod(stride) if isinstance(stride, tuple) else stride
+def _coarser(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether stride ``b`` is a whole multiple of stride ``a`` along each axis and on the
+    decoder's ladder: the factors ``b / a`` along the axes are ``min(k, b)`` for one ``k`` (so
+    ``(8, 16, 16)`` takes ``(2, 4, 4)`` but not ``(1, 4, 4)``, the middle of a (2+1)-D
+    factorised block, which strides the two spatial axes before the temporal one)."""
+    if any(y % x for x, y in zip(a, b)):
+        return False
+    factors = [y // x for x, y in zip(a, b)]
+    k = max(factors)
+    return all(f == min(k, y) for f, y in zip(factors, b))
+
+
+def _reduction(stride: tuple[int, ...]) -> int:
+    """How much a stride shrinks a map: its product over the axes."""
+    return math.prod(stride)
 
 
 def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureSpec]:
@@ -249,7 +255,7 @@ def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureS
     by_stride: dict = {}
     for n in probe.order:  # later modules override earlier ones at the same stride
         s = probe.stride_of(n, size)
-        if s is not None and (max(s) if isinstance(s, tuple) else s) >= min_stride:
+        if s is not None and max(s) >= min_stride:
             by_stride[s] = n
     if not by_stride:
         raise ValueError(f"no module of {type(probe.model).__name__} produced a feature map with stride >= {min_stride}")

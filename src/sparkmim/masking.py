@@ -1,8 +1,9 @@
 """Patch-wise random masks and their views at every feature stride.
 
-A mask is a boolean tensor ``visible`` of shape ``(B, 1, h, w)`` on the patch grid, where
-``h = H / P`` and ``w = W / P`` for images of ``H x W`` pixels and patch size ``P`` (the
-encoder's total stride). ``True`` marks a kept (visible) patch.
+A mask is a boolean tensor ``visible`` of shape ``(B, 1, *grid)`` on the patch grid: ``(h, w) =
+(H / Ph, W / Pw)`` for images of ``H x W`` pixels, ``(d, h, w)`` for volumes and clips, with a
+patch size ``P`` per axis (the encoder's total stride). ``True`` marks a kept (visible) patch.
+Every scale here (patch sizes, factors, grids) is a tuple with one entry per spatial axis.
 """
 
 from __future__ import annotations
@@ -24,22 +25,9 @@ def seed_for(*parts) -> int:
 
 
 def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """Return the patch grid ``(h, w)`` of an ``height x width`` image, or raise a clear error."""
-    if patch_size < 1:
-        raise ValueError(f"patch size must be a positive integer, got {patch_size}")
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"input size {height}x{width} is not a multiple of the patch size {patch_size} "
-            f"(the encoder's total stride); resize or crop to e.g. "
-            f"{max(1, round(height / patch_size)) * patch_size}x{max(1, round(width / patch_size)) * patch_size}"
-        )
-    h, w = height // patch_size, width // patch_size
-    if h * w < 2:
-        raise ValueError(
-            f"input size {height}x{width} holds a single {patch_size}px patch; masked modeling needs at "
-            f"least 2 patches (use an input of at least {patch_size}x{2 * patch_size})"
-        )
-    return h, w
+    """The patch grid ``(h, w)`` of an ``height x width`` image with square patches (the 2-D
+    spelling of :func:`grid_of`), or a clear error."""
+    return grid_of((height, width), (patch_size, patch_size))
 
 
 def per_axis(value, n: int) -> tuple:
@@ -53,22 +41,26 @@ def per_axis(value, n: int) -> tuple:
     return (value,) * n
 
 
+def _shown(sizes: tuple[int, ...]) -> str:
+    """``32`` for a size that is the same along every axis, else ``8x16x16``."""
+    return str(sizes[0]) if len(set(sizes)) == 1 else "x".join(map(str, sizes))
+
+
 def grid_of(sizes: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
-    """The patch grid of an input of spatial ``sizes`` (2-D or 3-D) with ``patch`` sites per
+    """The patch grid of an input of spatial ``sizes`` (one per axis) with ``patch`` sites per
     patch along each axis, or a clear error."""
-    if len(sizes) == 2 and len(set(patch)) == 1:
-        return grid_size(sizes[0], sizes[1], patch[0])
     if any(p < 1 for p in patch):
         raise ValueError(f"patch size must be positive integers, got {patch}")
-    shown, patch_shown = "x".join(map(str, sizes)), "x".join(map(str, patch))
+    shown = "x".join(map(str, sizes))
     if any(s % p for s, p in zip(sizes, patch)):
         fit = "x".join(str(max(1, round(s / p)) * p) for s, p in zip(sizes, patch))
-        raise ValueError(f"input size {shown} is not a multiple of the patch size {patch_shown} (the encoder's "
+        raise ValueError(f"input size {shown} is not a multiple of the patch size {_shown(patch)} (the encoder's "
                          f"total stride along each axis); resize or crop to e.g. {fit}")
     grid = tuple(s // p for s, p in zip(sizes, patch))
     if math.prod(grid) < 2:
-        raise ValueError(f"input size {shown} holds a single {patch_shown} patch; masked modeling needs at least "
-                         f"2 patches")
+        least = "x".join(map(str, (*patch[:-1], 2 * patch[-1])))
+        raise ValueError(f"input size {shown} holds a single {_shown(patch)} patch; masked modeling needs at least "
+                         f"2 patches (use an input of at least {least})")
     return grid
 
 
@@ -114,11 +106,10 @@ class MaskPyramid:
 
     ``visible`` is ``(B, 1, h, w)`` for images or ``(B, 1, d, h, w)`` for volumes and clips
     (``spatial_dims`` 2 or 3; ``grid`` is its spatial shape). ``at(factor)`` gives the mask
-    upsampled by ``factor`` sites per patch along each axis (an int: the same along every axis;
-    or one int per axis); results are cached so every layer at the same stride shares one
-    tensor. :meth:`factor` names the factor of a map's spatial size: an int for 2-D maps (their
-    factors are equal along both axes), a tuple per axis for 3-D ones (patches may be anisotropic,
-    e.g. ``(8, 32, 32)`` voxels for a clip). ``keep`` is the number of visible patches per sample
+    upsampled by ``factor`` sites per patch along each axis (one int per axis; a single int is
+    read as the same along every axis); results are cached so every layer at the same stride
+    shares one tensor. :meth:`factor` names the factor, one per axis, of a map's spatial size
+    (patches may be anisotropic, e.g. ``(8, 32, 32)`` voxels for a clip). ``keep`` is the number of visible patches per sample
     when it is the same for every sample (always true for masks from :func:`random_visible`),
     else ``None``.
     """
@@ -130,7 +121,6 @@ class MaskPyramid:
         self.batch = visible.shape[0]
         self.grid = tuple(visible.shape[2:])
         self.spatial_dims = len(self.grid)
-        self.h, self.w = self.grid[-2:]
         self.keep = keep
         self._masks: dict[tuple[int, ...], Tensor] = {(1,) * self.spatial_dims: self.visible}
         self._rows: dict[tuple[int, ...], Tensor] = {}
@@ -145,20 +135,12 @@ class MaskPyramid:
         same = bool((counts == counts[0]).all())
         return cls(visible, int(counts[0]) if same else None)
 
-    def factor(self, *sizes: int):
-        """The upsampling factor that maps the patch grid to a map of spatial size ``sizes``: an
-        int for 2-D masks (None unless both axes agree), a tuple per axis for 3-D ones; None when
-        ``sizes`` is not a whole multiple of the grid."""
-        if len(sizes) != self.spatial_dims:
+    def factor(self, *sizes: int) -> tuple[int, ...] | None:
+        """The upsampling factor, one per axis, that maps the patch grid to a map of spatial size
+        ``sizes``; None when ``sizes`` is not a whole multiple of the grid."""
+        if len(sizes) != self.spatial_dims or any(size < g or size % g for size, g in zip(sizes, self.grid)):
             return None
-        factors = []
-        for size, g in zip(sizes, self.grid):
-            if size < g or size % g:
-                return None
-            factors.append(size // g)
-        if self.spatial_dims == 2:
-            return factors[0] if factors[0] == factors[1] else None
-        return tuple(factors)
+        return tuple(size // g for size, g in zip(sizes, self.grid))
 
     def at(self, factor) -> Tensor:
         """Bool mask ``(B, 1, *[g * f for each axis])``."""

@@ -14,7 +14,7 @@ from .config import LossOn
 from .decoder import Densify, LightDecoder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import MaskPyramid, check_mask_ratio, grid_of, num_visible, per_axis, random_visible
+from .masking import MaskPyramid, check_mask_ratio, grid_of, num_visible, random_visible
 from .weights import ENCODER_PREFIX
 
 __all__ = ["SparK", "SparKOutput", "Reconstruction", "default_densify_norm"]
@@ -26,8 +26,8 @@ class SparKOutput:
 
     Attributes:
         loss: scalar reconstruction loss.
-        visible: ``(B, 1, H / P, W / P)`` bool mask, True = visible patch.
-        prediction: ``(B, C, H, W)`` decoder output, in per-patch normalised pixel space.
+        visible: ``(B, 1, *grid)`` bool mask, True = visible patch.
+        prediction: ``(B, C, *spatial)`` decoder output, in per-patch normalised pixel space.
     """
 
     loss: Tensor
@@ -37,7 +37,8 @@ class SparKOutput:
 
 @dataclass
 class Reconstruction:
-    """Images for visualisation, all ``(B, C, H, W)`` in the input's (normalised) pixel space."""
+    """Images (or volumes) for visualisation, all ``(B, C, *spatial)`` in the input's (normalised)
+    pixel space."""
 
     input: Tensor
     masked: Tensor
@@ -60,8 +61,9 @@ class SparK(nn.Module):
         decoder_width: width of the decoder's first block, halved per block.
         densify_norm: 'bn', 'ln', 'none' or 'auto' (by the encoder's norm layers).
         hierarchical: False decodes from the coarsest feature map only (ablation).
-        sparse: False runs the encoder densely on the zeroed image (the "zero-out" ablation).
-        pos_embed: add fixed 2-D sine-cosine position embeddings to densified maps (ablation).
+        sparse: False runs the encoder's convnet densely on the zeroed image (the "zero-out"
+            ablation); the encoder itself is left as it was built.
+        pos_embed: add fixed sine-cosine position embeddings to densified maps (ablation).
         loss_on: 'masked' (paper) or 'all' patches (ablation).
         norm_pix: True (paper): the target is each patch's pixels normalised by the patch's mean
             and std; False: the (normalised) image's pixels (ablation).
@@ -92,7 +94,7 @@ class SparK(nn.Module):
             raise ValueError(f"loss_on must be one of {', '.join(typing.get_args(LossOn))}, got {loss_on!r}")
         check_mask_ratio(mask_ratio)
         self.encoder = encoder
-        encoder.sparse = sparse
+        self.sparse = sparse
         self.mask_ratio = mask_ratio
         self.patch_size = encoder.patch_size
         self.in_chans = encoder.in_chans
@@ -101,33 +103,30 @@ class SparK(nn.Module):
         self.norm_pix, self.norm_pix_eps = norm_pix, norm_pix_eps
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
         self.spatial_dims = encoder.spatial_dims
-        depth = LightDecoder.depth_for(self.patch_size)
-        self.decoder = LightDecoder(decoder_width, depth, out_channels=self.in_chans,
-                                    patch_size=self.patch_size if self.spatial_dims == 3 else None)
-        # one densify per used scale, coarsest first; the input of decoder block i sits at
-        # 2**i sites per patch (along each axis, up to the patch size there: level_factor)
-        scales = list(zip(encoder.strides, encoder.channels))[::-1]
+        self.decoder = LightDecoder(decoder_width, out_channels=self.in_chans, patch_size=self.patch_size)
+        # one densify per used scale, coarsest first, feeding the decoder block whose input sits
+        # at the same sites per patch (decoder.factors)
+        scales = list(zip(encoder.strides, encoder.factors, encoder.channels))[::-1]
         if not hierarchical:
             scales = scales[:1]
-        self.levels = []
-        for s, _ in scales:
-            factor = encoder.factor_of_stride(s)
-            level = round(math.log2(max(factor) if isinstance(factor, tuple) else factor))
-            if self.decoder.level_factor(level) != factor:
+        self.levels: list[int] = []
+        self.factors: list[tuple[int, ...]] = []
+        for s, factor, _ in scales:
+            if factor not in self.decoder.factors:
                 raise ValueError(f"the feature map at stride {s} ({factor} sites per {self.patch_size} patch) "
                                  f"matches no level of the decoder; pass feature_modules to the encoder")
-            self.levels.append(level)
+            self.levels.append(self.decoder.factors.index(factor))
+            self.factors.append(factor)
         self.densify = nn.ModuleList(
             Densify(c, self.decoder.widths[lvl], coarsest=(lvl == 0), norm=self.densify_norm,
                     token_std=mask_token_std, pos_embed=pos_embed, spatial_dims=self.spatial_dims)
-            for (s, c), lvl in zip(scales, self.levels)
+            for (_, _, c), lvl in zip(scales, self.levels)
         )
 
     # -- stages ------------------------------------------------------------------------------
     def grid(self, images: Tensor) -> tuple[int, ...]:
         """The patch grid of ``images`` (``(h, w)``, or ``(d, h, w)`` for volumes and clips)."""
-        n = self.spatial_dims
-        return grid_of(tuple(images.shape[-n:]), per_axis(self.patch_size, n))
+        return grid_of(tuple(images.shape[-self.spatial_dims:]), self.patch_size)
 
     def draw_masks(self, images: Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
                    ratio: float | None = None) -> MaskPyramid:
@@ -147,18 +146,21 @@ class SparK(nn.Module):
         return MaskPyramid(visible, keep=num_visible(math.prod(grid), ratio))
 
     def forward_encoder(self, images: Tensor, masks: MaskPyramid) -> list[Tensor]:
-        """Sparse features, coarsest first: ``[(B, C_i, H / s_i, W / s_i)]``."""
+        """Sparse features, coarsest first: ``[(B, C_i, *(size / s_i))]`` (with ``sparse=False``,
+        the dense convnet's features of the masked images, zero at masked pixels)."""
+        if not self.sparse:
+            return self.encoder(torch.where(masks.at(self.patch_size), images, 0.0))[::-1]
         return self.encoder(images, masks)[::-1]
 
     def forward_densify(self, features: list[Tensor], masks: MaskPyramid) -> list[Tensor | None]:
         """Decoder inputs per level (None where no feature map feeds that level)."""
         inputs: list[Tensor | None] = [None] * len(self.decoder.blocks)
-        for feature, densify, level in zip(features, self.densify, self.levels):
-            inputs[level] = densify(feature, masks, self.decoder.level_factor(level))
+        for feature, densify, level, factor in zip(features, self.densify, self.levels, self.factors):
+            inputs[level] = densify(feature, masks, factor)
         return inputs
 
     def forward_decoder(self, inputs: list[Tensor | None]) -> Tensor:
-        """``(B, C, H, W)`` prediction in per-patch normalised pixel space."""
+        """``(B, C, *spatial)`` prediction in per-patch normalised pixel space."""
         return self.decoder(inputs)
 
     def forward_loss(self, images: Tensor, prediction: Tensor, visible: Tensor) -> Tensor:
@@ -204,11 +206,11 @@ class SparK(nn.Module):
     def set_sync_group(self, group) -> None:
         """Batch statistics over all ranks of ``group`` (None: per process) for the encoder's batch
         norms (visible sites of every rank), the densify norms and the decoder's batch norms."""
-        from .norms import SyncableBatchNorm2d
+        from .norms import SyncableBatchNorm
 
         self.encoder.sync_group = group
         for m in self.modules():
-            if isinstance(m, SyncableBatchNorm2d):
+            if isinstance(m, SyncableBatchNorm):
                 m.sync_group = group
 
     def unused_parameters(self) -> list[str] | None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .masking import MaskPyramid
 
 __all__ = ["batch_norm_rows", "masked_batch_norm", "masked_group_stats_norm", "like_format", "memory_format_of",
-           "SyncableBatchNorm2d", "MaskedBatchNorm2d", "MaskedLayerNorm2d"]
+           "SyncableBatchNorm", "MaskedBatchNorm", "ChannelLayerNorm"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -110,11 +110,13 @@ def masked_group_stats_norm(x: Tensor, visible: Tensor, groups: int, weight, bia
 def memory_format_of(t: Tensor) -> torch.memory_format:
     """``channels_last`` (``channels_last_3d``) for a 4-D (5-D) tensor laid out so (and not also
     contiguous), else ``contiguous_format``."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+    last = _CHANNELS_LAST.get(t.dim())
+    if last is not None and not t.is_contiguous() and t.is_contiguous(memory_format=last):
+        return last
     return torch.contiguous_format
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
 
 
 def like_format(out: Tensor, like: Tensor) -> Tensor:
@@ -124,7 +126,7 @@ def like_format(out: Tensor, like: Tensor) -> Tensor:
     return out.contiguous(memory_format=memory_format_of(like))
 
 
-class SyncableBatchNorm2d(nn.BatchNorm2d):
+class SyncableBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that, once ``sync_group`` is set, takes training statistics over all ranks
     (on CPU/gloo as well as on GPUs); the state-dict keys are BatchNorm2d's (which are
     BatchNorm3d's too). It also normalises 3-D maps ``(B, C, D, H, W)``, for the 3-D decoder."""
@@ -156,17 +158,17 @@ class SyncableBatchNorm2d(nn.BatchNorm2d):
         return like_format(rows.view(b, *sizes, c).movedim(-1, 1), x)
 
 
-class MaskedBatchNorm2d(SyncableBatchNorm2d):
+class MaskedBatchNorm(SyncableBatchNorm):
     """BatchNorm whose batch (and running) statistics come from visible sites only."""
 
     def forward(self, x: Tensor, masks: MaskPyramid, factor) -> Tensor:  # type: ignore[override]
         return masked_batch_norm(x, masks, factor, *self._count_batch_and_arguments(), group=self.sync_group)
 
 
-class MaskedLayerNorm2d(nn.LayerNorm):
+class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW (or NCDHW) map, at every site. It needs no mask (each site is
     normalised on its own; masked sites are replaced by the mask token afterwards): ``masks`` and
-    ``factor`` are accepted so that it can stand where :class:`MaskedBatchNorm2d` does."""
+    ``factor`` are accepted so that it can stand where :class:`MaskedBatchNorm` does."""
 
     def forward(self, x: Tensor, masks: MaskPyramid | None = None, factor=1) -> Tensor:  # type: ignore[override]
         out = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)

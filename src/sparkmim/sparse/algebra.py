@@ -6,7 +6,7 @@ the same operation, with the same dims, on the tiles. An operation that would mo
 the batch or spatial dims is refused, as the reference form refuses it. A reduction over all
 spatial dims is a reduction over each sample's tiles (the visible sites) and gives a dense result.
 
-Each translation takes ``(mode, func, name, args, kwargs)``; :data:`ON_TILES` maps every
+Each translation takes ``(ctx, func, name, args, kwargs)``; :data:`ON_TILES` maps every
 :class:`~.ops.OpKind` to its translation.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .context import FastContext
 from .ops import (
     MASKED_REDUCTIONS,
     METADATA_PROPERTIES,
@@ -33,9 +33,6 @@ from .ops import (
 )
 from .tiles import SparseMap, meta_like, replace_maps, to_tiles
 
-if TYPE_CHECKING:
-    from .mode import FastSparseMode
-
 __all__ = ["ON_TILES", "per_site", "reshape", "permute", "split", "slice_channels", "getitem", "join", "reduce"]
 
 
@@ -48,11 +45,11 @@ def _spatial(x: SparseMap) -> range:
     return range(x.spatial_dim, x.spatial_dim + x.geometry.spatial_dims)
 
 
-def _channel_dim(mode: FastSparseMode, func, x: SparseMap, dim: int) -> int:
+def _channel_dim(ctx: FastContext, func, x: SparseMap, dim: int) -> int:
     """Logical (and tiles) dim ``dim``, non-negative; refused for the batch or a spatial dim."""
     d = dim % x.dim()
     if d == 0 or d in _spatial(x):
-        mode.fail(func, x, f"splits or indexes the batch or spatial dims (dim {dim})")
+        ctx.fail(func, x, f"splits or indexes the batch or spatial dims (dim {dim})")
     return d
 
 
@@ -66,52 +63,52 @@ def _tiles_of(a):
 
 
 # -- metadata and per-site ops -------------------------------------------------------------------
-def metadata(mode: FastSparseMode, func, name: str, args, kwargs):
+def metadata(ctx: FastContext, func, name: str, args, kwargs):
     """Sizes, strides, flags: answered from the logical shape."""
     return func(*args, **kwargs)
 
 
-def read_property(mode: FastSparseMode, func, name: str, args, kwargs):
+def read_property(ctx: FastContext, func, name: str, args, kwargs):
     """Attribute reads: shape and metadata from the map, ``.data`` as a map of the tiles' data."""
     prop = getattr(getattr(func, "__self__", None), "__name__", None)
     if prop in METADATA_PROPERTIES:
         return func(*args, **kwargs)
     if prop == "data":
         return args[0].with_tiles(args[0].tiles.data)
-    mode.fail(func, args[0], f"reads the property '{prop}' of a sparse map")
+    ctx.fail(func, args[0], f"reads the property '{prop}' of a sparse map")
 
 
-def create_dense(mode: FastSparseMode, func, name: str, args, kwargs):
+def create_dense(ctx: FastContext, func, name: str, args, kwargs):
     """``new_*``: a fresh dense tensor with the tiles' dtype and device."""
     return func(args[0].tiles, *args[1:], **kwargs)
 
 
-def like(mode: FastSparseMode, func, name: str, args, kwargs):
+def like(ctx: FastContext, func, name: str, args, kwargs):
     """``*_like``: a fresh map with the same tiles shape."""
     lead = _first_map(args, kwargs)
     return lead.with_tiles(func(lead.tiles, *args[1:], **kwargs))
 
 
-def on_tiles(mode: FastSparseMode, func, name: str, args, kwargs):
+def on_tiles(ctx: FastContext, func, name: str, args, kwargs):
     """``contiguous`` and ``to``: the same call on the tiles (a memory format applies to them)."""
     x = args[0]
     return x.with_tiles(func(x.tiles, *[_tiles_of(a) for a in args[1:]], **kwargs))
 
 
-def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
+def per_site(ctx: FastContext, func, name: str, args, kwargs):
     """Elementwise ops on the tiles of maps of one layout; dense operands are broadcast to tiles."""
     maps = list(tensors(args, kwargs, SparseMap))
     lead = maps[0]
     for m in maps[1:]:
         if m.geometry is not lead.geometry or m.spatial_dim != lead.spatial_dim or m.dim() != lead.dim():
-            mode.fail(func, m, f"combines sparse maps of different layouts {tuple(lead.shape)} and {tuple(m.shape)}")
+            ctx.fail(func, m, f"combines sparse maps of different layouts {tuple(lead.shape)} and {tuple(m.shape)}")
     shapes = [a.shape for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     try:
         logical = torch.broadcast_shapes(*shapes)
     except RuntimeError:
-        mode.fail(func, lead, "broadcasts tensors of incompatible shapes")
+        ctx.fail(func, lead, "broadcasts tensors of incompatible shapes")
     if len(logical) != lead.dim():
-        mode.fail(func, lead, f"broadcasts a sparse map to {tuple(logical)}")
+        ctx.fail(func, lead, f"broadcasts a sparse map to {tuple(logical)}")
 
     def as_tiles(a):
         if isinstance(a, SparseMap):
@@ -122,7 +119,7 @@ def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
 
     inplace = is_inplace(name)
     if inplace and not isinstance(args[0], SparseMap):
-        mode.fail(func, lead, "writes a sparse map into a dense tensor in place")
+        ctx.fail(func, lead, "writes a sparse map into a dense tensor in place")
     out = func(*[as_tiles(a) for a in args], **{k: as_tiles(v) for k, v in kwargs.items()})
     if inplace:
         return args[0]
@@ -132,7 +129,7 @@ def per_site(mode: FastSparseMode, func, name: str, args, kwargs):
             and out.shape[space] == t.shape[space]:
         return lead.with_tiles(out)
     if isinstance(out, Tensor):
-        mode.fail(func, lead, f"gives a result of unexpected shape {tuple(out.shape)}")
+        ctx.fail(func, lead, f"gives a result of unexpected shape {tuple(out.shape)}")
     return out
 
 
@@ -155,7 +152,7 @@ def dense_as_tiles(a: Tensor, lead: SparseMap, logical) -> Tensor:
 
 
 # -- shapes ------------------------------------------------------------------------------------------
-def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
+def reshape(ctx: FastContext, func, name: str, args, kwargs):
     """Views, reshapes and broadcasts that keep ``(B, ..., *spatial, ...)`` with the same channels
     before the spatial dims; a dense operand of ``expand_as`` (a gate) is broadcast to tiles."""
     x = args[0]
@@ -164,7 +161,7 @@ def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
         if name == "expand_as" and x.dim() <= target.dim():  # a broadcast operand, e.g. gates
             t = dense_as_tiles(x, target, tuple(target.shape))
             return target.with_tiles(t.expand(target.tiles.shape))
-        mode.fail(func, target, "reshapes a dense tensor to a sparse map's shape")
+        ctx.fail(func, target, "reshapes a dense tensor to a sparse map's shape")
     new = tuple(func(*[replace_maps(a, meta_like) for a in args],
                      **{k: replace_maps(v, meta_like) for k, v in kwargs.items()}).shape)
     g = x.geometry
@@ -176,19 +173,19 @@ def reshape(mode: FastSparseMode, func, name: str, args, kwargs):
             if name in ("expand", "expand_as", "broadcast_to"):
                 return SparseMap(x.tiles.expand(shape), g, j)
             return SparseMap(x.tiles.reshape(shape), g, j)
-    mode.fail(func, x, f"rearranges the spatial dims (result {new})")
+    ctx.fail(func, x, f"rearranges the spatial dims (result {new})")
 
 
-def permute(mode: FastSparseMode, func, name: str, args, kwargs):
+def permute(ctx: FastContext, func, name: str, args, kwargs):
     """Permutations that keep the batch dim first and the spatial dims adjacent and in order."""
     x = args[0]
     perm = _permutation(func, name, x, args, kwargs)
     s = x.spatial_dim
     if perm[0] != 0 or s not in perm:
-        mode.fail(func, x, f"moves the batch or spatial dims (permutation {perm})")
+        ctx.fail(func, x, f"moves the batch or spatial dims (permutation {perm})")
     j = perm.index(s)
     if perm[j: j + x.geometry.spatial_dims] != list(_spatial(x)):
-        mode.fail(func, x, f"separates the spatial dims (permutation {perm})")
+        ctx.fail(func, x, f"separates the spatial dims (permutation {perm})")
     return SparseMap(x.tiles.permute(perm), x.geometry, j)
 
 
@@ -210,7 +207,7 @@ def _permutation(func, name: str, x: SparseMap, args, kwargs) -> list[int]:
     return [int(math.log2(st)) for st in out.stride()]
 
 
-def split(mode: FastSparseMode, func, name: str, args, kwargs):
+def split(ctx: FastContext, func, name: str, args, kwargs):
     """``split``, ``split_with_sizes``, ``chunk``, ``tensor_split``, ``unbind`` along a channel dim."""
     x = args[0]
     dim = kwargs.pop("dim", None)
@@ -220,29 +217,29 @@ def split(mode: FastSparseMode, func, name: str, args, kwargs):
             dim = rest.pop(0) if rest else 0
         else:
             dim = rest.pop(1) if len(rest) > 1 else 0
-    d = _channel_dim(mode, func, x, dim)
+    d = _channel_dim(ctx, func, x, dim)
     if name == "unbind":
         spatial_dim = _drops_dim_before_space(x, d)
         return tuple(SparseMap(p, x.geometry, spatial_dim) for p in func(x.tiles, d))
     return tuple(x.with_tiles(p) for p in func(x.tiles, *rest, dim=d, **kwargs))
 
 
-def slice_channels(mode: FastSparseMode, func, name: str, args, kwargs):
+def slice_channels(ctx: FastContext, func, name: str, args, kwargs):
     """``narrow`` and ``select`` along a channel dim."""
     x = args[0]
     dim = kwargs.get("dim", args[1])
-    d = _channel_dim(mode, func, x, dim)
+    d = _channel_dim(ctx, func, x, dim)
     if name == "narrow":
         return x.with_tiles(x.tiles.narrow(d, *args[2:]))
     return SparseMap(x.tiles.select(d, *args[2:]), x.geometry, _drops_dim_before_space(x, d))
 
 
-def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
+def getitem(ctx: FastContext, func, name: str, args, kwargs):
     """Indexing with full slices on the batch and spatial dims and slices or ints on channel dims
     (``Ellipsis`` expanded): the same index on the tiles."""
     x, index = args[0], args[1]
     if not isinstance(x, SparseMap):
-        mode.fail(func, _first_map((index,), {}), "indexes with a sparse map")
+        ctx.fail(func, _first_map((index,), {}), "indexes with a sparse map")
     items = list(index) if isinstance(index, tuple) else [index]
     if any(i is Ellipsis for i in items):
         k = items.index(Ellipsis)
@@ -252,54 +249,54 @@ def getitem(mode: FastSparseMode, func, name: str, args, kwargs):
     for d, it in enumerate(items):
         if d == 0 or d in _spatial(x):
             if not (isinstance(it, slice) and it == slice(None)):
-                mode.fail(func, x, f"indexes the batch or spatial dims ({index!r})")
+                ctx.fail(func, x, f"indexes the batch or spatial dims ({index!r})")
             continue
         if not isinstance(it, (slice, int)):
-            mode.fail(func, x, f"indexes a sparse map with {type(it).__name__}")
+            ctx.fail(func, x, f"indexes a sparse map with {type(it).__name__}")
         if isinstance(it, int) and d < x.spatial_dim:
             spatial_dim -= 1
     return SparseMap(x.tiles[tuple(items)], x.geometry, spatial_dim)
 
 
-def join(mode: FastSparseMode, func, name: str, args, kwargs):
+def join(ctx: FastContext, func, name: str, args, kwargs):
     """``cat`` along a channel dim, ``stack`` along a new dim other than the batch dim, of maps of
     one layout (dense maps on the grid are gathered first)."""
     seq = list(args[0])
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     lead = next(t for t in seq if isinstance(t, SparseMap))
-    seq = [mode.as_tiles(t) for t in seq]
+    seq = [ctx.as_tiles(t) for t in seq]
     for t in seq:
         if not isinstance(t, SparseMap) or t.geometry is not lead.geometry or t.spatial_dim != lead.spatial_dim:
-            mode.fail(func, lead, "concatenates a sparse map with a tensor of another layout")
+            ctx.fail(func, lead, "concatenates a sparse map with a tensor of another layout")
     if name != "stack":
-        return lead.with_tiles(torch.cat([t.tiles for t in seq], _channel_dim(mode, func, lead, dim)))
+        return lead.with_tiles(torch.cat([t.tiles for t in seq], _channel_dim(ctx, func, lead, dim)))
     d = dim % (lead.dim() + 1)
     if d == 0:
-        mode.fail(func, lead, "stacks sparse maps along the batch dim")
+        ctx.fail(func, lead, "stacks sparse maps along the batch dim")
     return SparseMap(torch.stack([t.tiles for t in seq], d), lead.geometry,
                      lead.spatial_dim + 1 if d <= lead.spatial_dim else lead.spatial_dim)
 
 
 # -- reductions --------------------------------------------------------------------------------------
-def reduce(mode: FastSparseMode, func, name: str, args, kwargs):
+def reduce(ctx: FastContext, func, name: str, args, kwargs):
     """Reductions over channel dims are the same reduction of the tiles (a map, one dim fewer
     unless ``keepdim``); over all spatial dims (mean, sum, max, norm, ... only) they reduce each
     sample's tiles and give a dense tensor; scans and softmax along a channel dim keep the map."""
     x, rest = args[0], list(args[1:])
     if not isinstance(x, SparseMap):
-        mode.fail(func, _first_map(args, kwargs), "is not known to have a sparse meaning")
+        ctx.fail(func, _first_map(args, kwargs), "is not known to have a sparse meaning")
     if name in ("max", "min") and rest and isinstance(rest[0], Tensor):
-        return per_site(mode, func, name, args, kwargs)
+        return per_site(ctx, func, name, args, kwargs)
     parsed = dict(kwargs)
     dims = reduced_dims(take_reduction_dim(name, rest, parsed), x.dim())
     keepdim = parsed.pop("keepdim", False)
     position = 1 if name in ("norm", "vector_norm") else 0
     if len(rest) > position and isinstance(rest[position], bool):
         keepdim = rest.pop(position)
-    if _covers_space(mode, func, name, x, dims):
+    if _covers_space(ctx, func, name, x, dims):
         return _over_space(x, func, name, rest, parsed, dims, keepdim)
     if name in ONE_DIM_REDUCTIONS and len(dims) != 1:
-        mode.fail(func, x, f"reduces with '{name}' over several dims")
+        ctx.fail(func, x, f"reduces with '{name}' over several dims")
     out = func(x.tiles, *args[1:], **kwargs)
     if name in SCANS:
         return x.with_tiles(out)
@@ -309,16 +306,16 @@ def reduce(mode: FastSparseMode, func, name: str, args, kwargs):
     return SparseMap(out, x.geometry, spatial_dim)
 
 
-def _covers_space(mode: FastSparseMode, func, name: str, x: SparseMap, dims) -> bool:
+def _covers_space(ctx: FastContext, func, name: str, x: SparseMap, dims) -> bool:
     """Whether a reduction over ``dims`` covers the spatial dims (all: only for a reduction with
     a masked meaning); refused for some of them."""
     spatial = set(_spatial(x))
     if not spatial & set(dims):
         return False
     if not spatial <= set(dims):
-        mode.fail(func, x, f"reduces over part of the spatial dims (dims {list(dims)})")
+        ctx.fail(func, x, f"reduces over part of the spatial dims (dims {list(dims)})")
     if name not in MASKED_REDUCTIONS:
-        mode.fail(func, x, f"reduces over the spatial dims with '{name}', which has no masked form here")
+        ctx.fail(func, x, f"reduces over the spatial dims with '{name}', which has no masked form here")
     return True
 
 

@@ -20,17 +20,14 @@ Each handler has the reference handler's signature (see :mod:`.table`) and meani
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch.nn.functional as F
 
+from ..masking import per_axis
 from ..norms import batch_norm_rows
 from . import reference
-from .ops import ON_CANVAS, adaptive_output_size, per_axis
+from .context import FastContext
+from .ops import ON_CANVAS, adaptive_output_size
 from .tiles import SparseMap
-
-if TYPE_CHECKING:
-    from .mode import FastSparseMode
 
 __all__ = ["on_canvas", "conv", "max_pool", "avg_pool", "adaptive_pool", "batch_norm", "group_norm",
            "instance_norm", "channel_norm", "channel_linear", "pad_on_canvas"]
@@ -38,12 +35,20 @@ __all__ = ["on_canvas", "conv", "max_pool", "avg_pool", "adaptive_pool", "batch_
 
 CANVAS_DEPTHWISE_BELOW = {"cpu": 4, "cuda": 16}
 """Per device type: depthwise convolutions whose output tiles are smaller than this (sites per
-side) run on the zero canvas. ConvNeXt-Small's 7x7 depthwise layers on a 2x2 tile read an 8x8
+side, along every axis) run on the zero canvas, for images (``CANVAS_DEPTHWISE_DIMS``: the
+spatial dims where this was measured; volumes keep the halo). ConvNeXt-Small's 7x7 depthwise layers on a 2x2 tile read an 8x8
 halo (16x the tile). On CPU the canvas is faster below 4 (ConvNeXt-Small forward + backward,
 224 px, batch 8: 4.3 s against 4.7 s). On CUDA it is faster at every tile size ConvNeXt-Small
 has (8, 4, 2, 1 sites; H200, bf16, channels-last, batch 128, 224 px, encoder forward + backward:
 177 ms with halos everywhere, 103 ms below 4, 98 below 8, 87 below 16; whole step 235, 157, 148,
 139 ms; ``benchmarks/step.py``, lever ``dwcanvasN``). Other device types use the halo."""
+
+CANVAS_DEPTHWISE_DIMS = frozenset({2})
+"""Spatial dims where ``CANVAS_DEPTHWISE_BELOW`` applies (measured on 2-D maps only)."""
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 IM2COL_ONE_SITE = frozenset({"cpu"})
@@ -53,14 +58,14 @@ windows (im2col): on CPU 5x faster than the convolution kernel (3x3, 512 channel
 about 8 fewer operations."""
 
 
-def on_canvas(mode: FastSparseMode, handler, func, x, /, *args, fill: float = 0.0, **kwargs):
+def on_canvas(ctx: FastContext, handler, func, x, /, *args, fill: float = 0.0, **kwargs):
     """Run a reference ``handler`` on the dense canvas of ``x`` (``fill`` at masked sites) and
     gather the visible tiles of its output."""
     dense = x.canvas(fill) if isinstance(x, SparseMap) else x
-    out = handler(mode, func, dense, *args, **kwargs)
+    out = handler(ctx, func, dense, *args, **kwargs)
     if isinstance(out, (tuple, list)):
-        return type(out)([mode.as_tiles(out[0]), *out[1:]])
-    return mode.as_tiles(out)
+        return type(out)([ctx.as_tiles(out[0]), *out[1:]])
+    return ctx.as_tiles(out)
 
 
 def _channels_first(x) -> bool:
@@ -72,29 +77,26 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _output_factor(x: SparseMap, kernel, stride, padding, dilation):
-    """Sites per patch of a windowed layer's output, when it lies on the mask grid at ``factor /
-    stride`` along each axis (each stride dividing the factor, output size ``size / stride``;
-    images: equal strides on both axes), as :meth:`MaskPyramid.factor` gives it; else None."""
+def _output_factor(ctx: FastContext, x: SparseMap, kernel, stride, padding, dilation):
+    """Sites per patch of a windowed layer's output, one per axis, when it lies on the mask grid at
+    ``factor / stride`` along each axis (each stride dividing the factor, output size ``size /
+    stride``, and :meth:`~.context.SparseContext.on_grid`); else None."""
     g = x.geometry
     out = []
     for size, f, k, s, p, d in zip(g.sizes, g.factors, kernel, stride, padding, dilation):
         if f % s or _output_size(size, k, s, p, d) * s != size:
             return None
         out.append(f // s)
-    if g.spatial_dims == 2:
-        return out[0] if stride[0] == stride[1] else None
-    return tuple(out)
+    return ctx.on_grid(tuple(out))
 
 
-def _windowed(mode: FastSparseMode, x: SparseMap, layer, out_factor, stride, kernel, dilation, padding,
+def _windowed(ctx: FastContext, x: SparseMap, layer, out_factor, stride, kernel, dilation, padding,
               fill: float = 0.0) -> SparseMap:
     """``layer`` (without padding) applied to each visible tile with the halo its windows read,
     giving the outputs (``out_factor`` sites per patch) of every visible patch."""
-    out_factors = per_axis(out_factor, x.geometry.spatial_dims)
-    sizes = tuple((fo - 1) * s + d * (k - 1) + 1 for fo, s, k, d in zip(out_factors, stride, kernel, dilation))
+    sizes = tuple((fo - 1) * s + d * (k - 1) + 1 for fo, s, k, d in zip(out_factor, stride, kernel, dilation))
     out = layer(x.halo(sizes, tuple(padding), fill))
-    return SparseMap(out, mode.geometry(out_factor), 2)
+    return SparseMap(out, ctx.geometry(out_factor), 2)
 
 
 # -- convolution -------------------------------------------------------------------------------------
@@ -119,35 +121,34 @@ def _explicit_padding(padding, kernel, dilation) -> tuple[int, ...] | None:
     return None
 
 
-def conv(mode: FastSparseMode, func, x, /, *args, **kwargs):
+def conv(ctx: FastContext, func, x, /, *args, **kwargs):
     """``F.conv2d`` / ``F.conv3d`` at visible sites: on each tile with its halo (the tile alone
     when the windows stay inside it)."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     w, b, stride, padding, dilation, groups = _conv_parameters(args, kwargs)
     if not _channels_first(x) or w.dim() != x.tiles.dim():
         return ON_CANVAS
     n = x.geometry.spatial_dims
     kernel, stride, dilation = tuple(w.shape[2:]), per_axis(stride, n), per_axis(dilation, n)
     padding = _explicit_padding(padding, kernel, dilation)
-    fo = None if padding is None else _output_factor(x, kernel, stride, padding, dilation)
+    fo = None if padding is None else _output_factor(ctx, x, kernel, stride, padding, dilation)
     if fo is None:
         return ON_CANVAS
-    one_site = fo == 1 or fo == (1,) * n
-    if one_site and groups == 1 and x.tiles.device.type in IM2COL_ONE_SITE:
+    if fo == (1,) * n and groups == 1 and x.tiles.device.type in IM2COL_ONE_SITE:
         # one output site per tile: the window's products as one matrix product (im2col), several
         # times faster than a convolution over 1 x 1 outputs on CPU
         cols = x.halo(tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation)), padding)
         if any(d != 1 for d in dilation):
             cols = cols[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))]
         out = F.linear(cols.reshape(cols.shape[0], -1), w.reshape(w.shape[0], -1), b)
-        return SparseMap(out.view(*out.shape, *(1,) * n), mode.geometry(fo), 2)
-    if n == 2 and groups > 1 and groups == x.tiles.shape[1] and fo < CANVAS_DEPTHWISE_BELOW.get(x.tiles.device.type, 0) \
-            and kernel != (1, 1):
+        return SparseMap(out.view(*out.shape, *(1,) * n), ctx.geometry(fo), 2)
+    if n in CANVAS_DEPTHWISE_DIMS and groups > 1 and groups == x.tiles.shape[1] and any(k > 1 for k in kernel) \
+            and max(fo) < CANVAS_DEPTHWISE_BELOW.get(x.tiles.device.type, 0):
         # a depthwise convolution with small output tiles: the halo would move several times the
         # data the layer computes on, so the (cheap) layer runs on the zero canvas instead
-        return mode.as_tiles(func(x.canvas(), *args, **kwargs))  # (a channels-last canvas for channels-last tiles)
-    layer = F.conv2d if n == 2 else F.conv3d
-    return _windowed(mode, x, lambda t: layer(t, w, b, stride, 0, dilation, groups), fo, stride, kernel,
+        return ctx.as_tiles(func(x.canvas(), *args, **kwargs))  # (a channels-last canvas for channels-last tiles)
+    layer = _CONV[n]
+    return _windowed(ctx, x, lambda t: layer(t, w, b, stride, 0, dilation, groups), fo, stride, kernel,
                      dilation, padding)
 
 
@@ -167,43 +168,43 @@ def _pool_parameters(func, args, kwargs, n: int) -> tuple:
             func in (F.max_pool2d_with_indices, F.max_pool3d_with_indices))
 
 
-def max_pool(mode: FastSparseMode, func, x, /, *args, **kwargs):
+def max_pool(ctx: FastContext, func, x, /, *args, **kwargs):
     """Max pooling on each tile with its halo, read as ``-inf`` at masked sites."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not _channels_first(x):
         return ON_CANVAS
     n = x.geometry.spatial_dims
     kernel, stride, padding, dilation, ceil, indices = _pool_parameters(func, args, kwargs, n)
-    fo = None if ceil or indices else _output_factor(x, kernel, stride, padding, dilation)
+    fo = None if ceil or indices else _output_factor(ctx, x, kernel, stride, padding, dilation)
     if fo is None:
         return ON_CANVAS
-    layer = F.max_pool2d if n == 2 else F.max_pool3d
-    return _windowed(mode, x, lambda t: layer(t, kernel, stride, 0, dilation), fo, stride, kernel,
+    layer = _MAX_POOL[n]
+    return _windowed(ctx, x, lambda t: layer(t, kernel, stride, 0, dilation), fo, stride, kernel,
                      dilation, padding, float("-inf"))
 
 
-def avg_pool(mode: FastSparseMode, func, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+def avg_pool(ctx: FastContext, func, x, kernel_size, stride=None, padding=0, ceil_mode=False,
              count_include_pad=True, divisor_override=None):
     """Average pooling whose windows tile the patches (kernel = stride, no padding): on the tiles;
     windows across patch borders run on the canvas."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not _channels_first(x):
         return ON_CANVAS
     g = x.geometry
     n = g.spatial_dims
     kernel, step = per_axis(kernel_size, n), per_axis(kernel_size if stride is None or stride == [] else stride, n)
-    if kernel != step or any(per_axis(padding, n)) or any(f % s for f, s in zip(g.factors, step)) \
-            or (n == 2 and step[0] != step[1]):
+    if kernel != step or any(per_axis(padding, n)) or any(f % s for f, s in zip(g.factors, step)):
         return ON_CANVAS
-    out = (F.avg_pool2d if n == 2 else F.avg_pool3d)(x.tiles, kernel, step, 0, ceil_mode, count_include_pad,
-                                                      divisor_override)
-    factor = g.factor // step[0] if n == 2 else tuple(f // s for f, s in zip(g.factors, step))
-    return SparseMap(out, mode.geometry(factor), 2)
+    factor = ctx.on_grid(tuple(f // s for f, s in zip(g.factors, step)))
+    if factor is None:
+        return ON_CANVAS
+    out = _AVG_POOL[n](x.tiles, kernel, step, 0, ceil_mode, count_include_pad, divisor_override)
+    return SparseMap(out, ctx.geometry(factor), 2)
 
 
-def adaptive_pool(mode: FastSparseMode, func, x, /, output_size, *args, **kwargs):
+def adaptive_pool(ctx: FastContext, func, x, /, output_size, *args, **kwargs):
     """Pooling to a single site: a mean (or maximum) over each sample's tiles."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not _channels_first(x):
         return ON_CANVAS
     n = x.geometry.spatial_dims
@@ -211,7 +212,7 @@ def adaptive_pool(mode: FastSparseMode, func, x, /, output_size, *args, **kwargs
     if size == tuple(x.shape[-n:]):
         return x
     if size != (1,) * n or args or kwargs.get("return_indices"):
-        mode.fail(func, x, f"pools to {size}, which only has a sparse meaning for a single site")
+        ctx.fail(func, x, f"pools to {size}, which only has a sparse meaning for a single site")
     t = _per_sample(x)  # (B, K, C, *f)
     over = (1, *range(3, n + 3))
     pooled = t.amax(over) if func in (F.adaptive_max_pool2d, F.adaptive_max_pool3d) else t.mean(over)
@@ -225,20 +226,20 @@ def _per_sample(x: SparseMap):
     return x.tiles.view(g.batch, g.tiles // g.batch, *x.tiles.shape[1:])
 
 
-def _require_channels_first(mode: FastSparseMode, func, x: SparseMap, what: str) -> None:
+def _require_channels_first(ctx: FastContext, func, x: SparseMap, what: str) -> None:
     if not _channels_first(x):
-        mode.fail(func, x, f"is a {what} over a map that is not (B, C, *spatial)")
+        ctx.fail(func, x, f"is a {what} over a map that is not (B, C, *spatial)")
 
 
-def batch_norm(mode: FastSparseMode, func, x, running_mean, running_var, weight=None, bias=None,
+def batch_norm(ctx: FastContext, func, x, running_mean, running_var, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5):
     """Batch norm with the tiles as the batch (of every rank, with a sync group)."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    _require_channels_first(mode, func, x, "batch norm")
+    _require_channels_first(ctx, func, x, "batch norm")
     if training or running_mean is None:
-        out = batch_norm_rows(x.tiles, running_mean, running_var, weight, bias, True, momentum, eps, mode.sync_group)
+        out = batch_norm_rows(x.tiles, running_mean, running_var, weight, bias, True, momentum, eps, ctx.sync_group)
     else:
         out = F.batch_norm(x.tiles, running_mean, running_var, weight, bias, False, momentum or 0.0, eps)
     return x.with_tiles(out)
@@ -251,27 +252,27 @@ def _sample_group_norm(x: SparseMap, num_groups: int, weight, bias, eps: float) 
     return x.with_tiles(out.reshape(x.tiles.shape))
 
 
-def group_norm(mode: FastSparseMode, func, x, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm(ctx: FastContext, func, x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm over each sample's tiles."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, num_groups, weight, bias, eps)
-    _require_channels_first(mode, func, x, "group norm")
+    _require_channels_first(ctx, func, x, "group norm")
     return _sample_group_norm(x, num_groups, weight, bias, eps)
 
 
-def instance_norm(mode: FastSparseMode, func, x, running_mean=None, running_var=None, weight=None,
+def instance_norm(ctx: FastContext, func, x, running_mean=None, running_var=None, weight=None,
                   bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
     """Instance norm over each sample's tiles (a group norm with one channel per group); with
     running statistics, per site."""
-    x = mode.as_tiles(x)
+    x = ctx.as_tiles(x)
     if not isinstance(x, SparseMap):
         return func(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    _require_channels_first(mode, func, x, "instance norm")
+    _require_channels_first(ctx, func, x, "instance norm")
     if not use_input_stats:
         return x.with_tiles(F.instance_norm(x.tiles, running_mean, running_var, weight, bias, False, momentum, eps))
     if running_mean is not None:
-        mode.fail(func, x, "is an instance norm with running statistics, which is not supported")
+        ctx.fail(func, x, "is an instance norm with running statistics, which is not supported")
     return _sample_group_norm(x, x.tiles.shape[1], weight, bias, eps)
 
 
@@ -279,25 +280,25 @@ def _trailing_channels(x: SparseMap) -> int:
     return x.dim() - (x.spatial_dim + x.geometry.spatial_dims)
 
 
-def channel_norm(mode: FastSparseMode, func, x, /, normalized_shape, *args, **kwargs):
+def channel_norm(ctx: FastContext, func, x, /, normalized_shape, *args, **kwargs):
     """LayerNorm / RMSNorm over trailing channel dims: on the tiles."""
     if not isinstance(x, SparseMap):
-        return reference.channel_norm(mode, func, x, normalized_shape, *args, **kwargs)
+        return reference.channel_norm(ctx, func, x, normalized_shape, *args, **kwargs)
     n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
     if n > _trailing_channels(x):
-        mode.fail(func, x, "normalises over spatial dims")
+        ctx.fail(func, x, "normalises over spatial dims")
     return x.with_tiles(func(x.tiles, normalized_shape, *args, **kwargs))
 
 
-def channel_linear(mode: FastSparseMode, func, x, /, *args, **kwargs):
+def channel_linear(ctx: FastContext, func, x, /, *args, **kwargs):
     """Linear over the last (channel) dim: on the tiles."""
     if not isinstance(x, SparseMap):
-        return reference.channel_linear(mode, func, x, *args, **kwargs)
+        return reference.channel_linear(ctx, func, x, *args, **kwargs)
     if _trailing_channels(x) < 1:
-        mode.fail(func, x, "mixes the width dim of a channels-first map")
+        ctx.fail(func, x, "mixes the width dim of a channels-first map")
     return x.with_tiles(func(x.tiles, *args, **kwargs))
 
 
-def pad_on_canvas(mode: FastSparseMode, func, x, /, *args, **kwargs):
+def pad_on_canvas(ctx: FastContext, func, x, /, *args, **kwargs):
     """Padding: the zero canvas, padded (a dense map off the grid, for the next layer to read)."""
-    return func(x.canvas() if isinstance(x, SparseMap) else mode.mask_input(x), *args, **kwargs)
+    return func(x.canvas() if isinstance(x, SparseMap) else ctx.mask_input(x), *args, **kwargs)

@@ -39,14 +39,14 @@ class SparseForm:
         self._images = images
         return self.mode.wrap_input(images)
 
-    def exit(self, feature: Tensor, factor: int) -> Tensor:
-        """A feature map at ``factor`` sites per patch side as a dense tensor, zero at masked
+    def exit(self, feature: Tensor, factor: tuple[int, ...]) -> Tensor:
+        """A feature map at ``factor`` sites per patch (one per axis) as a dense tensor, zero at masked
         sites, in the images' memory format. Call it after the ``with`` block."""
         return like_format(self.mode.dense_output(feature, factor), self._images)
 
 
 def sparse_form(impl: str, masks: MaskPyramid, sync_group=None, path: list[tuple[str, str]] | None = None,
-                constants: dict | None = None) -> SparseForm:
+                constants: dict | None = None, patch: tuple[int, ...] | None = None) -> SparseForm:
     """The sparse form for one forward pass: ``impl="fast"`` holds feature maps as their visible
     tiles, unless the masks keep a different number of patches per sample or the forward is being
     traced by ``torch.compile``, which use the reference form (dense, then mask), as does
@@ -55,8 +55,12 @@ def sparse_form(impl: str, masks: MaskPyramid, sync_group=None, path: list[tuple
     ``sync_group``: process group for batch statistics across ranks (None: this process).
     ``path``: a live (module name, type) stack, so errors name the module (build-time checks).
     ``constants``: a dict the fast form keeps its mask-independent index pieces in, to reuse
-    across forwards (the encoder's)."""
+    across forwards (the encoder's).
+    ``patch``: the patch size per axis (the encoder's total stride); axes of equal patch size
+    must have equal sites per patch for a map to be read as lying on the grid (see
+    :meth:`SparseMode.on_grid`)."""
     if impl not in SPARSE_IMPLS:
         raise ValueError(f"sparse_impl must be one of {SPARSE_IMPLS}, got {impl!r}")
     fast = impl == "fast" and supports_fast(masks) and not torch.compiler.is_compiling()
-    return SparseForm(FastSparseMode(masks, path, sync_group, constants) if fast else SparseMode(masks, path, sync_group))
+    mode = FastSparseMode(masks, path, sync_group, patch, constants) if fast else SparseMode(masks, path, sync_group, patch)
+    return SparseForm(mode)

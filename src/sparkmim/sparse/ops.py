@@ -18,7 +18,7 @@ from ..masking import per_axis
 
 __all__ = ["SparseSemanticsError", "OpKind", "KIND_OF", "PASS_THROUGH", "REARRANGING", "MASKED_REDUCTIONS",
            "ONE_DIM_REDUCTIONS", "SCANS", "METADATA_PROPERTIES", "ON_CANVAS", "is_inplace", "tensors",
-           "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial", "per_axis"]
+           "take_reduction_dim", "reduced_dims", "adaptive_output_size", "keeps_spatial"]
 
 
 class SparseSemanticsError(RuntimeError):

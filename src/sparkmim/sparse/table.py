@@ -97,13 +97,16 @@ RULES: dict[Callable, Rule] = _rules()
 def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *_):
     """``torch.convolution`` / ``torch._convolution``: ``F.conv2d`` / ``F.conv3d`` or their
     transposed forms for 2-D / 3-D kernels; other dimensionalities keep their spelling (and its rule)."""
-    if weight.dim() not in (4, 5):
+    conv, conv_transpose = _CONVOLUTIONS.get(weight.dim(), (None, None))
+    if conv is None:
         return None
-    two = weight.dim() == 4
     if transposed:
-        return (F.conv_transpose2d if two else F.conv_transpose3d), \
-            (input, weight, bias, stride, padding, output_padding, groups, dilation), {}
-    return (F.conv2d if two else F.conv3d), (input, weight, bias, stride, padding, dilation, groups), {}
+        return conv_transpose, (input, weight, bias, stride, padding, output_padding, groups, dilation), {}
+    return conv, (input, weight, bias, stride, padding, dilation, groups), {}
+
+
+# by kernel rank: (convolution, transposed convolution)
+_CONVOLUTIONS = {4: (F.conv2d, F.conv_transpose2d), 5: (F.conv3d, F.conv_transpose3d)}
 
 
 def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *_):

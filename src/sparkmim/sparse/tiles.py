@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..masking import MaskPyramid
 from ..norms import memory_format_of
-from .ops import SparseSemanticsError, per_axis
+from .ops import SparseSemanticsError
 
 __all__ = ["Patches", "Geometry", "SparseMap", "supports_fast", "to_dense", "to_tiles", "scatter", "replace_maps", "meta_like"]
 
@@ -71,16 +71,18 @@ class Patches:
 
 
 class Geometry:
-    """Where the tiles of a map with ``factor`` sites per patch along each axis sit, for one
-    batch (``factor``: an int for images, one per axis for volumes, as
-    :meth:`MaskPyramid.factor` gives it): the map is ``sizes`` sites, ``tiles`` of them per batch."""
+    """Where the tiles of a map with ``factors`` sites per patch (one per axis, as
+    :meth:`MaskPyramid.factor` gives them) sit, for one batch: the map is ``sizes`` sites,
+    ``tiles`` of them per batch."""
 
-    def __init__(self, patches: Patches, factor, constants: dict | None = None):
-        self.patches, self.factor = patches, factor
+    def __init__(self, patches: Patches, factors: tuple[int, ...], constants: dict | None = None):
+        self.patches = patches
         self.constants = {} if constants is None else constants  # mask-independent index pieces, reusable
         self.batch, self.tiles = patches.batch, patches.count
         n = len(patches.grid)
-        self.factors = per_axis(factor, n)
+        if len(factors) != n:
+            raise ValueError(f"a geometry needs one factor per axis of the {n}-D grid, got {factors}")
+        self.factors = tuple(factors)
         self.sizes = tuple(g * f for g, f in zip(patches.grid, self.factors))
         self.spatial_dims = n
         self.sites = math.prod(self.factors)  # per tile
@@ -178,7 +180,7 @@ class SparseMap(Tensor):
         )
 
     def __repr__(self) -> str:
-        return f"SparseMap(shape={tuple(self.shape)}, tiles={tuple(self.tiles.shape)}, factor={self.geometry.factor})"
+        return f"SparseMap(shape={tuple(self.shape)}, tiles={tuple(self.tiles.shape)}, factor={self.geometry.factors})"
 
     def with_tiles(self, tiles: Tensor, spatial_dim: int | None = None) -> SparseMap:
         """A map of the same geometry (and layout, unless ``spatial_dim`` is given) holding ``tiles``."""
