@@ -34,11 +34,13 @@ def buffers(enc):
     return {k: v.clone() for k, v in enc.model.named_buffers()}
 
 
-def projected_run(enc, x, masks=None, train=True):
-    """A fresh copy of ``enc`` run densely (``masks`` None) or sparsely: its features, the
-    gradients of a fixed random projection of them, and its buffers afterwards."""
+def projected_run(enc, x, masks=None, train=True, impl=None):
+    """A fresh copy of ``enc`` run densely (``masks`` None) or sparsely (in the sparse form
+    ``impl``, default the encoder's): its features, the gradients of a fixed random projection of
+    them, and its buffers afterwards."""
     e = fresh(enc).train(train)
-    feats = e(x) if masks is None else e(x, masks)
+    with e.using(impl or e.sparse_impl):
+        feats = e(x) if masks is None else e(x, masks)
     weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
                for i, f in enumerate(feats)]
     sum((f * w).sum() for f, w in zip(feats, weights)).backward()
@@ -59,11 +61,11 @@ def run_in_form(enc, impl, x, masks, train=True):
     projection of them, that loss's gradients, its buffers afterwards, and whether the first
     feature map was held as visible tiles."""
     e = fresh(enc).train(train)
-    e.sparse_impl = impl
     held = []
     hook = e.model.get_submodule(e.features[0].module).register_forward_hook(
         lambda m, a, o: held.append(_holds_tiles(o)))
-    feats = e(x, masks)
+    with e.using(impl):
+        feats = e(x, masks)
     hook.remove()
     weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i), dtype=f.dtype)
                for i, f in enumerate(feats)]
