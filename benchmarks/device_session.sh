@@ -46,6 +46,8 @@ fi
 if has 3d; then
   part 90 python3 benchmarks/encoder3d.py --device cuda --size 96 --batch 2 --rounds 5 --warmup 2
   part 90 python3 benchmarks/encoder3d.py --device cuda --size 128 --batch 8 --rounds 5 --warmup 2
+  # channels_last_3d (--channels-last true for volumes; auto keeps them contiguous until this is measured)
+  part 90 python3 benchmarks/encoder3d.py --device cuda --size 128 --batch 8 --rounds 5 --warmup 2 --channels-last
 fi
 python3 benchmarks/table.py "$LOG" 2>/dev/null | head -40
 grep '"encoder3d"' "$LOG" | cut -c1-60,200-400

@@ -118,12 +118,13 @@ def count_run_steps(model: str, size: int, batch: int, impl: str, first: int = 3
 def count_parts(model: str, size: int, batch: int, impl: str) -> dict[str, Count]:
     """Ops of the model's parts, on the same model the run builds."""
     from sparkmim.config import load_config
+    from sparkmim.modality import modality_for
     from sparkmim.train.loop import optimizer_step
     from sparkmim.train.setup import build_model, build_optimizer
 
     cfg = load_config(None, dict(data="demo", model=model, input_size=size, batch_size=batch, sparse_impl=impl))
     torch.manual_seed(0)
-    spark = build_model(cfg).train()
+    spark = build_model(cfg, modality_for(cfg.model)).train()
     opt = build_optimizer(spark, cfg, 1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.randn(batch, 3, size, size)

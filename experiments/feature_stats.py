@@ -16,9 +16,10 @@ import torch
 
 from sparkmim.encoder import SparseEncoder
 from sparkmim.eval.config import EvalConfig
-from sparkmim.eval.data import LabelledImages, build_splits
+from sparkmim.eval.data import LabelledSamples, build_splits
 from sparkmim.eval.probes import extract_features
 from sparkmim.eval.run import build_backbone
+from sparkmim.modality import VOLUMES
 from sparkmim.volumes import volume_eval_transform
 
 
@@ -36,8 +37,8 @@ def spread(f: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
 def main(data: str, sources: list[str]) -> None:
     cfg = EvalConfig(mode="knn", data=f"{data}/train", val=f"{data}/val", model="monai:resnet10", in_chans=1,
                      input_size=32, input_depth=32, workers=1, progress=False)
-    train, _, classes = build_splits(cfg, True)
-    images = LabelledImages(train[::2], classes, volume_eval_transform((32, 32, 32), "zscore"), 1, volumes=True)
+    train, _, classes = build_splits(cfg, VOLUMES)
+    images = LabelledSamples(train[::2], classes, volume_eval_transform((32, 32, 32), "zscore"), 1, VOLUMES)
     loader = torch.utils.data.DataLoader(images, batch_size=50)
     for source in sources:
         backbone, _ = build_backbone(cfg, source, 0)

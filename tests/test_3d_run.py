@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sparkmim.backbones import create_backbone
+from sparkmim.checkpoint import checkpoint_paths
 from sparkmim.cli import main
 from sparkmim.config import load_config
 from sparkmim.train import pretrain
-from sparkmim.train.checkpoint import CheckpointManager
 from sparkmim.weights import load_encoder_weights
 
 nib = pytest.importorskip("nibabel")
@@ -79,7 +79,7 @@ def test_a_3d_run_resumes_to_identical_weights(volumes, tmp_path, capsys):
     events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     resumed = [e for e in events if e["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["checkpoint"].endswith("checkpoint-00000002.pth"), resumed
-    a, b = (torch.load(CheckpointManager(tmp_path / d).latest(), weights_only=True) for d in ("straight", "crashed"))
+    a, b = (torch.load(checkpoint_paths(tmp_path / d)[-1], weights_only=True) for d in ("straight", "crashed"))
     assert a["step"] == b["step"] == 6
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:

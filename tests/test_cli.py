@@ -12,9 +12,10 @@ import yaml
 from PIL import Image
 
 from conftest import write_noise_images
+from sparkmim.checkpoint import checkpoint_paths
 from sparkmim.cli import RECIPES, build_parser, main
 from sparkmim.config import ConfigError, PretrainConfig, load_config
-from sparkmim.train.checkpoint import CheckpointManager
+from sparkmim.modality import modality_for
 from sparkmim.weights import load_encoder_weights
 
 TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
@@ -54,23 +55,26 @@ def test_yaml_recipes_load_and_flags_override(tmp_path):
 
 
 def test_channels_last_is_auto_true_or_false(tmp_path):
-    """``auto`` (the default) picks channels-last on CUDA and contiguous maps on CPU; YAML
-    booleans and flag values both work; anything else is refused."""
+    """``auto`` (the default) picks channels-last on CUDA and contiguous maps on CPU for images,
+    contiguous volumes everywhere (not measured for them); ``true`` gives the modality's
+    channels-last format; YAML booleans and flag values both work; anything else is refused."""
     import torch
 
-    from sparkmim.train.setup import resolve_channels_last
+    from sparkmim.modality import IMAGES, VOLUMES
 
+    last, plain, last_3d = torch.channels_last, torch.contiguous_format, torch.channels_last_3d
     assert load_config().channels_last == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert (resolve_channels_last("auto", cpu), resolve_channels_last("auto", cuda)) == (False, True)
+    assert (IMAGES.memory_format("auto", cpu), IMAGES.memory_format("auto", cuda)) == (plain, last)
+    assert (VOLUMES.memory_format("auto", cuda), VOLUMES.memory_format("true", cpu)) == (plain, last_3d)
     path = tmp_path / "c.yaml"
-    for value, want in ((True, True), (False, False)):
+    for value, want in ((True, last), (False, plain)):
         path.write_text(yaml.safe_dump({"channels_last": value}))
-        assert resolve_channels_last(load_config(path).channels_last, cuda if not want else cpu) is want
+        assert IMAGES.memory_format(load_config(path).channels_last, cuda if want is plain else cpu) == want
     args = build_parser().parse_args(["pretrain", "--channels-last", "true"])
     from sparkmim.config import config_from_args
 
-    assert resolve_channels_last(config_from_args(args).channels_last, cpu) is True
+    assert IMAGES.memory_format(config_from_args(args).channels_last, cpu) == last
     with pytest.raises(ConfigError, match="channels_last must be one of auto, true, false, got .sometimes."):
         load_config(None, {"channels_last": "sometimes"})
 
@@ -178,7 +182,7 @@ def test_a_run_says_what_its_checkpoints_cost_and_warns_of_a_tiny_lr(images, tmp
     assert len(coarse) == 1 and coarse[0].startswith("the mask grid is 2x2 (4 patches of 32x32, 2 visible)")
     assert "larger crop (--input-size)" in coarse[0] and "--feature-modules" in coarse[0] and "e.g. 16x16" in coarse[0]
     start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
-    size = (out / CheckpointManager(out).latest().name).stat().st_size
+    size = (out / checkpoint_paths(out)[-1].name).stat().st_size
     assert abs(start["checkpoint_mib"] * 2**20 - size) < 0.02 * size and start["checkpoints_mib"] >= start["checkpoint_mib"]
     with pytest.warns(UserWarning, match=f"replacing the existing {out / 'encoder.safetensors'}"):
         assert main(["export", str(out)]) == 0
@@ -195,13 +199,14 @@ def test_fewer_decoded_stages_give_a_finer_mask_grid(images, tmp_path, capsys):
         assert main(argv) == 0
     assert not [w for w in caught if str(w.message).startswith("the mask grid")]  # 4 x 4 is fine
     start = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"event": "start"' in line))
-    assert start["strides"] == [4, 8, 16]
-    state = torch.load(CheckpointManager(out).latest(), weights_only=True)
+    assert start["strides"] == [[4, 4], [8, 8], [16, 16]]
+    state = torch.load(checkpoint_paths(out)[-1], weights_only=True)
     assert state["config"]["feature_modules"] == "layer1,layer2,layer3"
     load_encoder_weights(timm.create_model("resnet10t", num_classes=0), out / "encoder.safetensors", strict=True)
     from sparkmim.train.setup import build_model
 
-    unused = build_model(load_config(None, state["config"])).unused_parameters()
+    cfg = load_config(None, state["config"])
+    unused = build_model(cfg, modality_for(cfg.model)).unused_parameters()
     assert "encoder.model.layer4.0.conv1.weight" in unused and not any("layer3" in k for k in unused)
     assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out), "--resume", "auto", "--epochs", "2"]) == 2
     assert "feature_modules: checkpoint 'layer1,layer2,layer3' vs now None" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from conftest import write_noise_images
-from sparkmim.train.checkpoint import CheckpointManager
+from sparkmim.checkpoint import CheckpointManager, checkpoint_paths
 
 TINY = ["--model", "resnet10t", "--input-size", "64", "--decoder-width", "32", "--batch-size", "4",
         "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--tensorboard", "false", "--progress", "false",
@@ -235,7 +235,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint(images, tmp_path, cli):
     summary = summary_of(resumed)
     assert f"cannot read checkpoint {newest}" in resumed.stderr and "trying the previous checkpoint" in resumed.stderr
     assert f'"checkpoint": "{older}"' in resumed.stdout and summary["steps"] == 4
-    state = torch.load(CheckpointManager(out).latest(), weights_only=True)  # the truncated one was replaced
+    state = torch.load(checkpoint_paths(out)[-1], weights_only=True)  # the truncated one was replaced
     assert state["step"] == 4
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # lines after the checkpoint were logged once, not twice
@@ -267,7 +267,7 @@ def test_too_little_free_space_is_warned_at_start(monkeypatch, tmp_path):
     import shutil
 
     from sparkmim import SparK, SparseEncoder
-    from sparkmim.train.checkpoint import check_free_space
+    from sparkmim.train.folder import check_free_space
 
     model = SparK(SparseEncoder.from_timm("resnet10t"), decoder_width=32)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
@@ -335,7 +335,7 @@ def test_files_that_are_not_plain_data_are_refused_and_nothing_in_them_runs(imag
     evaluate refuse it in one line (exit 2) in sparkmim's words, and the code never runs."""
     out, _ = finished
     marker = tmp_path / "ran"
-    state = torch.load(CheckpointManager(out).latest(), weights_only=True)
+    state = torch.load(checkpoint_paths(out)[-1], weights_only=True)
     bad = tmp_path / "bad.pth"
     torch.save({**state, "extra": Payload(marker)}, bad)
     labelled = tmp_path / "labelled"

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import write_noise_images
+from sparkmim.checkpoint import checkpoint_paths
 from sparkmim.config import load_config
 from sparkmim.train import pretrain
-from sparkmim.train.checkpoint import CheckpointManager
 
 BASE = dict(model="resnet10t", input_size=64, decoder_width=32, workers=0, warmup_epochs=0.5, lr=2e-3,
             log_every_steps=1, vis_every_epochs=100, tensorboard=False, progress=False, dist_timeout=60)
@@ -35,7 +35,7 @@ def torchrun(nproc: int, options: dict, log: Path, extra=()) -> subprocess.Popen
 
 
 def final_model(out: Path) -> dict:
-    return torch.load(CheckpointManager(out).latest(), weights_only=True)
+    return torch.load(checkpoint_paths(out)[-1], weights_only=True)
 
 
 def test_two_ranks_equal_one_process_on_the_same_global_batch(folder, tmp_path):
@@ -80,7 +80,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(folder, two_rank_run, tmp_
     # epoch 1: 4 steps of 4 images on 2 ranks; epoch 2: 8 steps of 2 images on 1 rank. The step
     # counter (and so the lr schedule) is re-expressed in the new effective batch: 16 images = 8 steps
     assert summary["images_seen"] == 32 and summary["steps"] == 16
-    assert CheckpointManager(out).latest().name == "checkpoint-00000016.pth"
+    assert checkpoint_paths(out)[-1].name == "checkpoint-00000016.pth"
 
 
 def _worker_pids(agent_pid: int) -> dict[int, int]:

@@ -16,13 +16,13 @@ import timm
 import torch
 from PIL import Image
 
+from sparkmim.checkpoint import CheckpointManager, checkpoint_paths, weights_state
 from sparkmim.config import load_config
 from sparkmim.data import DataError
 from sparkmim.distributed import DistInfo
 from sparkmim.train import NonFiniteLossError, pretrain
-from sparkmim.train.checkpoint import CheckpointManager
 from sparkmim.train.run import Run
-from sparkmim.weights import encoder_weights, load_encoder_weights, weights_state
+from sparkmim.weights import encoder_weights, load_encoder_weights
 
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, workers=0, epochs=2,
             warmup_epochs=0.5, lr=1e-3, log_every_steps=1, vis_every_epochs=1, tensorboard=False, progress=False)
@@ -62,7 +62,7 @@ def test_tiny_run_writes_everything_and_exports_strictly(folder, tmp_path):
     assert len(lines) == 8
     with Image.open(out / "metrics.png") as plot:  # loss, gradient norm and lr, redrawn at the end
         assert plot.size == (1200, 340)
-    ckpt = CheckpointManager(out).latest()
+    ckpt = checkpoint_paths(out)[-1]
     state = torch.load(ckpt, weights_only=True)  # plain data
     assert state["step"] == 8 and state["config"]["model"] == "resnet10t"
     fresh = timm.create_model("resnet10t", num_classes=0)
@@ -164,7 +164,7 @@ def test_loss_first_is_the_first_steps_loss_whatever_the_logging_interval(folder
 
 
 def _final_state(out: Path) -> dict:
-    return torch.load(CheckpointManager(out).latest(), weights_only=True)
+    return torch.load(checkpoint_paths(out)[-1], weights_only=True)
 
 
 def _assert_same_training_state(a: dict, b: dict):
@@ -252,7 +252,7 @@ def test_killed_run_resumes_to_identical_weights(folder, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = CheckpointManager(out).latest()
+    killed_at = checkpoint_paths(out)[-1]
     assert killed_at is not None and int(killed_at.stem.split("-")[1]) < 12
     summary = pretrain(cfg(folder, out, resume="auto", **kw))
     assert summary["steps"] == 12

@@ -4,8 +4,9 @@ enlargement, so patches stay sharp), a label per row of a volume (its name and t
 import numpy as np
 import torch
 
+from sparkmim.modality import CLIP_SLICES, IMAGES, modality_for
 from sparkmim.model import Reconstruction
-from sparkmim.visualize import CLIP_SLICES, reconstruction_grid, slice_names_for
+from sparkmim.visualize import reconstruction_grid
 
 COLOURS = [(0.2, 0.5, 0.8), (0.7, 0.3, 0.1)]
 DOT = (0.9, 0.1, 0.9)
@@ -75,5 +76,6 @@ def test_volume_grid_labels_each_row_with_the_volume_and_the_slice_axis():
 
 
 def test_clips_name_their_slices_by_axis():
-    assert slice_names_for("torchvision:r3d_18") == CLIP_SLICES
-    assert slice_names_for("monai:resnet10") == ("axial", "coronal", "sagittal")
+    assert modality_for("torchvision:r3d_18").slice_names == CLIP_SLICES
+    assert modality_for("monai:resnet10").slice_names == ("axial", "coronal", "sagittal")
+    assert modality_for("resnet50") is IMAGES and modality_for("torchvision:resnet18") is IMAGES

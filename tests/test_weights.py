@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 
+from sparkmim.checkpoint import weights_state
 from sparkmim.weights import (
     ENCODER_PREFIX,
     WriteError,
@@ -13,7 +14,6 @@ from sparkmim.weights import (
     encoder_weights,
     load_encoder_weights,
     save_encoder_weights,
-    weights_state,
 )
 
 

@@ -4,7 +4,8 @@ from .api import pretrain
 from .decoder import Densify, LightDecoder
 from .encoder import FeatureSpec, SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import MaskPyramid, grid_size, num_visible, random_visible
+from .masking import MaskPyramid, grid_of, grid_size, num_visible, random_visible
+from .modality import Modality, modality_for
 from .model import Reconstruction, SparK, SparKOutput
 from .sparse import SparseMode, SparseSemanticsError
 
@@ -22,7 +23,10 @@ __all__ = [
     "MaskPyramid",
     "SparseMode",
     "SparseSemanticsError",
+    "grid_of",
     "grid_size",
+    "Modality",
+    "modality_for",
     "num_visible",
     "random_visible",
     "patchify",

@@ -7,7 +7,7 @@ from functools import partial
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_monai", "create_backbone", "feature_modules_for", "spatial_dims_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates", "norm_kind",
+__all__ = ["create_timm", "create_torchvision", "create_monai", "create_backbone", "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates", "norm_kind",
            "strip_classifier", "TESTED_TIMM",
            "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
@@ -151,11 +151,6 @@ def is_video_model(name: str) -> bool:
     import torchvision
 
     return name.removeprefix("torchvision:") in torchvision.models.list_models(module=torchvision.models.video)
-
-
-def spatial_dims_for(name: str) -> int:
-    """3 for a model of volumes or clips (``monai:NAME``, torchvision video models), else 2."""
-    return 3 if name.startswith("monai:") or is_video_model(name) else 2
 
 
 def feature_modules_for(name: str) -> list[str] | None:

@@ -28,8 +28,8 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
 
 def _load_run(path: str):
     """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file."""
+    from .checkpoint import CheckpointManager
     from .config import PretrainConfig
-    from .train.checkpoint import CheckpointManager
 
     src = Path(path)
     if src.is_dir():
@@ -45,25 +45,21 @@ def _load_run(path: str):
 def _export(args: argparse.Namespace) -> int:
     from .backbones import create_backbone
     from .data import default_stats
-    from .weights import encoder_weights, load_encoder_weights, save_encoder_weights, save_timm_folder
+    from .weights import encoder_weights, export_backbone, export_paths, load_encoder_weights
 
     ckpt, state, cfg = _load_run(args.run)
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
     load_encoder_weights(backbone, encoder_weights(state["model"]), strict=True)
     fmt = args.format
     out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
-    is_timm = isinstance(getattr(backbone, "pretrained_cfg", None), dict)  # a timm model: also a timm model folder
-    replaced = [str(p) for p in (out, out.parent / "timm") if p.exists() and (p == out or is_timm)]
+    replaced = [str(p) for p in export_paths(backbone, out) if p.exists()]
     for path in replaced:
         warnings.warn(f"replacing the existing {path} with the weights of {ckpt}", stacklevel=1)
-    save_encoder_weights(backbone, out)
+    default_mean, default_std = default_stats(cfg.in_chans)
+    timm_folder = export_backbone(backbone, out, mean=state.get("norm_mean", default_mean),
+                                  std=state.get("norm_std", default_std), input_size=cfg.input_size)
     fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
     report = load_encoder_weights(fresh, out, strict=True)
-    timm_folder = None
-    if is_timm:
-        default_mean, default_std = default_stats(cfg.in_chans)
-        timm_folder = save_timm_folder(backbone, out.parent / "timm", mean=state.get("norm_mean", default_mean),
-                                       std=state.get("norm_std", default_std), input_size=cfg.input_size)
     print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
                       "matched": len(report["matched"]), "missing": report["missing"],
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
@@ -75,37 +71,33 @@ def _export(args: argparse.Namespace) -> int:
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import default_stats, load_image
-    from .eval.data import eval_transform
+    from .data import default_stats
+    from .modality import modality_for
     from .train.setup import build_model
-    from .visualize import save_reconstruction_grid, slice_names_for
+    from .visualize import save_reconstruction_grid
 
     ckpt, state, cfg = _load_run(args.checkpoint)
-    model = build_model(cfg)
+    modality = modality_for(cfg.model)
+    model = build_model(cfg, modality)
     model.load_state_dict(state["model"])
     model.eval()
     size = args.size or cfg.input_size
     mean, std = state.get("norm_mean"), state.get("norm_std")
     if mean is None:
         mean, std = default_stats(cfg.in_chans)
-    if model.spatial_dims == 3:  # volumes: resized whole, normalised as in the run
-        from .volumes import read_volume, volume_eval_transform
-
-        tf, load, kind = volume_eval_transform((cfg.input_depth or size, size, size), cfg.intensity), read_volume, "volume"
-    else:
-        tf, load, kind = eval_transform(size, 1.0, mean, std), load_image, "image"
+    tf, load = modality.reconstruct_transform(cfg, size, mean, std)  # resized whole, normalised as in the run
 
     def read(path: str):
         try:
             return load(path, cfg.in_chans)
         except Exception as e:  # missing, corrupt, not an image: one line naming the file
-            raise ValueError(f"cannot read {kind} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+            raise ValueError(f"cannot read {modality.noun} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
 
     images = torch.stack([tf(read(p)) for p in args.images])
     masks = model.draw_masks(images, torch.Generator().manual_seed(args.seed), ratio=args.mask_ratio)
     path = save_reconstruction_grid(model.reconstruct(images, visible=masks), args.out, mean, std,
                                     max_images=len(args.images), names=[Path(p).name for p in args.images],
-                                    slice_names=slice_names_for(cfg.model))
+                                    modality=modality)
     print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(path)}))
     return 0
 

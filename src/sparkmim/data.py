@@ -1,4 +1,5 @@
-"""Image data: the built-in demo photographs and the paper's augmentation."""
+"""Image data (the built-in demo photographs, reading, the paper's augmentation, evaluation transforms),
+and what samples of any modality share: the epoch sampler, the unreadable-file list, the data errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
+    "eval_transform", "finetune_transform",
     "list_images", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
     "DataError", "BadFiles",
 ]
@@ -61,6 +63,32 @@ def pretrain_transform(size: int | tuple[int, int], mean=IMAGENET_MEAN, std=IMAG
         v2.PILToTensor(),
         v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, crop_ratio: float, mean, std):
+    """Resize to ``size / crop_ratio`` (bicubic), centre-crop ``size``, normalise: evaluation."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(round(size / crop_ratio), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def finetune_transform(size: int, scale: tuple[float, float], hflip: float, mean, std):
+    """RandomResizedCrop (bicubic, area fraction ``scale``), horizontal flip, normalise: fine-tuning."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(hflip),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
     ])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import weights_state
 from .weights import (
     KeyMismatchError,
     atomic_write,
@@ -23,7 +24,6 @@ from .weights import (
     mismatch_message,
     mismatches,
     state_bytes,
-    weights_state,
 )
 
 __all__ = ["to_torchvision", "timm_convnext_to_torchvision", "detection_backbone", "fasterrcnn", "maskrcnn"]

@@ -4,42 +4,40 @@ slice's axis."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .modality import MODALITIES, Modality
 from .model import Reconstruction
 
 __all__ = ["reconstruction_grid", "orthogonal_slices", "save_grid", "save_reconstruction_grid", "COLUMNS",
-           "VOLUME_SLICES", "CLIP_SLICES", "MIN_TILE", "slice_names_for"]
+           "MIN_TILE"]
 
 COLUMNS = ("input", "masked", "reconstruction")
-VOLUME_SLICES = ("axial", "coronal", "sagittal")  # slices across depth, height and width of a scan
-CLIP_SLICES = ("depth", "height", "width")  # the same slices of a video clip (depth: time)
 MIN_TILE = 128  # tiles are shown at least this large (nearest-neighbour upscaling)
 _GAP, _WHITE = 4, (255, 255, 255)
 
 
 def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8, names: list[str] | None = None,
-                        slice_names: tuple[str, str, str] = VOLUME_SLICES, min_tile: int = MIN_TILE) -> Tensor:
-    """A ``(3, H', W')`` image in [0, 1]: a title row (input | masked | reconstruction), then one
-    row per image, or three per volume (its central slices, each labelled with the volume's name
-    from ``names`` and the slice's axis from ``slice_names``). Tiles smaller than ``min_tile``
-    pixels are enlarged by a whole factor (nearest neighbour), so patches stay sharp.
+                        modality: Modality | None = None, min_tile: int = MIN_TILE) -> Tensor:
+    """A ``(3, H', W')`` image in [0, 1]: a title row (input | masked | reconstruction), then the
+    rows ``modality`` shows (its :meth:`~sparkmim.modality.Modality.rows`): one per image, or three
+    per volume (its central slices, each labelled with the volume's name from ``names`` and the
+    slice's axis). ``modality`` None: by the number of spatial dims of ``rec``
+    (:data:`~sparkmim.modality.MODALITIES`). Tiles smaller than ``min_tile`` pixels are enlarged
+    by a whole factor (nearest neighbour), so patches stay sharp.
 
     Grayscale inputs are shown as gray, more than 3 channels by their first 3. The reconstruction
     column de-normalises the prediction of each masked patch with the true patch's mean and
     variance (the model predicts per-patch normalised pixels), as is usual for such grids."""
-    volumes = rec.input.dim() == 5
-    n = min(max_images, rec.input.shape[0])
-    labels = None
-    if volumes:
-        shown = [name for name in (names or [f"volume {i}" for i in range(n)])[:n]]
-        labels = [f"{name}\n{axis}" for name in shown for axis in slice_names]
-        rec = orthogonal_slices(rec)
-        n *= 3
+    modality = modality or MODALITIES[rec.input.dim() - 2]
+    count = min(max_images, rec.input.shape[0])
+    rec, labels = modality.rows(_first(rec, count), names, count)
+    n = rec.input.shape[0]
     c = rec.input.shape[1]
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -123,12 +121,10 @@ def orthogonal_slices(rec: Reconstruction) -> Reconstruction:
                           prediction=slices(rec.prediction), visible=rec.visible)
 
 
-def slice_names_for(model: str) -> tuple[str, str, str]:
-    """How the three central slices of a model's inputs are named: a clip's (torchvision video
-    models) by its axes, a volume's by the anatomical planes."""
-    from .backbones import is_video_model
-
-    return CLIP_SLICES if is_video_model(model) else VOLUME_SLICES
+def _first(rec: Reconstruction, n: int) -> Reconstruction:
+    """The images of the first ``n`` samples of a reconstruction (the mask is not shown)."""
+    return dataclasses.replace(rec, input=rec.input[:n], masked=rec.masked[:n], reconstruction=rec.reconstruction[:n],
+                               prediction=rec.prediction[:n])
 
 
 def save_grid(grid: Tensor, path: str | Path) -> Path:
@@ -142,5 +138,5 @@ def save_grid(grid: Tensor, path: str | Path) -> Path:
 
 def save_reconstruction_grid(rec: Reconstruction, path: str | Path, mean, std, max_images: int = 8,
                              **labels) -> Path:
-    """:func:`reconstruction_grid` written to ``path`` (``labels``: its ``names`` and ``slice_names``)."""
+    """:func:`reconstruction_grid` written to ``path`` (``labels``: its ``names`` and ``modality``)."""
     return save_grid(reconstruction_grid(rec, mean, std, max_images, **labels), path)

@@ -27,8 +27,7 @@ from .config import parse_intensity
 from .data import DataError, ImageFiles
 
 __all__ = ["VOLUME_EXTENSIONS", "is_volume_file", "list_volumes", "read_volume", "list_samples", "volume_transform",
-           "volume_eval_transform",
-           "parse_intensity", "VolumeFiles", "demo_volume_paths"]
+           "volume_eval_transform", "VolumeFiles", "demo_volume_paths"]
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".tif", ".tiff")
 

@@ -1,6 +1,7 @@
 """Weight files: the encoder weights with the original model's keys (safetensors or torch
-files, a timm model folder), key reports, checkpoint files as plain data, and the one atomic
-writer every file of sparkmim goes through."""
+files, a timm model folder), what an export writes, key reports, torch files read as plain data,
+and the one atomic writer every file of sparkmim goes through. (Training checkpoints:
+:mod:`sparkmim.checkpoint`.)"""
 
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX", "CHECKPOINT_PATTERN", "atomic_write",
-           "state_bytes",
-           "save_encoder_weights", "read_weights", "key_report", "mismatches", "mismatch_message",
-           "load_encoder_weights", "encoder_weights", "checkpoint_paths", "checkpoint_step", "read_checkpoint",
-           "weights_state", "save_timm_folder"]
+__all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX",
+           "atomic_write", "state_bytes", "save_encoder_weights", "read_weights", "key_report", "mismatches",
+           "mismatch_message", "load_encoder_weights", "encoder_weights", "is_timm_model", "export_paths",
+           "export_backbone", "save_timm_folder"]
 
 # where SparK keeps the user's model: its parameters in a checkpoint are "encoder.model.<original key>"
 ENCODER_PREFIX = "encoder.model."
-CHECKPOINT_PATTERN = "checkpoint-*.pth"
 
 
 class KeyMismatchError(ValueError):
@@ -201,44 +200,28 @@ def encoder_weights(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len(ENCODER_PREFIX):]: v for k, v in model_state.items() if k.startswith(ENCODER_PREFIX)}
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step of ``checkpoint-<step>.pth``; -1 for another name."""
-    try:
-        return int(Path(path).stem.split("-")[1])
-    except (IndexError, ValueError):
-        return -1
+def is_timm_model(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a timm model (it carries timm's ``pretrained_cfg``)."""
+    return isinstance(getattr(backbone, "pretrained_cfg", None), dict)
 
 
-def checkpoint_paths(folder: str | Path) -> list[Path]:
-    """The training checkpoints of a run folder, oldest step first."""
-    return sorted((p for p in Path(folder).glob(CHECKPOINT_PATTERN) if checkpoint_step(p) >= 0), key=checkpoint_step)
+def export_paths(backbone: nn.Module, out: str | Path) -> list[Path]:
+    """What :func:`export_backbone` writes: the weights file ``out`` and, for a timm backbone, the
+    timm model folder ``timm/`` beside it."""
+    out = Path(out)
+    return [out, out.parent / "timm"] if is_timm_model(backbone) else [out]
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint's plain data (``weights_only=True``); :class:`CheckpointError` naming the
-    file when it cannot be read or is not a sparkmim checkpoint."""
-    state = load_plain(path, "checkpoint")
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CheckpointError(f"cannot read checkpoint {path}: not a sparkmim training checkpoint")
-    return state
-
-
-def weights_state(source: str | Path) -> dict[str, Tensor]:
-    """The backbone weights (original model keys) in a sparkmim run folder (its exported
-    ``encoder.safetensors``, else its newest checkpoint), an exported ``.safetensors``/``.pth``
-    file, or a pre-training checkpoint."""
-    p = Path(source)
-    if p.is_dir():
-        if (p / "encoder.safetensors").is_file():
-            p = p / "encoder.safetensors"
-        else:
-            ckpts = checkpoint_paths(p)
-            if not ckpts:
-                raise FileNotFoundError(f"{p} holds neither encoder.safetensors nor a checkpoint")
-            p = ckpts[-1]
-    if not p.is_file():
-        raise FileNotFoundError(f"weights '{source}' not found (give 'random', 'pretrained' or a file/run folder)")
-    return read_weights(p)
+def export_backbone(backbone: nn.Module, out: str | Path, *, mean, std, input_size: int) -> Path | None:
+    """Export a pre-trained backbone: its weights with the original model's keys to ``out``
+    (``.safetensors`` or a torch file) and, for a timm backbone, a timm model folder ``timm/``
+    beside it (:func:`save_timm_folder`, with the run's normalisation and input size). Returns the
+    timm folder, or None. The end of a run and ``sparkmim export`` both write through here."""
+    out = Path(out)
+    save_encoder_weights(backbone, out)
+    if not is_timm_model(backbone):
+        return None
+    return save_timm_folder(backbone, out.parent / "timm", mean=mean, std=std, input_size=input_size)
 
 
 def save_timm_folder(backbone: nn.Module, folder: str | Path, *, mean, std, input_size: int) -> Path:
@@ -249,7 +232,7 @@ def save_timm_folder(backbone: nn.Module, folder: str | Path, *, mean, std, inpu
     as it is."""
     from timm.models import save_for_hf
 
-    if not isinstance(getattr(backbone, "pretrained_cfg", None), dict):
+    if not is_timm_model(backbone):
         raise ValueError(f"{type(backbone).__name__} is not a timm model; write its weights with save_encoder_weights")
     folder = Path(folder)
     cfg = {k: v for k, v in backbone.pretrained_cfg.items() if k not in ("url", "hf_hub_id", "file", "state_dict")}

@@ -1,5 +1,4 @@
-"""Labelled image folders: one sub-folder per class, seeded stratified splits, and the transforms
-of evaluation and fine-tuning."""
+"""Labelled folders of images or volumes: one sub-folder per class, and seeded stratified splits."""
 
 from __future__ import annotations
 
@@ -8,38 +7,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import IMAGE_EXTENSIONS, load_image
+from ..modality import IMAGES, Modality
 from .config import EvalConfig
 
-__all__ = ["LabelledImages", "scan_classes", "split_samples", "eval_transform", "train_transform", "build_splits"]
+__all__ = ["LabelledSamples", "scan_classes", "split_samples", "build_splits"]
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """``(path, class index)`` samples with a transform; images are read with :func:`load_image`
-    (volumes, with ``volumes=True``, with :func:`~sparkmim.volumes.read_volume`)."""
+class LabelledSamples(torch.utils.data.Dataset):
+    """``(path, class index)`` samples with a transform, read as ``modality`` reads them."""
 
     def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform, channels: int,
-                 volumes: bool = False):
+                 modality: Modality = IMAGES):
         self.samples, self.classes, self.transform, self.channels = samples, classes, transform, channels
-        self.volumes = volumes
+        self.modality = modality
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        if self.volumes:
-            from ..volumes import read_volume
-
-            if hasattr(self.transform, "set_random_state"):  # MONAI's own generator, seeded from torch's
-                self.transform.set_random_state(seed=int(torch.randint(2**31, (1,))))
-            return self.transform(read_volume(path, self.channels)), label
-        return self.transform(load_image(path, self.channels)), label
+        return self.modality.load(path, self.channels, self.transform), label
 
 
 def scan_classes(root: str | Path, classes: list[str] | None = None,
-                 volumes: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Images (or volumes) under ``root/<class>/`` (searched recursively inside each class folder)."""
+                 modality: Modality = IMAGES) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Samples (images or volumes) under ``root/<class>/`` (searched recursively inside each class
+    folder)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"labelled data folder {root} does not exist")
@@ -50,19 +43,13 @@ def scan_classes(root: str | Path, classes: list[str] | None = None,
             raise ValueError(f"{root} must hold one sub-folder per class (at least 2), found {len(classes)}")
     elif set(found) - set(classes):
         raise ValueError(f"{root} has classes not in the training folder: {sorted(set(found) - set(classes))}")
-    if volumes:
-        from ..volumes import VOLUME_EXTENSIONS, is_volume_file
-
-        wanted, extensions = is_volume_file, VOLUME_EXTENSIONS
-    else:
-        wanted, extensions = (lambda p: p.suffix.lower() in IMAGE_EXTENSIONS), IMAGE_EXTENSIONS
     samples = []
     for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).rglob("*") if wanted(p) and p.is_file())
+        files = sorted(p for p in (root / c).rglob("*") if modality.is_sample_file(p) and p.is_file())
         samples += [(p, i) for p in files]
     if not samples:
-        kind = "volumes" if volumes else "images"
-        raise FileNotFoundError(f"no {kind} ({', '.join(extensions)}) in the class folders of {root}")
+        raise FileNotFoundError(f"no {modality.name} ({', '.join(modality.extensions())}) in the class folders of "
+                                f"{root}")
     return samples, classes
 
 
@@ -82,37 +69,11 @@ def split_samples(samples, fraction: float, seed: int):
     return kept, held
 
 
-def eval_transform(size: int, crop_ratio: float, mean, std):
-    """Resize to ``size / crop_ratio`` (bicubic), centre-crop ``size``, normalise."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(round(size / crop_ratio), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-def train_transform(cfg: EvalConfig, mean, std):
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(cfg.input_size, scale=(cfg.crop_scale_min, 1.0),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(cfg.hflip),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-def build_splits(cfg: EvalConfig, volumes: bool = False):
+def build_splits(cfg: EvalConfig, modality: Modality = IMAGES):
     """``(train_samples, val_samples, classes)`` of the labelled data, split as configured."""
-    samples, classes = scan_classes(cfg.data, volumes=volumes)
+    samples, classes = scan_classes(cfg.data, modality=modality)
     if cfg.val:
-        val, _ = scan_classes(cfg.val, classes, volumes)
+        val, _ = scan_classes(cfg.val, classes, modality)
         train = samples
     else:
         train, val = split_samples(samples, cfg.val_fraction, cfg.seed)

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones import create_backbone, feature_modules_for, spatial_dims_for
+from ..backbones import create_backbone, feature_modules_for
+from ..checkpoint import weights_state
 from ..config import ConfigError
-from ..data import compute_stats, default_stats
+from ..devices import resolve_device
 from ..encoder import SparseEncoder
-from ..train.setup import input_shape, resolve_device
-from ..weights import atomic_write, load_encoder_weights, weights_state
+from ..modality import modality_for
+from ..weights import atomic_write, load_encoder_weights
 from .config import EvalConfig
-from .data import LabelledImages, build_splits, eval_transform, train_transform
+from .data import LabelledSamples, build_splits
 from .finetune import finetune
 from .probes import extract_features, knn_accuracy, linear_probe
 
@@ -52,24 +53,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every weight source of ``cfg`` and write ``results.json`` in ``cfg.out``."""
     device = resolve_device(cfg.device)
     sources = cfg.sources
-    volumes = spatial_dims_for(cfg.model) == 3
-    if volumes and cfg.cutmix > 0:
-        raise ConfigError("cutmix cuts 2-D boxes: use --cutmix 0 with volumes (mixup works)")
-    train_samples, val_samples, classes = build_splits(cfg, volumes)
-    train_paths = [p for p, _ in train_samples]
-    if volumes:  # normalised one by one (--intensity)
-        from ..volumes import volume_eval_transform, volume_transform
-
-        mean, std = None, None
-        shape = input_shape(cfg, 3)
-        eval_tf = volume_eval_transform(shape, cfg.intensity)
-    else:
-        if cfg.norm_stats == "data":
-            mean, std = compute_stats(train_paths, cfg.in_chans)
-        else:
-            mean, std = default_stats(cfg.in_chans)
-        eval_tf = eval_transform(cfg.input_size, cfg.crop_ratio, mean, std)
-    make = partial(LabelledImages, classes=classes, channels=cfg.in_chans, volumes=volumes)
+    modality = modality_for(cfg.model)
+    if cfg.cutmix > 0 and not modality.cutmix:
+        raise ConfigError(f"cutmix cuts 2-D boxes: use --cutmix 0 with {modality.name} (mixup works)")
+    train_samples, val_samples, classes = build_splits(cfg, modality)
+    mean, std = modality.norm_stats(cfg, [p for p, _ in train_samples])
+    eval_tf = modality.eval_transform(cfg, mean, std)
+    make = partial(LabelledSamples, classes=classes, channels=cfg.in_chans, modality=modality)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": asdict(cfg), "classes": classes, "train_images": len(train_samples),
@@ -85,8 +75,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if report:
             row["keys_matched"] = report["matched"]
         if cfg.mode == "finetune":
-            train_tf = volume_transform(shape, cfg.intensity, (cfg.crop_scale_min, 1.0), cfg.hflip) if volumes else \
-                train_transform(cfg, mean, std)
+            train_tf = modality.finetune_transform(cfg, mean, std)
             history = finetune(backbone, make(train_samples, transform=train_tf),
                                make(val_samples, transform=eval_tf), len(classes), cfg, device, cfg.seed, cfg.progress)
             rows = [{**row, "top1": history[-1], "best_top1": max(history), "top1_per_epoch": history}]

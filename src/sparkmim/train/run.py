@@ -17,35 +17,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checkpoint import CheckpointManager, RunState
 from ..config import ConfigError, PretrainConfig
 from ..data import BadFiles, DataError, EpochSampler
 from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
-from ..masking import MaskPyramid, grid_of, num_visible, per_axis, seed_for
+from ..masking import MaskPyramid, grid_of, num_visible, seed_for
+from ..modality import modality_for
 from ..optim import Schedule
-from ..visualize import reconstruction_grid, save_grid, slice_names_for
-from ..weights import atomic_write, save_encoder_weights, save_timm_folder
+from ..visualize import reconstruction_grid, save_grid
+from ..weights import atomic_write, export_backbone
 from .capture import CapturedStep
-from .checkpoint import (
-    CheckpointManager,
-    RunState,
-    check_free_space,
-    check_run_dir,
-    resume_checkpoint,
-    take_run_dir,
-)
+from .folder import check_free_space, check_run_dir, resume_checkpoint, take_run_dir
 from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
 from .metrics import Metrics, Window
-from .setup import (
-    autocast_for,
-    build_data,
-    build_model,
-    build_optimizer,
-    crop_options,
-    input_shape,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from .setup import autocast_for, build_model, build_optimizer, resolve_device, resolve_precision
 
 __all__ = ["pretrain", "Run", "LOW_LR", "COARSE_GRID"]
 
@@ -83,6 +68,7 @@ class Run:
         if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             cfg = dataclasses.replace(cfg, resume="auto")  # torchrun restarted the workers: continue the run
         self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
+        self.modality = modality_for(cfg.model)  # images or volumes: decided here, once
         self.run_dir = Path(cfg.out)
         problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
         if problem:
@@ -105,10 +91,11 @@ class Run:
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.channels_last = resolve_channels_last(cfg.channels_last, self.device)
+        self.memory_format = self.modality.memory_format(cfg.channels_last, self.device)
+        self.channels_last = self.memory_format != torch.contiguous_format
         self.dtype = torch.float64 if self.precision == "fp64" else None
         torch.manual_seed(cfg.seed)
-        self.dataset, self.mean, self.std, self.missing = build_data(cfg)
+        self.dataset, self.mean, self.std, self.missing = self.modality.pretrain_data(cfg)
         self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world,
                                     kind=self.dataset.kind)
         steps_per_epoch = self.sampler.batches_per_epoch() // cfg.accum_steps
@@ -129,11 +116,9 @@ class Run:
     def _build_model(self) -> None:
         import torch.distributed as dist
 
-        model = build_model(self.cfg).to(self.device, self.dtype)
-        if model.spatial_dims == 3:
-            self.channels_last = False  # volumes and clips stay contiguous (no channels-last kernels for them here)
+        model = build_model(self.cfg, self.modality).to(self.device, self.dtype)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=self.memory_format)
         if self.info.world > 1 and self.cfg.sync_bn:
             model.set_sync_group(dist.group.WORLD)
         # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
@@ -285,9 +270,8 @@ class Run:
     def _warn_if_coarse(self) -> None:
         """A grid of a few patches leaves a handful visible, each alone at the deepest stage (one site
         per patch there): the encoder learns little context (docs/experiments.md, "SparK on volumes")."""
-        n = self.model.spatial_dims
-        patch = per_axis(self.model.patch_size, n)
-        grid = grid_of(input_shape(self.cfg, n), patch)
+        patch = self.model.patch_size
+        grid = grid_of(self.modality.input_shape(self.cfg), patch)
         patches = math.prod(grid)
         if patches >= COARSE_GRID:
             return
@@ -295,8 +279,8 @@ class Run:
         def shown(sizes) -> str:
             return "x".join(map(str, sizes))
 
-        crops = ", ".join(f"--{o.replace('_', '-')}" for o in dict.fromkeys(crop_options(n)))
-        finer = [per_axis(s, n) for s in self.model.encoder.strides if max(per_axis(s, n)) < max(patch)]
+        crops = ", ".join(f"--{o.replace('_', '-')}" for o in dict.fromkeys(self.modality.crop_options()))
+        finer = [s for s in self.model.encoder.strides if max(s) < max(patch)]
         hint = (f", or decode from fewer stages (--feature-modules: the patch becomes the last decoded stage's "
                 f"stride, e.g. {shown(finer[-1])})" if finer else "")
         warnings.warn(f"the mask grid is {shown(grid)} ({patches} patches of {shown(patch)}, "
@@ -329,7 +313,7 @@ class Run:
             self.state.batch = index + 1
             images = images.to(self.device, self.dtype, non_blocking=True)
             if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = images.contiguous(memory_format=self.memory_format)
             self.step_images += images.shape[0]
             torch.manual_seed(seed_for(self.cfg.seed, self.state.step, micro, "layers"))  # stochastic depth etc.
             # drawn on the images' device (no host-to-device copy on a GPU); the same masks on resume
@@ -431,19 +415,15 @@ class Run:
         images = self.vis_images.to(self.device, next(model.parameters()).dtype)
         rec = model.reconstruct(images, visible=model.draw_masks(images, torch.Generator().manual_seed(self.cfg.seed)))
         model.train()
-        grid = reconstruction_grid(rec, self.mean, self.std, names=self.vis_names,
-                                   slice_names=slice_names_for(self.cfg.model))
+        grid = reconstruction_grid(rec, self.mean, self.std, names=self.vis_names, modality=self.modality)
         save_grid(grid, self.run_dir / "reconstructions" / f"{tag}.png")
         self.metrics.image("reconstruction", grid, self.state.step)
 
     def _export(self) -> None:
         """The encoder's weights with the original model's keys; for a timm backbone also a timm
         model folder, ``timm/``."""
-        save_encoder_weights(self.model.encoder_state_dict(), self.run_dir / "encoder.safetensors")
-        backbone = self.model.encoder.model
-        if isinstance(getattr(backbone, "pretrained_cfg", None), dict):
-            save_timm_folder(backbone, self.run_dir / "timm", mean=self.mean, std=self.std,
-                             input_size=self.cfg.input_size)
+        export_backbone(self.model.encoder.model, self.run_dir / "encoder.safetensors", mean=self.mean, std=self.std,
+                        input_size=self.cfg.input_size)
 
     def close(self) -> None:
         """Release what the run holds beyond its results: the data-loader workers (joined), the DDP

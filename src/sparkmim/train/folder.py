@@ -1,0 +1,123 @@
+"""A run's folder: who owns it, which checkpoint a resume starts from, and the disk its checkpoints
+need. (The checkpoint files themselves: :mod:`sparkmim.checkpoint`.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoint import CHECKPOINT_PATTERN, CheckpointManager, checkpoint_paths, checkpoint_step
+from ..config import ConfigError, PretrainConfig
+from ..weights import state_bytes
+
+__all__ = ["RUN_FILES", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
+           "checkpoint_bytes"]
+
+# the files that make a folder a run's folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "encoder.safetensors", "bad_images.txt", CHECKPOINT_PATTERN)
+
+
+def _prior_run(run_dir: Path, cfg: PretrainConfig) -> tuple[list[str], bool]:
+    """The run files ``run_dir`` holds, and whether this run continues the run they belong to
+    (``--resume auto`` with a checkpoint there, or a checkpoint inside it named by ``--resume``)."""
+    held = sorted(p.name for pattern in RUN_FILES for p in run_dir.glob(pattern)) if run_dir.is_dir() else []
+    resume_inside = cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent == run_dir.resolve()
+    continuing = resume_inside or (cfg.resume == "auto" and bool(held) and bool(checkpoint_paths(run_dir)))
+    return held, continuing
+
+
+def check_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
+    """Why ``run_dir`` cannot become this run's folder, or None; it changes nothing on disk
+    (:func:`take_run_dir` does, once the run can start).
+
+    A folder holding another run's files is refused unless the run continues it (``--resume``
+    auto, or a checkpoint inside it) or ``--overwrite`` moves the old run aside; a folder holding
+    only the files of a run that never wrote a checkpoint is moved aside the same way when
+    ``--resume auto`` starts afresh."""
+    held, continuing = _prior_run(run_dir, cfg)
+    if held and not continuing and not (cfg.overwrite or cfg.resume == "auto"):
+        listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        return (f"{run_dir} already holds a run ({listed}): continue it with --resume auto, choose another "
+                f"--out, or pass --overwrite to move the old run aside")
+    if run_dir.is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as e:
+            return f"cannot write to the run folder {run_dir}: {e.strerror or e}"
+    else:
+        parent = next(p for p in run_dir.absolute().parents if p.exists())  # where the folder would be made
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            why = "it is not a folder" if not parent.is_dir() else "it is not writable"
+            return f"cannot create the run folder {run_dir} in {parent}: {why}"
+    if cfg.resume not in (None, "auto") and continuing:
+        later = [p.name for p in checkpoint_paths(run_dir) if checkpoint_step(p) > checkpoint_step(Path(cfg.resume))]
+        if later:
+            warnings.warn(f"resuming from {cfg.resume}: the later checkpoints {', '.join(later)} belong to the "
+                          f"run before this resume and are deleted when this run saves its first checkpoint",
+                          stacklevel=2)
+    return None
+
+
+def take_run_dir(run_dir: Path, cfg: PretrainConfig) -> None:
+    """Make ``run_dir`` this run's folder (after :func:`check_run_dir` allowed it): an earlier run
+    that this one does not continue is moved aside to ``OUT.old-<time>``, then the folder is made."""
+    held, continuing = _prior_run(run_dir, cfg)
+    if held and not continuing:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(json.dumps({"event": "overwrite", "note": f"the earlier run in {run_dir} was moved to {aside}"}),
+              flush=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from e
+
+
+def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its state: the newest readable one for ``auto`` (None
+    when there is none), else the named one. Refuses another per-device batch or accumulation
+    (the data order and the schedule are counted in their batches)."""
+    if cfg.resume == "auto":
+        found = ckpts.latest_readable(cfg)
+        if found is None and main:
+            print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
+                  flush=True)
+    else:
+        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg)
+    if found is not None:
+        saved = found[1].get("config", {})
+        was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))
+        if was != (cfg.batch_size, cfg.accum_steps):
+            raise ConfigError(f"cannot resume {found[0]} with batch_size {cfg.batch_size} x accum_steps "
+                              f"{cfg.accum_steps}: the run was started with batch_size {was[0]} x accum_steps "
+                              f"{was[1]}; resume with --batch-size {was[0]} --accum-steps {was[1]}, or start a "
+                              f"new --out")
+    return found
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About the size of one checkpoint: weights and buffers, and two LAMB moments per trained
+    parameter."""
+    weights = state_bytes(model.state_dict())
+    return weights + 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def check_free_space(run_dir: Path, model: nn.Module, keep_last: int) -> int:
+    """Warn when the disk cannot hold the checkpoints this run keeps (``keep_last`` of them, one
+    being written and the exported weights); returns the bytes of one checkpoint."""
+    each = checkpoint_bytes(model)
+    need = each * (keep_last + 1) + state_bytes(model.state_dict())
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        warnings.warn(f"{run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints need about "
+                      f"{need / 2**20:,.0f} MiB ({keep_last} kept + 1 being written, {each / 2**20:,.0f} "
+                      f"MiB each); free space or lower --keep-last", stacklevel=2)
+    return each
