@@ -1,5 +1,5 @@
-"""The configuration: declared once (type, default, help, bounds), and the README's option table
-says what the code does."""
+"""The configuration: declared once (type, default, help, bounds), and the option table of
+docs/pretraining.md says what the code does."""
 
 import re
 from dataclasses import fields
@@ -9,12 +9,12 @@ import pytest
 
 from sparkmim.config import ConfigError, PretrainConfig, load_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OPTIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "pretraining.md"
 
 
 def readme_table(heading: str) -> list[tuple[str, str, str]]:
     """``(flag, default, meaning)`` rows of the Markdown table under ``heading``."""
-    text = README.read_text()
+    text = OPTIONS_PAGE.read_text()
     start = text.index(heading)
     rows = []
     for line in text[start:].splitlines()[1:]:
@@ -27,12 +27,12 @@ def readme_table(heading: str) -> list[tuple[str, str, str]]:
 
 
 def test_the_readme_option_table_matches_the_config():
-    rows = readme_table("### Options of `sparkmim pretrain`")
+    rows = readme_table("## Options of `sparkmim pretrain`")
     expected = [(f"--{f.name.replace('_', '-')}", str(f.default), f.metadata["help"]) for f in fields(PretrainConfig)]
-    assert [r[0] for r in rows] == [e[0] for e in expected], "the README lists other options, or in another order"
+    assert [r[0] for r in rows] == [e[0] for e in expected], "docs/pretraining.md lists other options, or in another order"
     for (flag, default, meaning), (_, want_default, want_meaning) in zip(rows, expected):
-        assert default == want_default, f"{flag}: README default {default}, code {want_default}"
-        assert meaning == want_meaning, f"{flag}: README says {meaning!r}, --help says {want_meaning!r}"
+        assert default == want_default, f"{flag}: docs/pretraining.md default {default}, code {want_default}"
+        assert meaning == want_meaning, f"{flag}: docs/pretraining.md says {meaning!r}, --help says {want_meaning!r}"
 
 
 @pytest.mark.parametrize("values,message", [

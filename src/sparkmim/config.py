@@ -125,9 +125,10 @@ class PretrainConfig:
     device: str = _run("auto", "cpu, cuda, cuda:N or auto")
     precision: Precision = _run("auto", "fp32, bf16, fp16, auto (bf16 on capable GPUs, else fp32), or fp64 (for checks); "
                                       "CPUs without bf16/fp16 arithmetic run bf16 and fp16 about 15x slower than fp32")
-    channels_last: ChannelsLast = _run("auto", "channels_last memory format for the model and images: auto (on for CUDA, off "
-                                      "for CPU, where it slows convolution backward), true or false; every feature map, "
-                                      "densified map and decoder map follows the images' layout")
+    channels_last: ChannelsLast = _run("auto", "channels-last memory format for the model and inputs: auto (on for CUDA "
+                                      "with images; off on CPU, where it slows convolution backward, and for volumes, "
+                                      "where it is not measured), true (channels_last; channels_last_3d for volumes) or "
+                                      "false; every feature map, densified map and decoder map follows the inputs' layout")
     compile: bool = _run(False, "torch.compile the dense decoder (the sparse encoder runs eagerly)")
     capture: bool = _run(False, "CUDA: record the whole training step (forward, backward, clip, LAMB) once as a CUDA "
                                 "graph after 3 eager steps and replay it (one launch per step); one GPU, bf16 or "
