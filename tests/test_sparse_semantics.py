@@ -226,3 +226,61 @@ def test_average_pooling_treats_masked_sites_like_padding(include_pad, encoder):
     total = F.avg_pool2d(seen["x"] * vis, 3, 1, 1, count_include_pad=True) * 9  # window sums
     count = F.avg_pool2d(vis, 3, 1, 1, count_include_pad=True) * 9 if not include_pad else 9.0
     torch.testing.assert_close(out["y"], torch.where(vis.bool(), total / count, 0.0))
+
+
+class _Volumes(nn.Module):
+    """A 3-D twin of Tiny with a configurable middle layer."""
+
+    def __init__(self, middle: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 8, 3, 2, 1), nn.InstanceNorm3d(8, affine=True), nn.PReLU())
+        self.a = nn.Sequential(nn.Conv3d(8, 8, 3, 2, 1), nn.BatchNorm3d(8), middle)
+        self.b = nn.Sequential(nn.Conv3d(8, 16, 3, 2, 1), nn.BatchNorm3d(16))
+
+    def forward(self, x):
+        return self.b(self.a(self.stem(x)))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("layer", ["prelu", "prelu-per-channel", "channel-dropout"])
+def test_prelu_and_channel_dropout_run_on_tiles_as_the_dense_layer(layer, dims):
+    """PReLU (one slope or one per channel) and channel dropout (Dropout2d / Dropout3d) run in the
+    fast form without falling back, and give the reference form's features and gradients under
+    the same seed: dropout draws one keep-flag per sample and channel, as the dense layer does,
+    so a dropped channel is zero at every visible site of its sample."""
+    middle = {"prelu": nn.PReLU(), "prelu-per-channel": nn.PReLU(8),
+              "channel-dropout": (nn.Dropout2d if dims == 2 else nn.Dropout3d)(0.5)}[layer]
+    torch.manual_seed(0)
+    model = (Tiny(nn.Sequential(middle, nn.ReLU())) if dims == 2 else _Volumes(middle)).double()
+    if layer.startswith("prelu"):
+        with torch.no_grad():
+            middle.weight.uniform_(-0.5, 0.5)
+    x, masks = batch(seed=1)
+    if dims == 3:
+        x = torch.randn(4, 3, P, 2 * P, 3 * P, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        v = torch.zeros(4, 1, 1, 2, 3, dtype=torch.bool)
+        for i, at in enumerate([(0, 0, 0), (0, 1, 2), (0, 0, 1), (0, 1, 1)]):
+            v[(i, 0, *at)] = v[(i, 0, *[(a + 1) % s for a, s in zip(at, (1, 2, 3))])] = True
+        masks = MaskPyramid(v, keep=2)
+    enc = SparseEncoder(model, ["a", "b"], probe_size=32)
+    assert enc.sparse_impl == "fast"
+    seen = capture_input(enc.model.b)
+    out = {}
+    for impl in ("fast", "reference"):
+        e = copy.deepcopy(enc).train()
+        torch.manual_seed(7)
+        with e.using(impl):
+            feats = e(x, masks)
+        sum((f * f).sum() for f in feats).backward()
+        out[impl] = feats, {k: p.grad for k, p in e.model.named_parameters() if p.grad is not None}, seen["x"]
+    (ff, gf, af), (fr, gr, ar) = out["fast"], out["reference"]
+    for a, b in zip(ff, fr):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert gf.keys() == gr.keys()
+    for k in gr:
+        torch.testing.assert_close(gf[k], gr[k], rtol=1e-10, atol=1e-12)
+    if layer == "channel-dropout":  # the input of stage b: whole channels of a sample are zero, others are not
+        visible = masks.at(enc.factors[0])
+        per_channel = (af.abs() * visible).flatten(2).sum(2)  # (B, C) over visible sites
+        assert bool((per_channel == 0).any()) and bool((per_channel > 0).any())
+        torch.testing.assert_close(af, ar, rtol=1e-12, atol=1e-12)

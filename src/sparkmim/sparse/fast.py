@@ -30,7 +30,7 @@ from .ops import ON_CANVAS, adaptive_output_size
 from .tiles import SparseMap
 
 __all__ = ["on_canvas", "conv", "max_pool", "avg_pool", "adaptive_pool", "batch_norm", "group_norm",
-           "instance_norm", "channel_norm", "channel_linear", "pad_on_canvas"]
+           "instance_norm", "channel_norm", "channel_linear", "prelu", "channel_dropout", "pad_on_canvas"]
 
 
 CANVAS_DEPTHWISE_BELOW = {"cpu": 4, "cuda": 16}
@@ -297,6 +297,36 @@ def channel_linear(ctx: FastContext, func, x, /, *args, **kwargs):
     if _trailing_channels(x) < 1:
         ctx.fail(func, x, "mixes the width dim of a channels-first map")
     return x.with_tiles(func(x.tiles, *args, **kwargs))
+
+
+def prelu(ctx: FastContext, func, x, weight):
+    """PReLU (one slope, or one per channel along dim 1): on the tiles of a channels-first map,
+    whose dim 1 is the channels as in the map."""
+    if not _channels_first(x):
+        return ON_CANVAS
+    return x.with_tiles(func(x.tiles, weight))
+
+
+def channel_dropout(ctx: FastContext, func, x, p: float = 0.5, training: bool = True, inplace: bool = False):
+    """``F.dropout2d`` / ``F.dropout3d``: whole channels of a sample dropped, as the dense layer
+    drops them: the keep-mask ``(B, C, 1, ...)`` is drawn as the dense layer draws it (the same
+    random numbers under the same seed), scaled by ``1 / (1 - p)``, and repeated over each
+    sample's tiles."""
+    if not _channels_first(x):
+        return ON_CANVAS
+    if not training or p == 0:
+        return x
+    g = x.geometry
+    keep = x.tiles.new_empty((g.batch, x.tiles.shape[1], *(1,) * g.spatial_dims))
+    if p == 1:
+        keep.zero_()
+    else:
+        keep.bernoulli_(1 - p).div_(1 - p)
+    keep = keep.repeat_interleave(g.tiles // g.batch, dim=0)
+    if inplace:
+        x.tiles.mul_(keep)
+        return x
+    return x.with_tiles(x.tiles * keep)
 
 
 def pad_on_canvas(ctx: FastContext, func, x, /, *args, **kwargs):

@@ -60,8 +60,8 @@ _NAMES = {
         logical_or isfinite isnan isinf nan_to_num
         relu relu_ relu6 sigmoid sigmoid_ tanh tanh_ gelu silu silu_ mish mish_ hardswish hardswish_
         hardsigmoid hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu selu_ celu celu_
-        softplus softsign prelu rrelu threshold threshold_ logsigmoid tanhshrink hardshrink softshrink
-        dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout bernoulli
+        softplus softsign rrelu threshold threshold_ logsigmoid tanhshrink hardshrink softshrink
+        dropout dropout_ dropout1d alpha_dropout feature_alpha_dropout bernoulli
         bernoulli_ uniform_ normal_ fill_ zero_ copy_ detach detach_ clone requires_grad_
         type type_as float double half bfloat16 int long bool cpu cuda
         __repr__ __int__ __float__ item tolist""",

@@ -135,6 +135,12 @@ def channel_linear(ctx: SparseContext, func, x, /, *args, **kwargs):
     return func(x, *args, **kwargs)
 
 
+def per_channel(ctx: SparseContext, func, x, /, *args, **kwargs):
+    """A per-site layer with a value per channel (PReLU) or per sample and channel (channel
+    dropout, ``F.dropout2d`` / ``F.dropout3d``) that keeps zeros at zero: run as it is."""
+    return func(x, *args, **kwargs)
+
+
 def mask_in(ctx: SparseContext, func, x, /, *args, **kwargs):
     """Padding: masked inputs read as zero; the padded result is left to the next layer."""
     return func(ctx.mask_input(x), *args, **kwargs)

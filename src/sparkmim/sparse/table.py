@@ -67,6 +67,9 @@ def _rules() -> dict[Callable, Rule]:
         F.layer_norm: channel_norm,
         F.linear: Rule(reference.channel_linear, fast=fast.channel_linear),
         F.pad: Rule(reference.mask_in, fast=fast.pad_on_canvas),
+        F.prelu: Rule(reference.per_channel, fast=fast.prelu),
+        F.dropout2d: Rule(reference.per_channel, fast=fast.channel_dropout),
+        F.dropout3d: Rule(reference.per_channel, fast=fast.channel_dropout),
     }
     if hasattr(F, "_max_pool2d"):
         rules[F._max_pool2d] = max_pool
