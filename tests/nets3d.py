@@ -109,6 +109,9 @@ def build3d(name):
         nets = _monai()
         m = nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1, 1, 1))
         return m.double(), 1, [f"down_layers.{i}" for i in range(4)]
+    if name == "monai-efficientnet-b0":
+        nets = _monai()
+        return nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=3, in_channels=1, num_classes=2).double(), 1, None
     if name.startswith("monai:"):  # as the command line builds it
         return create_backbone(name, in_chans=1).double(), 1, feature_modules_for(name)
     return create_backbone(f"torchvision:{name}").double(), 3, None

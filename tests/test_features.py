@@ -117,3 +117,40 @@ def test_the_encoder_skips_the_layers_after_its_last_feature():
     v = torch.zeros(2, 1, 2, 3, dtype=torch.bool)
     v[:, :, 0, 0] = True
     assert [tuple(f.shape) for f in enc(x, v)] == [(2, 6, 4, 6), (2, 10, 2, 3)]
+
+
+class SharedActivation(nn.Module):
+    """MONAI EfficientNet's pattern: one activation module called by the stem (stride 2) and again
+    at the end (stride 8), and "same" padding as a separate ConstantPad2d module (on a 32 px probe
+    the stride-8 map padded by 2 per side is 8 x 8, as a stride-4 map is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 2, 1)
+        self.act = nn.SiLU()
+        self.a = nn.Conv2d(4, 6, 3, 2, 1)
+        self.b = nn.Conv2d(6, 8, 3, 2, 1)
+        self.pad = nn.ConstantPad2d(2, 0.0)
+        self.c = nn.Conv2d(8, 8, 5)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        x = self.c(self.pad(self.b(self.a(x))))
+        return self.act(self.norm(x))
+
+
+def test_modules_run_twice_and_padding_layers_are_no_feature_maps():
+    """Discovery passes over a module that runs more than once (it would stop the forward at its
+    first call) and padding layers (their size can pass for another stride); naming a module that
+    runs twice is refused in one line; the encoder built on the rest is the dense model."""
+    model = SharedActivation().double()
+    found, stop = discover_features(model, None, 3, 32, 4)
+    assert [(s.module, s.stride) for s in found] == [("a", (4, 4)), ("norm", (8, 8))] and stop == "norm"
+    with pytest.raises(ValueError, match=r"feature module 'act' runs 2 times in one forward \(outputs 16x16, 4x4\)"):
+        discover_features(model, ["a", "act"], 3, 32, 4)
+    enc = SparseEncoder(model)
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    visible = torch.ones(2, 1, 2, 3, dtype=torch.bool)
+    for sparse, dense in zip(enc(x, visible), enc(x)):
+        torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)

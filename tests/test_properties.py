@@ -57,6 +57,9 @@ class Case:
             return create_timm(self.name).double(), 3, None
         if self.kind == "torchvision":
             return create_torchvision(self.name).double(), 3, None
+        if self.kind == "monai2d":  # MONAI's 2-D networks, found by the probe (no feature_info)
+            nets = pytest.importorskip("monai.networks.nets")
+            return nets.EfficientNetBN(self.name, pretrained=False, spatial_dims=2, in_channels=3, num_classes=2).double(), 3, None
         return build3d(self.name)
 
 
@@ -73,6 +76,9 @@ ISOLATED = {IMAGE_GRID: [(0, 2), (1, 1), (0, 0), (1, 2), (0, 1), (1, 0)],
 CASES = [Case(f"timm-{n}", "timm", n, IMAGE_GRID, (32, 32), no_isolation=REFLECT if n == "resnetblur18" else None,
               slow=n in TIMM_ZOO_SLOW) for n, _ in TIMM_ZOO]
 CASES += [Case(f"tv-{n}", "torchvision", n, IMAGE_GRID, (32, 32)) for n in TORCHVISION_ZOO]
+# MONAI's EfficientNet: an activation module run by the stem and the head, "same" padding as separate layers
+# (slow: a minute; tests/test_features.py checks the discovery rules on a small model of that pattern)
+CASES += [Case("monai2d-efficientnet-b0", "monai2d", "efficientnet-b0", IMAGE_GRID, (32, 32), slow=True)]
 CASES += [
     Case("3d-custom", "3d", "custom", VOLUME_GRID, (8, 16, 16), forms=BOTH),
     Case("3d-custom-next", "3d", "custom-next", VOLUME_GRID, (8, 16, 16), scales=3, forms=BOTH),
@@ -86,6 +92,8 @@ CASES += [
     Case("3d-s3d", "3d", "s3d", VOLUME_GRID, (8, 32, 32), forms=BOTH, slow=True),
     Case("3d-monai-resnet50", "3d", "monai:resnet50", VOLUME_GRID, (16, 16, 16), forms=BOTH, slow=True),
     Case("3d-monai-densenet121", "3d", "monai:densenet121", VOLUME_GRID, (32, 32, 32), scales=5, forms=BOTH,
+         slow=True),
+    Case("3d-monai-efficientnet-b0", "3d", "monai-efficientnet-b0", VOLUME_GRID, (32, 32, 32), scales=5, forms=BOTH,
          slow=True),
 ]
 

@@ -142,6 +142,7 @@ class _Probe:
     def __init__(self, model: nn.Module, candidates: dict[str, nn.Module], spatial_dims: int = 2):
         self.model, self.candidates, self.spatial_dims = model, candidates, spatial_dims
         self.seen: dict[str, tuple[tuple[int, ...], list | tuple | None]] = {}
+        self.calls: dict[str, list[tuple[int, ...]]] = {}  # the output shape of each call, per module
         self.order: list[str] = []
         # the modules being run, outermost first (a module leaves the list only when it finishes,
         # so after a failure the list ends with the layer that raised)
@@ -152,6 +153,7 @@ class _Probe:
             t = _pick_tensor(out)
             if t is not None:
                 self.seen[name] = (tuple(t.shape), out if isinstance(out, (list, tuple)) else None)
+                self.calls.setdefault(name, []).append(tuple(t.shape))
                 if name in self.order:
                     self.order.remove(name)
                 self.order.append(name)
@@ -208,6 +210,11 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
     for n in names:
         if n not in probe.seen:
             raise ValueError(f"feature module '{n}' produced no {n_dims + 2}-D feature map in a probe forward")
+        calls = probe.calls.get(n, [])
+        if len(calls) > 1:
+            shown = ", ".join("x".join(map(str, c[2:])) for c in calls)
+            raise ValueError(f"feature module '{n}' runs {len(calls)} times in one forward (outputs {shown}): name "
+                             f"a module that runs once, e.g. the layer before it")
         shape, multi = probe.seen[n]
         if multi is not None:
             expected = (min_stride,) * n_dims if expected is None else tuple(2 * e for e in expected)
@@ -225,6 +232,11 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
         expected = s
         specs.append(FeatureSpec(n, s, shape[1]))
     return specs
+
+
+def _is_padding(module: nn.Module) -> bool:
+    """A padding layer of torch (``ConstantPad2d``, ``ZeroPad3d``, ``ReflectionPad2d``, ...)."""
+    return type(module).__module__ == nn.modules.padding.__name__
 
 
 def _shown(stride: tuple[int, ...]) -> str:
@@ -251,9 +263,14 @@ def _reduction(stride: tuple[int, ...]) -> int:
 
 def _specs_by_stride(probe: _Probe, size: int, min_stride: int) -> list[FeatureSpec]:
     """For each stride >= ``min_stride`` (along the most strided axis, for 3-D models) dividing
-    the largest, the last module to finish with it."""
+    the largest, the last module to finish with it. Modules that run more than once in a forward
+    (an activation module shared by the stem and the head) and padding layers (their output is the
+    next layer's padded input, whose size can pass for a coarser or finer stride) are no feature
+    maps."""
     by_stride: dict = {}
     for n in probe.order:  # later modules override earlier ones at the same stride
+        if len(probe.calls.get(n, ())) > 1 or _is_padding(probe.candidates[n]):
+            continue
         s = probe.stride_of(n, size)
         if s is not None and max(s) >= min_stride:
             by_stride[s] = n
