@@ -109,6 +109,18 @@ def build3d(name):
         nets = _monai()
         m = nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1, 1, 1))
         return m.double(), 1, [f"down_layers.{i}" for i in range(4)]
+    if name.startswith("nnunet-small-"):  # nnU-Net's network of a preset at narrow widths
+        pytest.importorskip("dynamic_network_architectures")
+        from sparkmim.backbones import create_nnunet
+
+        preset = name.removeprefix("nnunet-small-")  # 4 stages (patch 8), narrow, fewer blocks
+        small = dict(n_stages=4, features_per_stage=[4, 8, 8, 16], strides=[1, 2, 2, 2])
+        small.update(dict(n_blocks_per_stage=[1, 2, 2, 2], n_conv_per_stage_decoder=[1] * 3) if preset != "plain"
+                     else dict(n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3))
+        return create_nnunet(preset, 1, **small).double(), 1, [f"encoder.stages.{i}" for i in (1, 2, 3)]
+    if name.startswith("nnunet:"):
+        pytest.importorskip("dynamic_network_architectures")
+        return create_backbone(name, in_chans=1).double(), 1, feature_modules_for(name)
     if name == "monai-efficientnet-b0":
         nets = _monai()
         return nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=3, in_channels=1, num_classes=2).double(), 1, None

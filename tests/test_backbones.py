@@ -1,6 +1,7 @@
 """Backbones by name: stochastic depth set where the model has it, refused where it has not."""
 
 import pytest
+import torch
 
 from sparkmim.backbones import create_backbone, stochastic_depth_rates
 
@@ -26,3 +27,29 @@ def test_drop_path_is_refused_for_a_backbone_without_it(name):
     with pytest.raises(ValueError, match="has no stochastic depth"):
         create_backbone(name, drop_path=0.1)
     create_backbone(name, drop_path=0.0)  # no stochastic depth asked: fine
+
+
+def test_nnunet_presets_are_nnunets_own_networks_and_their_encoder_stages_are_decoded():
+    """``nnunet:plain`` (and the ResEnc presets) are the networks nnU-Net v2 builds for an isotropic
+    3d_fullres plan (dynamic-network-architectures; 6 stages, strides 1, 2, 2, 2, 2, 2, widths 32
+    to 320); SparK decodes encoder stages 1-5 (strides 2-32), trains stage 0 through them, and
+    leaves the U-Net's decoder out (unused, exported as built)."""
+    pytest.importorskip("dynamic_network_architectures")
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from sparkmim import SparseEncoder
+    from sparkmim.backbones import create_backbone, feature_modules_for
+
+    model = create_backbone("nnunet:plain", in_chans=2)
+    assert type(model) is PlainConvUNet and len(model.encoder.stages) == 6
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs[0].in_channels == 2 and [c.out_channels for c in convs[::2]] == [32, 64, 128, 256, 320, 320]
+    assert [c.stride for c in convs[::2]] == [(1, 1, 1)] + [(2, 2, 2)] * 5
+    assert all(isinstance(m, torch.nn.InstanceNorm3d) and m.affine for m in model.modules()
+               if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm))
+    enc = SparseEncoder(model, feature_modules_for("nnunet:plain"))
+    assert [s.module for s in enc.features] == [f"encoder.stages.{i}" for i in range(1, 6)]
+    assert enc.strides == tuple((2**i,) * 3 for i in range(1, 6)) and enc.sparse_impl == "fast"
+    assert enc.unused_parameters and all(n.startswith("decoder.") for n in enc.unused_parameters)
+    with pytest.raises(ValueError, match="unknown nnU-Net preset 'resenc_s'.*resenc_m, resenc_l, resenc_xl, plain"):
+        create_backbone("nnunet:resenc_s")

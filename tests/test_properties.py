@@ -86,6 +86,13 @@ CASES += [
     Case("3d-monai-segresnet", "3d", "monai-segresnet", VOLUME_GRID, (8, 8, 8), forms=BOTH),
     Case("3d-monai-dynunet", "3d", "monai-dynunet", VOLUME_GRID, (16, 16, 16), scales=5, forms=BOTH,
          no_isolation=ONE_SITE_INSTANCE_NORM),
+    # nnU-Net's ResEnc and plain networks (narrow; the encoder's stages 1-5 are decoded)
+    Case("3d-nnunet-small-resenc_l", "3d", "nnunet-small-resenc_l", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH,
+         no_isolation=ONE_SITE_INSTANCE_NORM),
+    Case("3d-nnunet-small-plain", "3d", "nnunet-small-plain", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH,
+         no_isolation=ONE_SITE_INSTANCE_NORM),
+    Case("3d-nnunet:resenc_l", "3d", "nnunet:resenc_l", VOLUME_GRID, (32, 32, 32), scales=5, forms=BOTH,
+         no_isolation=ONE_SITE_INSTANCE_NORM, slow=True),
     Case("3d-mc3_18", "3d", "mc3_18", VOLUME_GRID, (1, 16, 16), forms=BOTH, slow=True),
     Case("3d-r3d_18", "3d", "r3d_18", VOLUME_GRID, (8, 16, 16), forms=BOTH, slow=True),
     Case("3d-r2plus1d_18", "3d", "r2plus1d_18", VOLUME_GRID, (8, 16, 16), forms=BOTH, slow=True),
@@ -133,19 +140,24 @@ def masks_for(grid, batch=2, seed=0, ratio=0.6):
     return MaskPyramid(v, keep=int(v[0].sum()))
 
 
-def _biases_before_batch_norm(model) -> dict[str, str]:
-    """``{bias: weight}`` of the convolutions whose output goes straight into a batch norm (the
-    next module of the same ``Sequential``, e.g. MONAI's ``downsample``): in training the norm
-    removes any constant per channel, so the bias gradient is zero in exact arithmetic and both
-    sides hold rounding noise only (measured against the weight's gradient instead)."""
+def _cancelled_biases(model, train: bool) -> dict[str, str]:
+    """``{bias: weight}`` of the convolutions whose output goes straight into a norm that removes
+    any constant per channel (the next module of the same ``Sequential``: MONAI's ``downsample``,
+    nnU-Net's conv-norm-nonlin): a batch norm in training, an instance norm without running
+    statistics always. Their bias gradient is zero in exact arithmetic, so both sides hold
+    rounding noise only (measured against the weight's gradient instead)."""
+    def cancels(norm) -> bool:
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            return train
+        return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and (train or not norm.track_running_stats)
+
+    names = {id(p): n for n, p in model.named_parameters()}  # a module held twice is named once
     found = {}
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, nn.Sequential):
-            for (i, a), (_, b) in zip(list(m.named_children())[:-1], list(m.named_children())[1:]):
-                if isinstance(a, (nn.Conv2d, nn.Conv3d)) and a.bias is not None \
-                        and isinstance(b, nn.modules.batchnorm._BatchNorm):
-                    prefix = f"{name}.{i}." if name else f"{i}."
-                    found[prefix + "bias"] = prefix + "weight"
+            for a, b in zip(list(m.children())[:-1], list(m.children())[1:]):
+                if isinstance(a, (nn.Conv2d, nn.Conv3d)) and a.bias is not None and cancels(b):
+                    found[names[id(a.bias)]] = names[id(a.weight)]
     return found
 
 
@@ -155,7 +167,7 @@ def assert_grads_close(actual, expected, model, train, rel=1e-10, noise_only=Fal
     whose gradient a batch norm cancels is measured against its weight's gradient, or, with
     ``noise_only``, must be rounding noise (<= 1e-12 of it) on both sides."""
     assert actual.keys() == expected.keys() and len(expected) > 0
-    cancelled = _biases_before_batch_norm(model) if train else {}
+    cancelled = _cancelled_biases(model, train)
     for k in expected:
         scale = expected[cancelled.get(k, k)].norm()
         if noise_only and k in cancelled:

@@ -130,7 +130,13 @@ def _handoff(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .backbones import TESTED_MONAI, TESTED_TIMM, TESTED_TORCHVISION, TESTED_TORCHVISION_VIDEO
+    from .backbones import (
+        TESTED_MONAI,
+        TESTED_NNUNET,
+        TESTED_TIMM,
+        TESTED_TORCHVISION,
+        TESTED_TORCHVISION_VIDEO,
+    )
 
     for name, family in TESTED_TIMM:
         if not args.filter or args.filter in name or args.filter.lower() in family.lower():
@@ -144,6 +150,9 @@ def _models(args: argparse.Namespace) -> int:
     for name in TESTED_MONAI:
         if not args.filter or args.filter in name or args.filter.lower() in "monai volumes 3-d":
             print(f"monai:{name:27s} volumes (3-D, needs sparkmim[3d])")
+    for name in TESTED_NNUNET:
+        if not args.filter or args.filter in name or args.filter.lower() in "nnunet nnu-net volumes 3-d":
+            print(f"nnunet:{name:26s} volumes (3-D, nnU-Net's network; needs dynamic-network-architectures)")
     return 0
 
 
