@@ -54,7 +54,6 @@ def main(argv=None) -> list[dict]:
     from sparkmim.data import (
         EpochSampler,
         ImageFiles,
-        collate,
         demo_photo_paths,
         list_images,
         load_image,
@@ -87,7 +86,7 @@ def main(argv=None) -> list[dict]:
     for w in [int(v) for v in args.workers.split(",") if v]:
         data = ImageFiles(paths * max(1, 2048 // len(paths)), transform, fast_decode=(args.size, 0.67))
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=EpochSampler(len(data), args.batch),
-                                             num_workers=w, collate_fn=collate, pin_memory=args.pin_memory,
+                                             num_workers=w, collate_fn=data.collate, pin_memory=args.pin_memory,
                                              persistent_workers=w > 0, drop_last=True)
         it = iter(loader)
         next(it)  # start-up
