@@ -109,7 +109,6 @@ class SparseContext:
         return torch.where(self.mask_for(feature, factor), feature, 0.0)
 
 
-
 TILE_FORMAT = {4: torch.channels_last}
 """The memory format of the input's tiles, by tile rank. Image tiles are channels-last: on small
 tiles the channels-first kernels of batch norm are several times slower (CPU: 8.4 ms against 1.3
