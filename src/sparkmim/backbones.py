@@ -180,9 +180,12 @@ def create_nnunet(name: str, in_chans: int = 1, num_classes: int = 2, **override
     return getattr(unet, cls)(input_channels=in_chans, num_classes=num_classes, **kwargs)
 
 
+VOLUME_SOURCES = ("monai:", "nnunet:")  # backbone name prefixes whose models take volumes
+
+
 def is_video_model(name: str) -> bool:
     """True for a torchvision video model (its inputs are clips: time, height, width)."""
-    if name.startswith(("monai:", "timm:", "nnunet:")):
+    if name.startswith(("timm:", *VOLUME_SOURCES)):
         return False
     import torchvision
 
@@ -210,7 +213,7 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
     import timm
     import torchvision
 
-    if name.startswith(("monai:", "nnunet:")):
+    if name.startswith(VOLUME_SOURCES):
         if drop_path:
             raise ValueError(f"{name} has no stochastic depth: use --drop-path 0 with this model")
         make = create_monai if name.startswith("monai:") else create_nnunet

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .masking import shown_size
 from .sparse import SparseSemanticsError
 
 __all__ = ["FeatureSpec", "discover_features"]
@@ -221,7 +222,7 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
             t = next((t for t in multi if t.dim() == n_dims + 2
                       and tuple(size // o for o in t.shape[2:]) == expected), None)
             if t is None:
-                raise ValueError(f"feature module '{n}' has no output at stride {_shown(expected)}")
+                raise ValueError(f"feature module '{n}' has no output at stride {shown_size(expected)}")
             specs.append(FeatureSpec(n, expected, t.shape[1]))
             continue
         s = probe.stride_of(n, size)
@@ -237,11 +238,6 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
 def _is_padding(module: nn.Module) -> bool:
     """A padding layer of torch (``ConstantPad2d``, ``ZeroPad3d``, ``ReflectionPad2d``, ...)."""
     return type(module).__module__ == nn.modules.padding.__name__
-
-
-def _shown(stride: tuple[int, ...]) -> str:
-    """``8`` for a stride that is the same along every axis, else ``2x4x4``."""
-    return str(stride[0]) if len(set(stride)) == 1 else "x".join(map(str, stride))
 
 
 def _coarser(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["per_axis", "grid_size", "grid_of", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
+__all__ = ["per_axis", "shown_size", "grid_size", "grid_of", "check_mask_ratio", "num_visible", "random_visible", "MaskPyramid", "seed_for"]
 
 
 def seed_for(*parts) -> int:
@@ -41,7 +41,7 @@ def per_axis(value, n: int) -> tuple:
     return (value,) * n
 
 
-def _shown(sizes: tuple[int, ...]) -> str:
+def shown_size(sizes: tuple[int, ...]) -> str:
     """``32`` for a size that is the same along every axis, else ``8x16x16``."""
     return str(sizes[0]) if len(set(sizes)) == 1 else "x".join(map(str, sizes))
 
@@ -54,12 +54,12 @@ def grid_of(sizes: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
     shown = "x".join(map(str, sizes))
     if any(s % p for s, p in zip(sizes, patch)):
         fit = "x".join(str(max(1, round(s / p)) * p) for s, p in zip(sizes, patch))
-        raise ValueError(f"input size {shown} is not a multiple of the patch size {_shown(patch)} (the encoder's "
+        raise ValueError(f"input size {shown} is not a multiple of the patch size {shown_size(patch)} (the encoder's "
                          f"total stride along each axis); resize or crop to e.g. {fit}")
     grid = tuple(s // p for s, p in zip(sizes, patch))
     if math.prod(grid) < 2:
         least = "x".join(map(str, (*patch[:-1], 2 * patch[-1])))
-        raise ValueError(f"input size {shown} holds a single {_shown(patch)} patch; masked modeling needs at least "
+        raise ValueError(f"input size {shown} holds a single {shown_size(patch)} patch; masked modeling needs at least "
                          f"2 patches (use an input of at least {least})")
     return grid
 

@@ -263,9 +263,9 @@ MODALITIES = {2: IMAGES, 3: VOLUMES}
 def modality_for(model: str) -> Modality:
     """The modality of a backbone by name: volumes for ``monai:NAME`` and ``nnunet:NAME``, clips
     for torchvision video models, images for everything else."""
-    from .backbones import is_video_model
+    from .backbones import VOLUME_SOURCES, is_video_model
 
-    if model.startswith(("monai:", "nnunet:")):
+    if model.startswith(VOLUME_SOURCES):
         return VOLUMES
     return CLIPS if is_video_model(model) else IMAGES
 

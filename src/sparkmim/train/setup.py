@@ -13,6 +13,7 @@ from ..backbones import create_backbone, feature_modules_for
 from ..config import ConfigError, PretrainConfig
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
+from ..masking import shown_size
 from ..modality import Modality
 from ..model import SparK
 from ..optim import default_betas, hold_on_device, lamb, param_groups
@@ -66,7 +67,7 @@ def _check_input_fits(cfg, modality: Modality, patch: tuple[int, ...]) -> None:
     for name, size, step in zip(modality.crop_options(), shape, patch):
         steps[name], given[name] = math.lcm(steps.get(name, 1), step), size  # height and width share input_size
     fit = " and ".join(f"{k} {max(2, round(given[k] / step)) * step}" for k, step in steps.items())
-    stride = str(patch[0]) if len(set(patch)) == 1 else "x".join(map(str, patch))
+    stride = shown_size(patch)
     raise ConfigError(f"{' x '.join(f'{k} {v}' for k, v in given.items())} is not a multiple of {cfg.model}'s total "
                       f"stride {stride}; try {fit}", list(steps))
 
