@@ -7,6 +7,46 @@ from torch import nn
 
 from sparkmim.backbones import create_backbone, feature_modules_for
 
+# small nnU-Net plans: an anisotropic ResEnc plan (in-plane-only strides, 1x3x3 kernels at the
+# first stages, as nnU-Net plans thick-slice data) and an isotropic plain plan
+PLANS = {
+    "anisotropic": dict(network="ResidualEncoderUNet", n_stages=4, features=[4, 8, 8, 16],
+                        kernels=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]],
+                        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]], blocks=[1, 2, 2, 2]),
+    "plain": dict(network="PlainConvUNet", n_stages=4, features=[4, 8, 16, 16], kernels=[[3, 3, 3]] * 4,
+                  strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], blocks=[2, 2, 2, 2]),
+}
+
+
+def plans_dict(kind: str, patch_size=(16, 32, 32)) -> dict:
+    """An nnU-Net v2 plans file (the layout nnU-Net 2.4+ writes) with a 3d_fullres configuration
+    of ``PLANS[kind]`` and a 3d_cascade_fullres one inheriting from it."""
+    p = PLANS[kind]
+    blocks = "n_blocks_per_stage" if p["network"] == "ResidualEncoderUNet" else "n_conv_per_stage"
+    n = p["n_stages"]
+    arch = {"network_class_name": f"dynamic_network_architectures.architectures.unet.{p['network']}",
+            "arch_kwargs": {"n_stages": n, "features_per_stage": p["features"],
+                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": p["kernels"],
+                            "strides": p["strides"], blocks: p["blocks"],
+                            "n_conv_per_stage_decoder": [1 if blocks == "n_blocks_per_stage" else 2] * (n - 1),
+                            "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    return {"dataset_name": "Dataset001_Test", "plans_name": "nnUNetPlans",
+            "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2,
+                                              "patch_size": list(patch_size), "spacing": [3.0, 1.0, 1.0],
+                                              "architecture": arch},
+                               "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}}
+
+
+def write_plans(path, kind: str, **kw):
+    import json
+
+    path.write_text(json.dumps(plans_dict(kind, **kw)))
+    return path
+
 
 class _SE(nn.Module):
     """Squeeze-excitation: a gate from the mean over the visible sites."""
@@ -117,7 +157,17 @@ def build3d(name):
         small = dict(n_stages=4, features_per_stage=[4, 8, 8, 16], strides=[1, 2, 2, 2])
         small.update(dict(n_blocks_per_stage=[1, 2, 2, 2], n_conv_per_stage_decoder=[1] * 3) if preset != "plain"
                      else dict(n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3))
-        return create_nnunet(preset, 1, **small).double(), 1, [f"encoder.stages.{i}" for i in (1, 2, 3)]
+        return create_nnunet(preset, 1, initialize=False, **small).double(), 1, [f"encoder.stages.{i}" for i in (1, 2, 3)]
+    if name.startswith("nnunet-plan-"):  # a small plans file, built as --model nnunet:PLANS.json builds it
+        pytest.importorskip("dynamic_network_architectures")
+        import tempfile
+        from pathlib import Path
+
+        from sparkmim.nnunet import create_nnunet
+
+        plans = write_plans(Path(tempfile.mkdtemp()) / "nnUNetPlans.json", name.removeprefix("nnunet-plan-"))
+        return (create_nnunet(str(plans), 1, initialize=False).double(), 1,
+                feature_modules_for(f"nnunet:{plans}"))
     if name.startswith("nnunet:"):
         pytest.importorskip("dynamic_network_architectures")
         return create_backbone(name, in_chans=1).double(), 1, feature_modules_for(name)

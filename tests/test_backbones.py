@@ -51,5 +51,5 @@ def test_nnunet_presets_are_nnunets_own_networks_and_their_encoder_stages_are_de
     assert [s.module for s in enc.features] == [f"encoder.stages.{i}" for i in range(1, 6)]
     assert enc.strides == tuple((2**i,) * 3 for i in range(1, 6)) and enc.sparse_impl == "fast"
     assert enc.unused_parameters and all(n.startswith("decoder.") for n in enc.unused_parameters)
-    with pytest.raises(ValueError, match="unknown nnU-Net preset 'resenc_s'.*resenc_m, resenc_l, resenc_xl, plain"):
+    with pytest.raises(ValueError, match="unknown nnU-Net network 'resenc_s'.*resenc_m, resenc_l, resenc_xl, plain"):
         create_backbone("nnunet:resenc_s")

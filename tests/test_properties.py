@@ -91,6 +91,11 @@ CASES += [
          no_isolation=ONE_SITE_INSTANCE_NORM),
     Case("3d-nnunet-small-plain", "3d", "nnunet-small-plain", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH,
          no_isolation=ONE_SITE_INSTANCE_NORM),
+    # nnU-Net plans files: an anisotropic ResEnc plan (every stage decoded, in-plane-only strides) and a plain one
+    Case("3d-nnunet-plan-anisotropic", "3d", "nnunet-plan-anisotropic", VOLUME_GRID, (2, 8, 8), scales=3,
+         forms=BOTH, no_isolation=ONE_SITE_INSTANCE_NORM),
+    Case("3d-nnunet-plan-plain", "3d", "nnunet-plan-plain", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH,
+         no_isolation=ONE_SITE_INSTANCE_NORM),
     Case("3d-nnunet:resenc_l", "3d", "nnunet:resenc_l", VOLUME_GRID, (32, 32, 32), scales=5, forms=BOTH,
          no_isolation=ONE_SITE_INSTANCE_NORM, slow=True),
     Case("3d-mc3_18", "3d", "mc3_18", VOLUME_GRID, (1, 16, 16), forms=BOTH, slow=True),

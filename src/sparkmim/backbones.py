@@ -7,9 +7,13 @@ from functools import partial
 
 from torch import nn
 
-__all__ = ["create_timm", "create_torchvision", "create_monai", "create_nnunet", "TESTED_NNUNET", "create_backbone", "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates", "norm_kind",
-           "strip_classifier", "TESTED_TIMM",
-           "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
+from . import nnunet
+from .nnunet import PRESETS as _NNUNET_PRESETS
+from .nnunet import create_nnunet
+
+__all__ = ["create_timm", "create_torchvision", "create_monai", "create_nnunet", "TESTED_NNUNET", "create_backbone",
+           "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates",
+           "norm_kind", "strip_classifier", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
 # weight loading (tests/test_encoder_zoo.py): (timm name, family). Other sizes of a family share its layers.
@@ -144,41 +148,7 @@ def create_monai(name: str, in_chans: int = 1, **kwargs) -> nn.Module:
     return getattr(nets, constructor)(**kwargs)
 
 
-# nnU-Net's 3d_fullres networks for an isotropic plan, built with dynamic-network-architectures as
-# nnU-Net v2 builds them (its planners' defaults: 6 stages, strides 1, 2, 2, 2, 2, 2, widths from
-# 32 doubling to at most 320, 3x3x3 kernels, biased convolutions, affine instance norm (eps 1e-5),
-# leaky ReLU). The residual-encoder presets M, L and XL share this network and differ in the GPU
-# memory their planners target, hence in the crop (see the nnunet_resenc_l recipe); "plain" is the
-# default planner's PlainConvUNet (two convolutions per stage).
-_NNUNET_COMMON = dict(n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320], kernel_sizes=3,
-                      strides=[1, 2, 2, 2, 2, 2], conv_bias=True, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                      nonlin_kwargs={"inplace": True}, deep_supervision=False)
-_NNUNET = {
-    "resenc_m": ("ResidualEncoderUNet", {"n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 5}),
-    "resenc_l": ("ResidualEncoderUNet", {"n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 5}),
-    "resenc_xl": ("ResidualEncoderUNet", {"n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 5}),
-    "plain": ("PlainConvUNet", {"n_conv_per_stage": [2] * 6, "n_conv_per_stage_decoder": [2] * 5}),
-}
-TESTED_NNUNET = list(_NNUNET)  # tests/test_properties.py: the presets (slow) and a narrow ResEnc and plain net
-
-
-def create_nnunet(name: str, in_chans: int = 1, num_classes: int = 2, **overrides) -> nn.Module:
-    """nnU-Net's network of a preset (``resenc_m``, ``resenc_l``, ``resenc_xl``, ``plain``): the
-    whole U-Net, whose encoder (``encoder.stem`` and ``encoder.stages``) SparK pre-trains, with the
-    keys nnU-Net's own checkpoints have. ``overrides`` change the architecture's arguments (e.g.
-    ``features_per_stage`` for a small network in tests)."""
-    if name not in _NNUNET:
-        raise ValueError(f"unknown nnU-Net preset '{name}' (sparkmim builds {', '.join(_NNUNET)}){_suggest(name, _NNUNET)}")
-    try:
-        from dynamic_network_architectures.architectures import unet
-    except ImportError as e:
-        raise ValueError(f"nnunet:{name} needs nnU-Net's network package, installed without its timm pin so that "
-                         f"timm stays current: pip install --no-deps dynamic-network-architectures einops") from e
-    cls, arch = _NNUNET[name]
-    kwargs = {**_NNUNET_COMMON, **arch, "conv_op": nn.Conv3d, "norm_op": nn.InstanceNorm3d, "nonlin": nn.LeakyReLU,
-              **overrides}
-    return getattr(unet, cls)(input_channels=in_chans, num_classes=num_classes, **kwargs)
-
+TESTED_NNUNET = list(_NNUNET_PRESETS)  # tests/test_properties.py: the presets (slow), narrow nets and plans
 
 VOLUME_SOURCES = ("monai:", "nnunet:")  # backbone name prefixes whose models take volumes
 
@@ -199,7 +169,7 @@ def feature_modules_for(name: str) -> list[str] | None:
         found = _MONAI.get(name.removeprefix("monai:"))
         return found[2] if found else None
     if name.startswith("nnunet:"):
-        return [f"encoder.stages.{i}" for i in range(1, _NNUNET_COMMON["n_stages"])]
+        return nnunet.feature_modules(name.removeprefix("nnunet:"))
     return None
 
 
@@ -216,7 +186,7 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
     if name.startswith(VOLUME_SOURCES):
         if drop_path:
             raise ValueError(f"{name} has no stochastic depth: use --drop-path 0 with this model")
-        make = create_monai if name.startswith("monai:") else create_nnunet
+        make = create_monai if name.startswith("monai:") else nnunet.create_nnunet
         return make(name.split(":", 1)[1], in_chans, **kwargs)
     torchvision_model = name.startswith("torchvision:") or (
         not name.startswith("timm:") and not timm.is_model(name)

@@ -48,6 +48,8 @@ def _export(args: argparse.Namespace) -> int:
     from .weights import encoder_weights, export_backbone, export_paths, load_encoder_weights
 
     ckpt, state, cfg = _load_run(args.run)
+    if args.nnunet:
+        return _export_nnunet(args, ckpt, state, cfg)
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
     load_encoder_weights(backbone, encoder_weights(state["model"]), strict=True)
     fmt = args.format
@@ -65,6 +67,28 @@ def _export(args: argparse.Namespace) -> int:
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder), "replaced": replaced}),
           flush=True)
+    return 0
+
+
+def _export_nnunet(args: argparse.Namespace, ckpt: Path, state: dict, cfg) -> int:
+    """``export --nnunet PLANS``: a checkpoint nnU-Net v2's ``-pretrained_weights`` loads."""
+    from .nnunet import nnunet_checkpoint
+    from .weights import encoder_weights, load_plain
+
+    if not cfg.model.startswith("nnunet:"):
+        raise ValueError(f"the run pre-trained {cfg.model}, not one of nnU-Net's networks: --nnunet exports runs of "
+                         f"--model nnunet:PRESET or nnunet:PLANS.json")
+    out = Path(args.out) if args.out else ckpt.parent / f"nnunet-{args.configuration}.pth"
+    if out.exists():
+        warnings.warn(f"replacing the existing {out} with the weights of {ckpt}", stacklevel=1)
+    report = nnunet_checkpoint(encoder_weights(state["model"]), args.nnunet, args.configuration, cfg.in_chans, out,
+                               source={"checkpoint": str(ckpt), "model": cfg.model, "epoch": int(state.get("epoch", 0))})
+    written = load_plain(out, "nnU-Net checkpoint")["network_weights"]  # read back as plain data
+    print(json.dumps({"event": "export", "format": "nnunet", "checkpoint": str(ckpt), "weights": str(out),
+                      "model": cfg.model, "plans": str(args.nnunet), "configuration": args.configuration,
+                      "keys": len(written), "from_run": len(report["from_run"]),
+                      "nnunet_init": len(report["nnunet_init"]), "seg_layers_skipped_by_nnunet": len(report["seg_layers"]),
+                      "use": f"nnUNetv2_train DATASET {args.configuration} FOLD -pretrained_weights {out}"}), flush=True)
     return 0
 
 
@@ -183,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory (newest checkpoint) or checkpoint file")
     e.add_argument("--out", help="output file (default: RUN/encoder.safetensors)")
     e.add_argument("--format", choices=["safetensors", "pth"], default="safetensors")
+    e.add_argument("--nnunet", metavar="PLANS.json",
+                   help="write a checkpoint for nnUNetv2_train -pretrained_weights instead: the network of this nnU-Net "
+                        "plans file with the run's encoder and nnU-Net's own decoder initialisation (default out: "
+                        "RUN/nnunet-CONFIGURATION.pth)")
+    e.add_argument("--configuration", default="3d_fullres", help="the plans' configuration for --nnunet")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images "

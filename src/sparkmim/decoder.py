@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .masking import MaskPyramid
+from .masking import MaskPyramid, shown_size
 from .norms import ChannelLayerNorm, MaskedBatchNorm, SyncableBatchNorm
 
 __all__ = ["LightDecoder", "DecoderBlock", "Densify", "sincos", "sincos_2d"]
@@ -112,27 +113,51 @@ class DecoderBlock(nn.Module):
         return self.conv(self.up(x))
 
 
+def ladder(patch: tuple[int, ...], through: Sequence[tuple[int, ...]] = ()) -> list[tuple[int, ...]]:
+    """The sites per patch from one per patch to ``patch`` (one value per axis), passing through
+    each of ``through`` (the feature maps' sites per patch), each step doubling every axis that
+    is short of the next stop. With no stops (or stops on it) the ladder is ``min(2**i, P)`` per
+    axis; an encoder that strides some axes only at a stage (an anisotropic nnU-Net plan, ``(1,
+    2, 2)``) adds the steps that double those axes only. ``ValueError`` when a stop does not
+    divide the next along every axis."""
+    for p in patch:
+        if p < 1 or p & (p - 1):
+            raise ValueError(f"patch size {patch} must be a power of 2 (along each axis)")
+    steps = [(1,) * len(patch)]
+    for stop in [*sorted(set(through), key=math.prod), tuple(patch)]:
+        here = steps[-1]
+        if len(stop) != len(here) or any(s % h for h, s in zip(here, stop)):
+            raise ValueError(f"feature maps at {shown_size(here)} and {shown_size(stop)} sites per {shown_size(patch)} patch are no "
+                             f"ladder: each map's sites per patch must divide the next finer map's along every axis")
+        while here != stop:
+            here = tuple(min(2 * h, s) for h, s in zip(here, stop))
+            steps.append(here)
+    return steps
+
+
 class LightDecoder(nn.Module):
-    """UNet-style decoder of appendix A: ``depth`` blocks, width halving each time, then a 1x1 head.
+    """UNet-style decoder of appendix A: blocks that double the resolution, width halving each
+    time, then a 1x1 head.
 
     ``forward(inputs)`` takes one tensor (or None) per block, coarsest first; input ``i`` is
     added before block ``i``. ``patch_size``, one per axis (e.g. ``(32, 32)``, or ``(8, 16, 16)``
-    for a clip), sets the up-sampling of each block: block ``i`` doubles the axes whose patch size
-    exceeds ``2**i``, so the input of block ``i`` sits at ``factors[i] = min(2**i, P)`` sites per
-    patch along each axis. ``patch_size`` None is the 2-D square patch of ``depth`` blocks
-    (``2**depth`` pixels per side).
+    for a clip), and the feature maps' sites per patch ``factors`` set the up-sampling of each
+    block (:func:`ladder`): the input of block ``i`` sits at ``self.factors[i]`` sites per patch;
+    with maps on the square ladder that is ``min(2**i, P)`` along each axis. ``patch_size`` None
+    is the 2-D square patch of ``depth`` blocks (``2**depth`` pixels per side).
     """
 
     def __init__(self, width: int = 768, depth: int = 5, out_channels: int = 3,
-                 patch_size: tuple[int, ...] | None = None):
+                 patch_size: tuple[int, ...] | None = None, factors: Sequence[tuple[int, ...]] = ()):
         super().__init__()
         self.patch = (2**depth, 2**depth) if patch_size is None else tuple(patch_size)
-        depth = self.depth_for(self.patch)
+        steps = ladder(self.patch, factors)
+        depth = len(steps) - 1
         if width % (2 ** depth):
             raise ValueError(f"decoder width {width} must be divisible by 2**{depth} (it halves per block)")
         self.widths = [width // 2**i for i in range(depth + 1)]
-        self.factors = [tuple(min(2**i, p) for p in self.patch) for i in range(depth)]
-        ups = [tuple(2 if 2**i < p else 1 for p in self.patch) for i in range(depth)]
+        self.factors = steps[:-1]
+        ups = [tuple(b // a for a, b in zip(lo, hi)) for lo, hi in zip(steps[:-1], steps[1:])]
         self.blocks = nn.ModuleList(DecoderBlock(a, b, up) for a, b, up in zip(self.widths[:-1], self.widths[1:], ups))
         self.head = _CONV[len(self.patch)](self.widths[-1], out_channels, kernel_size=1, bias=True)
         self.reset_parameters()
@@ -162,11 +187,3 @@ class LightDecoder(nn.Module):
                 raise ValueError("the decoder's first input must not be None")
             x = block(x)
         return self.head(x)
-
-    @staticmethod
-    def depth_for(patch_size: tuple[int, ...]) -> int:
-        """Blocks needed to go from one site per patch to the patch size (along its largest axis)."""
-        for p in patch_size:
-            if p < 1 or p & (p - 1):
-                raise ValueError(f"patch size {patch_size} must be a power of 2 (along each axis)")
-        return round(math.log2(max(patch_size)))

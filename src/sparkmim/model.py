@@ -103,20 +103,15 @@ class SparK(nn.Module):
         self.norm_pix, self.norm_pix_eps = norm_pix, norm_pix_eps
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
         self.spatial_dims = encoder.spatial_dims
-        self.decoder = LightDecoder(decoder_width, out_channels=self.in_chans, patch_size=self.patch_size)
-        # one densify per used scale, coarsest first, feeding the decoder block whose input sits
-        # at the same sites per patch (decoder.factors)
+        # the decoder's ladder passes through every feature map's sites per patch; one densify per
+        # used scale, coarsest first, feeds the block whose input sits at its map's sites per patch
+        self.decoder = LightDecoder(decoder_width, out_channels=self.in_chans, patch_size=self.patch_size,
+                                    factors=encoder.factors)
         scales = list(zip(encoder.strides, encoder.factors, encoder.channels))[::-1]
         if not hierarchical:
             scales = scales[:1]
-        self.levels: list[int] = []
-        self.factors: list[tuple[int, ...]] = []
-        for s, factor, _ in scales:
-            if factor not in self.decoder.factors:
-                raise ValueError(f"the feature map at stride {s} ({factor} sites per {self.patch_size} patch) "
-                                 f"matches no level of the decoder; pass feature_modules to the encoder")
-            self.levels.append(self.decoder.factors.index(factor))
-            self.factors.append(factor)
+        self.factors: list[tuple[int, ...]] = [factor for _, factor, _ in scales]
+        self.levels: list[int] = [self.decoder.factors.index(factor) for factor in self.factors]
         self.densify = nn.ModuleList(
             Densify(c, self.decoder.widths[lvl], coarsest=(lvl == 0), norm=self.densify_norm,
                     token_std=mask_token_std, pos_embed=pos_embed, spatial_dims=self.spatial_dims)
