@@ -37,7 +37,8 @@ def test_the_readme_option_table_matches_the_config():
 
 @pytest.mark.parametrize("values,message", [
     ({"loss_on": "visible"}, "loss_on must be one of masked, all, got 'visible'"),
-    ({"in_chans": 2}, "in_chans must be one of 1, 3, 4, got 2"),
+    ({"in_chans": 0}, "in_chans must be >= 1, got 0"),
+    ({"spacing": "1,1"}, r"spacing must be three positive voxel sizes .X,Y,Z. \(e.g. 1,1,1 or 0.8,0.8,3\), got .1,1."),
     ({"mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\), got 1.0"),
     ({"keep_last": 0}, "keep_last must be >= 1, got 0"),
     ({"epochs": "ten"}, "option epochs expects int, got 'ten'"),

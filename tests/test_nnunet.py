@@ -3,12 +3,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from nets3d import plans_dict, write_plans
 from sparkmim import SparK, SparseEncoder
 from sparkmim.backbones import create_backbone, feature_modules_for
+from sparkmim.data import DataError
 from sparkmim.nnunet import create_nnunet, nnunet_checkpoint, read_plans
 
 pytest.importorskip("dynamic_network_architectures")
@@ -140,3 +142,101 @@ def test_an_encoder_that_does_not_fit_the_plans_is_refused_naming_a_key(tmp_path
                                          "network came from"):
         nnunet_checkpoint(two_channels, other, "3d_fullres", 2, tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
+
+
+# -- volumes as nnU-Net users keep them ------------------------------------------------------------
+
+def _dataset(root, cases=3, channels=("T2", "ADC"), zooms=(0.8, 0.8, 4.0), shape=(40, 36, 12)):
+    """An nnU-Net raw dataset folder: dataset.json, imagesTr/CASE_000C.nii.gz (NIfTI axes i, j, k
+    with thick slices along k), a labelsTr folder and an imagesTs case that must not be read."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "imagesTs").mkdir()
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(channels)}, "labels": {"background": 0, "lesion": 1},
+        "numTraining": cases, "file_ending": ".nii.gz"}))
+    affine = np.diag([*zooms, 1.0])
+    arrays = {}
+    for c in range(cases):
+        for ch in range(len(channels)):
+            a = np.zeros(shape, np.float32)
+            a[4:-4, 3:-3, 1:-1] = rng.normal(size=(shape[0] - 8, shape[1] - 6, shape[2] - 2)) + 10 * ch
+            arrays[(c, ch)] = a
+            nib.save(nib.Nifti1Image(a, affine), str(root / "imagesTr" / f"case{c:03d}_{ch:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), affine), str(root / "labelsTr" / f"case{c:03d}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), affine), str(root / "imagesTs" / "test000_0000.nii.gz"))
+    return arrays
+
+
+def test_an_nnunet_dataset_is_read_one_multichannel_case_at_a_time(tmp_path):
+    from sparkmim.volumes import read_nnunet_dataset, read_sample
+
+    arrays = _dataset(tmp_path / "Dataset001_Prostate")
+    cases, names = read_nnunet_dataset(tmp_path / "Dataset001_Prostate")
+    assert names == ["T2", "ADC"] and len(cases) == 3
+    assert [p.name for p in cases[1]] == ["case001_0000.nii.gz", "case001_0001.nii.gz"]
+    volume = read_sample(cases[1], 2)
+    assert volume.shape == (2, 12, 36, 40)  # (C, D, H, W) = channels, k, j, i
+    for ch in range(2):
+        assert np.array_equal(volume[ch], arrays[(1, ch)].T)
+    (tmp_path / "Dataset001_Prostate" / "imagesTr" / "case002_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case case002 lacks case002_0001.nii.gz \(dataset.json names 2 channels: "
+                                        r"T2, ADC\)"):
+        read_nnunet_dataset(tmp_path / "Dataset001_Prostate")
+
+
+def test_foreground_crop_and_spacing_resample_in_physical_units(tmp_path):
+    """The box of the non-zero voxels over all channels; resampling a ramp that rises 1 per mm
+    along the thick-slice axis gives the same ramp on the new grid (same physical extent)."""
+    nib = pytest.importorskip("nibabel")
+    from sparkmim.config import parse_spacing
+    from sparkmim.volumes import foreground_crop, read_sample
+
+    v = np.zeros((2, 10, 12, 14), np.float32)
+    v[0, 2:5, 3:9, 4:6] = 1
+    v[1, 6, 1, 10] = -2
+    assert foreground_crop(v).shape == (2, 5, 8, 7)
+    assert np.array_equal(foreground_crop(np.zeros((1, 4, 4, 4))), np.zeros((1, 4, 4, 4)))
+    ramp = np.broadcast_to(np.arange(10, dtype=np.float32) * 4.0, (16, 8, 10)).copy()  # k: 10 slices of 4 mm
+    nib.save(nib.Nifti1Image(ramp, np.diag([1.0, 1.0, 4.0, 1.0])), str(tmp_path / "thick.nii.gz"))
+    out = read_sample((tmp_path / "thick.nii.gz",), 1, spacing=parse_spacing("2,1,2"))
+    assert out.shape == (1, 19, 8, 8)  # 36 mm: 19 slices of 2 mm; 16 mm across i: 8 voxels of 2 mm
+    assert np.allclose(out[0, :, 4, 4], np.arange(19) * 2.0, atol=1e-4)
+    np.save(tmp_path / "a.npy", ramp)
+    with pytest.raises(ValueError, match="--spacing needs voxel sizes, which only NIfTI files carry"):
+        read_sample((tmp_path / "a.npy",), 1, spacing=(1.0, 1.0, 1.0))
+
+
+def test_pretrain_on_an_nnunet_dataset_and_export_for_nnunet(tmp_path, capsys):
+    """The whole path: ``sparkmim pretrain --model nnunet:PLANS --data DATASET`` (two channels,
+    thick slices resampled, foreground crop), then ``sparkmim export RUN --nnunet PLANS``, which
+    nnU-Net's own loader accepts into the network nnU-Net builds; the loaded encoder equals the
+    run's exported encoder."""
+    from safetensors.torch import load_file
+
+    from sparkmim.cli import main
+
+    _, load_pretrained_weights = _nnunet()
+    _dataset(tmp_path / "Dataset001_Prostate")
+    plans = write_plans(tmp_path / "nnUNetPlans.json", "anisotropic")
+    run = tmp_path / "run"
+    common = ["--model", f"nnunet:{plans}", "--data", str(tmp_path / "Dataset001_Prostate"), "--out", str(run),
+              "--input-size", "32", "--input-depth", "8", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+              "--decoder-width", "32", "--device", "cpu", "--progress", "false", "--tensorboard", "false", "--lr", "1e-3",
+              "--warmup-epochs", "0"]
+    assert main(["pretrain", *common, "--in-chans", "1"]) == 2
+    assert "has 2 channel(s) (T2, ADC): use --in-chans 2, not 1" in capsys.readouterr().err
+    assert main(["pretrain", "--model", "resnet18", "--in-chans", "2", "--out", str(tmp_path / "r2")]) == 2
+    assert "images have 1, 3, 4 channels, got --in-chans 2 (any count is for volumes" in capsys.readouterr().err
+    assert main(["pretrain", *common, "--in-chans", "2", "--spacing", "1.6,1.6,2", "--foreground-crop", "true"]) == 0
+    assert main(["export", str(run), "--nnunet", str(plans)]) == 0
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert event["format"] == "nnunet" and event["from_run"] > 0 and event["seg_layers_skipped_by_nnunet"] > 0
+    network = nnunets_network(plans, in_chans=2, classes=2)
+    load_pretrained_weights(network, event["weights"])
+    exported = load_file(str(run / "encoder.safetensors"))
+    assert all(torch.equal(v, exported[f"encoder.{k}"]) for k, v in network.encoder.state_dict().items())
+    fresh = create_backbone(f"nnunet:{plans}", in_chans=2).encoder.state_dict()
+    assert any(not torch.equal(fresh[k], exported[f"encoder.{k}"]) for k in fresh if fresh[k].is_floating_point())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "opt",
-           "recipe_path", "RECIPES", "flag_of", "typed_options", "parse_intensity", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+           "recipe_path", "RECIPES", "flag_of", "typed_options", "parse_intensity", "parse_spacing", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
 
 RECIPES = Path(__file__).parent / "configs"
 
@@ -27,7 +28,6 @@ SparseImpl = Literal["fast", "reference"]
 LossOn = Literal["masked", "all"]
 Precision = Literal["auto", "fp32", "bf16", "fp16", "fp64"]
 ChannelsLast = Literal["auto", "true", "false"]
-ImageChannels = Literal[1, 3, 4]
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,13 @@ class PretrainConfig:
     intensity: str = _data("zscore", "volumes: 'zscore' (per volume and channel; MRI, microscopy) or "
                                      "'window:LOW:HIGH' (CT: clip to the window, e.g. window:-1000:400 in HU, "
                                      "and map it to [-1, 1])")
-    in_chans: ImageChannels = _data(3, "image channels: 3 (RGB), 1 (grayscale) or 4 (RGBA)")
+    in_chans: int = _data(3, "input channels: images 3 (RGB), 1 (grayscale) or 4 (RGBA); volumes any number (an "
+                             "nnU-Net dataset: its dataset.json's channels)", ge=1)
+    spacing: str | None = _data(None, "volumes: resample each NIfTI volume to this voxel size, 'X,Y,Z' in the "
+                                      "header's units (mm) along the file's axes i, j, k, before cropping (thick "
+                                      "slices too); empty: keep each file's voxel grid")
+    foreground_crop: bool = _data(False, "volumes: crop each volume to the box of its non-zero voxels (in any "
+                                         "channel) before sampling crops, as nnU-Net does")
     norm_stats: NormStats = _data("imagenet", "normalisation: 'imagenet', or 'data' to compute mean/std from the images")
     crop_scale_min: float = _data(0.67, "RandomResizedCrop minimum area fraction (volumes: fraction of each "
                                         "axis)", gt=0.0, le=1.0)
@@ -90,8 +96,10 @@ class PretrainConfig:
     fast_decode: bool = _data(True, "JPEGs: decode at 1/2-1/8 scale when even the smallest crop stays larger than "
                                    "input_size (draft mode), else with torchvision's decoder")
     model: str = _model("resnet50", "backbone: timm name, 'timm:NAME', 'torchvision:NAME' (image or video "
-                                    "models, e.g. torchvision:r3d_18) or 'monai:NAME' (volumes: resnet10, "
-                                    "resnet18, resnet34, resnet50, densenet121, segresnet, dynunet)")
+                                    "models, e.g. torchvision:r3d_18), 'monai:NAME' (volumes: resnet10, "
+                                    "resnet18, resnet34, resnet50, densenet121, segresnet, dynunet) or "
+                                    "'nnunet:PRESET' / 'nnunet:PLANS.json[:CONFIGURATION]' (volumes: nnU-Net's "
+                                    "resenc_m, resenc_l, resenc_xl, plain, or the network of a plans file)")
     feature_modules: str | None = _model(None, "comma-separated modules whose outputs are decoded, e.g. "
                                                "layer1,layer2,layer3 (patch = the last one's stride: fewer stages "
                                                "give a finer mask grid); empty: found automatically")
@@ -153,6 +161,7 @@ class PretrainConfig:
         self.channels_last = str(self.channels_last).lower()  # YAML and Python booleans too
         validate(self)
         parse_intensity(self.intensity)
+        parse_spacing(self.spacing)
         if self.betas != "auto":
             try:
                 b = tuple(float(v) for v in self.betas.split(","))
@@ -166,6 +175,21 @@ class PretrainConfig:
 
     # settings whose change makes a checkpoint incompatible
     ARCHITECTURE = ("model", "in_chans", "feature_modules", "decoder_width", "densify_norm", "hierarchical", "pos_embed")
+
+
+def parse_spacing(spec: str | None) -> tuple[float, float, float] | None:
+    """A ``--spacing`` option, ``X,Y,Z`` voxel sizes along a NIfTI file's axes ``i, j, k``, as
+    sizes along sparkmim's volume axes ``(D, H, W)`` = ``(Z, Y, X)``; None for no option."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    try:
+        x, y, z = (float(v) for v in str(spec).split(","))
+    except ValueError:
+        x = y = z = -1.0
+    if not all(v > 0 and math.isfinite(v) for v in (x, y, z)):
+        raise ConfigError(f"spacing must be three positive voxel sizes 'X,Y,Z' (e.g. 1,1,1 or 0.8,0.8,3), "
+                          f"got {spec!r}", ["spacing"])
+    return z, y, x
 
 
 def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:

@@ -56,6 +56,19 @@ class Modality:
     channels_last: torch.memory_format
     channels_last_auto: bool
     cutmix: bool
+    in_chans: tuple[int, ...] | None = None  # the channel counts it reads (None: any)
+
+    def check(self, cfg) -> None:
+        """Refuse, with :class:`~sparkmim.config.ConfigError`, settings this modality cannot read
+        (a channel count, options of the other modality)."""
+        if self.in_chans is not None and cfg.in_chans not in self.in_chans:
+            raise ConfigError(f"{self.name} have {', '.join(map(str, self.in_chans))} channels, got --in-chans "
+                              f"{cfg.in_chans} (any count is for volumes, with a 3-D model)", ["in_chans"])
+        if self.spatial_dims == 2:
+            for option in ("spacing", "foreground_crop"):
+                if getattr(cfg, option, None):
+                    raise ConfigError(f"--{option.replace('_', '-')} is for volumes (a 3-D model); {cfg.model} "
+                                      f"takes images", [option])
 
     # -- shapes ---------------------------------------------------------------------------------
     def input_shape(self, cfg) -> tuple[int, ...]:
@@ -119,7 +132,7 @@ class Modality:
 
 
 class Images(Modality):
-    name, noun, spatial_dims = "images", "image", 2
+    name, noun, spatial_dims, in_chans = "images", "image", 2, (1, 3, 4)
     channels_last, channels_last_auto, cutmix = torch.channels_last, True, True
 
     def crop_options(self) -> tuple[str, ...]:
@@ -185,12 +198,15 @@ class Volumes(Modality):
         statistics: volumes are normalised one by one (``--intensity``), so the statistics
         returned only map -2..2 standard deviations to the grey scale of the reconstruction
         images."""
+        from .config import parse_spacing
         from .volumes import (
             VolumeFiles,
             demo_volume_paths,
+            is_nnunet_dataset,
             is_volume_file,
             list_samples,
             list_volumes,
+            read_nnunet_dataset,
             volume_transform,
         )
 
@@ -198,7 +214,12 @@ class Volumes(Modality):
             raise ConfigError("volumes are normalised one by one (--intensity zscore or window:LOW:HIGH); "
                               "--norm-stats data is for images")
         missing: dict[str, str] = {}
-        if cfg.data:
+        if cfg.data and is_nnunet_dataset(cfg.data):  # one multi-channel sample per case
+            samples, channels = read_nnunet_dataset(cfg.data)
+            if len(channels) != cfg.in_chans:
+                raise ConfigError(f"the nnU-Net dataset {cfg.data} has {len(channels)} channel(s) ({', '.join(channels)}): "
+                                  f"use --in-chans {len(channels)}, not {cfg.in_chans}", ["in_chans"])
+        elif cfg.data:
             paths = list_volumes(cfg.data)
             if Path(cfg.data).is_file() and not is_volume_file(Path(cfg.data)):  # a list of files
                 paths, missing = drop_missing(paths, cfg)
@@ -208,7 +229,9 @@ class Volumes(Modality):
             samples = [demo[i % len(demo)] for i in range(cfg.demo_length)]
         transform = volume_transform(self.input_shape(cfg), cfg.intensity, scale=(cfg.crop_scale_min, 1.0))
         mean, std = (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
-        return VolumeFiles(samples, transform, cfg.in_chans), mean, std, missing
+        dataset = VolumeFiles(samples, transform, cfg.in_chans, spacing=parse_spacing(cfg.spacing),
+                              foreground=cfg.foreground_crop)
+        return dataset, mean, std, missing
 
     def is_sample_file(self, path: Path) -> bool:
         from .volumes import is_volume_file

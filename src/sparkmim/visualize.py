@@ -31,7 +31,8 @@ def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8, nam
     (:data:`~sparkmim.modality.MODALITIES`). Tiles smaller than ``min_tile`` pixels are enlarged
     by a whole factor (nearest neighbour), so patches stay sharp.
 
-    Grayscale inputs are shown as gray, more than 3 channels by their first 3. The reconstruction
+    Grayscale inputs are shown as gray, two channels by the first in gray, more than 3 channels by
+    their first 3. The reconstruction
     column de-normalises the prediction of each masked patch with the true patch's mean and
     variance (the model predicts per-patch normalised pixels), as is usual for such grids."""
     modality = modality or MODALITIES[rec.input.dim() - 2]
@@ -47,7 +48,7 @@ def reconstruction_grid(rec: Reconstruction, mean, std, max_images: int = 8, nam
         if m.shape[1] == x.shape[1]:
             x = x * s + m
         x = x.clamp(0, 1)
-        return x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
+        return x[:, :1].expand(-1, 3, -1, -1) if c < 3 else x[:, :3]
 
     # masked patches are zero in normalised space, so they show in the data's mean colour
     columns = [show(rec.input), show(rec.masked), show(rec.reconstruction)]

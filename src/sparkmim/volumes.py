@@ -18,6 +18,8 @@ intensity normalisations: per-volume z-score (MRI, microscopy; the default) or a
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ from .config import parse_intensity
 from .data import DataError, ImageFiles
 
 __all__ = ["VOLUME_EXTENSIONS", "is_volume_file", "list_volumes", "read_volume", "list_samples", "volume_transform",
-           "volume_eval_transform", "VolumeFiles", "demo_volume_paths"]
+           "volume_eval_transform", "VolumeFiles", "demo_volume_paths", "voxel_spacing", "foreground_crop", "resample",
+           "read_sample", "read_nnunet_dataset", "is_nnunet_dataset"]
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".tif", ".tiff")
 
@@ -123,6 +126,105 @@ def read_volume(path: str | Path, channels: int = 1, index: int | None = None) -
     return arr
 
 
+def voxel_spacing(path: str | Path) -> tuple[float, float, float]:
+    """The voxel size of a NIfTI file along ``(D, H, W)`` (its header's ``k``, ``j``, ``i`` zooms,
+    in the file's units, usually mm). ``ValueError`` for files without one (``.npy``, TIFF)."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--spacing needs voxel sizes, which only NIfTI files carry, not {path.suffix} files")
+    nib = _needs("nibabel", "reading NIfTI files")
+    zooms = nib.load(str(path)).header.get_zooms()[:3]
+    if len(zooms) < 3 or min(zooms) <= 0:
+        raise ValueError(f"its header gives no positive voxel size along each axis ({tuple(map(float, zooms))})")
+    return float(zooms[2]), float(zooms[1]), float(zooms[0])
+
+
+def foreground_crop(volume: np.ndarray) -> np.ndarray:
+    """``volume`` (``(C, D, H, W)``) cropped to the bounding box of its voxels that are non-zero in
+    any channel, as nnU-Net crops before preprocessing; a volume without any is kept whole."""
+    nonzero = (volume != 0).any(axis=0)
+    if not nonzero.any():
+        return volume
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return volume[(slice(None), *box)]
+
+
+def resample(volume: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float]) -> np.ndarray:
+    """``volume`` with voxels of ``spacing`` resampled (trilinear, MONAI's ``Spacing``) to voxels of
+    ``target``, both along ``(D, H, W)``: the same physical extent on the new grid."""
+    if tuple(spacing) == tuple(target):
+        return volume
+    transforms = _needs("monai.transforms", "--spacing")
+    from monai.data import MetaTensor
+
+    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    out = transforms.Spacing(pixdim=tuple(target), mode="bilinear")(MetaTensor(torch.from_numpy(volume), affine=affine))
+    return np.ascontiguousarray(out.as_tensor().numpy(), dtype=np.float32)
+
+
+def read_sample(files: tuple[Path, ...], channels: int = 1, index: int | None = None,
+                spacing: tuple[float, float, float] | None = None, foreground: bool = False) -> np.ndarray:
+    """One training volume ``(C, D, H, W)``: the file (``index``: one volume of a 4-D series), or
+    one file per channel (an nnU-Net case, ``CASE_0000``, ``CASE_0001``, ...) of equal shapes;
+    cropped to its foreground (``foreground``), then resampled to ``spacing`` (along ``(D, H,
+    W)``; None keeps the voxel grid). ``ValueError`` for a sample that cannot be used."""
+    if len(files) == 1:
+        volume = read_volume(files[0], channels, index)
+    else:
+        parts = [read_volume(f, 1) for f in files]
+        shapes = {p.shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"its channel files differ in shape ({', '.join('x'.join(map(str, s)) for s in shapes)})")
+        volume = np.concatenate(parts)
+    if foreground:
+        volume = foreground_crop(volume)
+    if spacing is not None:
+        volume = resample(volume, voxel_spacing(files[0]), spacing)
+    return volume
+
+
+def read_nnunet_dataset(folder: str | Path) -> tuple[list[tuple[Path, ...]], list[str]]:
+    """The cases of an nnU-Net raw dataset folder (``dataset.json``, ``imagesTr/CASE_0000.nii.gz``,
+    ``CASE_0001.nii.gz``, ...): for each case its channel files in channel order, and the channel
+    names of ``dataset.json`` (``channel_names``, or ``modality`` in older datasets). Only
+    ``imagesTr`` is read (``imagesTs`` may hold the cases a model is finally tested on). A case
+    missing a channel file is refused, naming it."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "dataset.json").read_text())
+        names = meta.get("channel_names", meta.get("modality"))
+        channels = [names[k] for k in sorted(names, key=int)]
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"{folder / 'dataset.json'} is not an nnU-Net dataset description with channel_names: "
+                        f"{e}") from e
+    ending = meta.get("file_ending", ".nii.gz")
+    images = folder / "imagesTr"
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
+    found: dict[str, dict[int, Path]] = {}
+    for p in sorted(images.glob(f"*{ending}")) if images.is_dir() else []:
+        m = pattern.match(p.name)
+        if m:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = p
+    if not found:
+        raise DataError(f"no cases (CASE_0000{ending}) in {images}")
+    cases = []
+    for case, files in found.items():
+        lacking = [f"{case}_{c:04d}{ending}" for c in range(len(channels)) if c not in files]
+        if lacking:
+            raise DataError(f"nnU-Net dataset {folder}: case {case} lacks {', '.join(lacking)} (dataset.json names "
+                            f"{len(channels)} channels: {', '.join(channels)})")
+        cases.append(tuple(files[c] for c in range(len(channels))))
+    return cases, channels
+
+
+def is_nnunet_dataset(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "dataset.json").is_file() and (path / "imagesTr").is_dir()
+
+
 def list_samples(paths: list[Path]) -> list[tuple[Path, int | None]]:
     """``(path, index)`` per training sample: one per volume of a 4-D NIfTI series, one per other
     file (``index`` None). A file whose header cannot be read is kept as one sample, so that it
@@ -168,21 +270,27 @@ def volume_eval_transform(size: tuple[int, int, int], intensity: str = "zscore")
 
 
 class VolumeFiles(ImageFiles):
-    """Augmented crops of volumes, one sample per ``(path, index)`` of :func:`list_samples`;
-    keys, unreadable files and batches as in :class:`~sparkmim.data.ImageFiles`."""
+    """Augmented crops of volumes, one sample per ``(path, index)`` of :func:`list_samples` or per
+    case (a tuple of channel files, :func:`read_nnunet_dataset`), read by :func:`read_sample`
+    (``spacing``, ``foreground``); keys, unreadable files and batches as in
+    :class:`~sparkmim.data.ImageFiles`."""
 
     kind = "volume"
 
-    def __init__(self, samples: list[tuple[Path, int | None]], transform, channels: int = 1, max_skips: int = 64):
-        super().__init__([p for p, _ in samples], transform, channels, max_skips)
-        self.series_index = [t for _, t in samples]
+    def __init__(self, samples: list[tuple[Path, int | None]] | list[tuple[Path, ...]], transform, channels: int = 1,
+                 max_skips: int = 64, spacing: tuple[float, float, float] | None = None, foreground: bool = False):
+        cases = [s if all(isinstance(x, Path) for x in s) else None for s in samples]
+        super().__init__([s[0] for s in samples], transform, channels, max_skips)
+        self.series_index = [None if c else s[1] for s, c in zip(samples, cases)]
+        self.files = [c or (s[0],) for s, c in zip(samples, cases)]
+        self.spacing, self.foreground = spacing, foreground
 
     def name_of(self, index: int) -> str:
         t = self.series_index[index]
         return Path(self.paths[index]).name + ("" if t is None else f" [{t}]")
 
     def _read(self, index: int):
-        return read_volume(self.paths[index], self.channels, self.series_index[index])
+        return read_sample(self.files[index], self.channels, self.series_index[index], self.spacing, self.foreground)
 
     def _augment(self, volume, seed: int):
         self.transform.set_random_state(seed=seed % (2**32))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, ImageChannels, NormStats, opt, parse_intensity, validate
+from ..config import ConfigError, NormStats, opt, parse_intensity, validate
 
 __all__ = ["EvalConfig", "MODES", "RUN_SETTINGS", "settings_from_runs"]
 
@@ -30,7 +30,8 @@ class EvalConfig:
     weights: str = opt("random", "comma-separated weight sources, each 'random', 'pretrained' (timm/torchvision "
                                   "weights), or a sparkmim run folder / exported .safetensors / checkpoint; "
                                   "optionally named as NAME=SOURCE")
-    in_chans: ImageChannels = opt(3, "image channels the backbone takes (1 for grayscale)")
+    in_chans: int = opt(3, "input channels the backbone takes (images: 3, 1 for grayscale, 4 for RGBA; volumes: "
+                           "any number)", ge=1)
     input_size: int = opt(224, "image size in pixels", gt=0)
     input_depth: int = opt(0, "volumes (3-D models): depth the whole volume is resized to (0: input_size); "
                               "height and width: input_size", ge=0)

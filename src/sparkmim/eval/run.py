@@ -54,6 +54,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     sources = cfg.sources
     modality = modality_for(cfg.model)
+    modality.check(cfg)
     if cfg.cutmix > 0 and not modality.cutmix:
         raise ConfigError(f"cutmix cuts 2-D boxes: use --cutmix 0 with {modality.name} (mixup works)")
     train_samples, val_samples, classes = build_splits(cfg, modality)

@@ -69,6 +69,7 @@ class Run:
             cfg = dataclasses.replace(cfg, resume="auto")  # torchrun restarted the workers: continue the run
         self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
         self.modality = modality_for(cfg.model)  # images or volumes: decided here, once
+        self.modality.check(cfg)
         self.run_dir = Path(cfg.out)
         problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
         if problem:
