@@ -71,7 +71,8 @@ _data, _model, _optim, _run, _out = (partial(opt, group=g) for g in
 @dataclass
 class PretrainConfig:
     data: str | None = _data(None, "image folder (searched recursively) or a text file listing image paths "
-                                  "(volumes: .nii, .nii.gz, .npy, .tif stacks, for 3-D models); empty: the "
+                                  "(volumes: .nii, .nii.gz, .npy, .tif stacks, or an nnU-Net raw dataset "
+                                  "folder, for 3-D models); empty: the "
                                   "built-in demo photographs (volumes for 3-D models)")
     input_size: int = _data(224, "crop size in pixels (a multiple of the encoder's total stride)", gt=0)
     input_depth: int = _data(0, "volumes and clips (3-D models): crop depth in slices or frames (a multiple of the "
