@@ -5,7 +5,8 @@
 # 3-D encoder in both forms against the dense model. Each part has its own time limit so one
 # slow part cannot eat the lease; SECTIONS picks parts (default: all, about 6 minutes on an H200).
 # JSON lines go to $OUT/session.jsonl. monai travels as a wheel in .whl/ (pure Python):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1 \
+#     dynamic-network-architectures==0.4.4 einops
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,6 +49,12 @@ if has 3d; then
   part 90 python3 benchmarks/encoder3d.py --device cuda --size 128 --batch 8 --rounds 5 --warmup 2
   # channels_last_3d (--channels-last true for volumes; auto keeps them contiguous until this is measured)
   part 90 python3 benchmarks/encoder3d.py --device cuda --size 128 --batch 8 --rounds 5 --warmup 2 --channels-last
+  # nnU-Net's ResEnc-L at the crop it is pre-trained at (needs dynamic-network-architectures and
+  # einops as wheels in .whl/, like monai)
+  for b in 2 8; do
+    part 120 python3 benchmarks/encoder3d.py --model nnunet:resenc_l --device cuda --size 160 --batch $b \
+      --rounds 3 --warmup 1 --precision bf16
+  done
 fi
 python3 benchmarks/table.py "$LOG" 2>/dev/null | head -40
 grep '"encoder3d"' "$LOG" | cut -c1-60,200-400

@@ -10,7 +10,7 @@ Variants, run alternately (one round of each, then the next), median over rounds
 * ``fast``: the sparse encoder in the fast form (visible tiles only, halos across patch borders).
 
 Each line gives the median and minimum milliseconds and the ratios to ``dense`` and to
-``reference``. Mask ratio 0.6, float32, training mode, CPU threads as torch chooses (``--threads``).
+``reference``. Mask ratio 0.6, float32 (``--precision bf16``: under autocast), training mode, CPU threads as torch chooses (``--threads``).
 ``--channels-last`` puts the model and the volumes in ``torch.channels_last_3d`` (what
 ``--channels-last true`` does for a 3-D run; ``auto`` leaves volumes contiguous).
 """
@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels-last", action="store_true", help="model and volumes in channels_last_3d")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: every variant under torch.autocast (as a bf16 run computes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,14 +62,19 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     def dense():
-        sum(f.sum() for f in enc(x)).backward()
+        with autocast():
+            feats = enc(x)
+        sum(f.float().sum() for f in feats).backward()
 
     def sparse(impl):
         def run():
-            with enc.using(impl):
+            with enc.using(impl), autocast():
                 feats = enc(x, masks)
-            sum(f.sum() for f in feats).backward()
+            sum(f.float().sum() for f in feats).backward()
         return run
 
     variants = {"dense": dense, "reference": sparse("reference"), "fast": sparse("fast")}
@@ -85,7 +92,7 @@ def main(argv=None):
     for name, ms in times.items():
         print(json.dumps({"bench": "encoder3d", "variant": name, "model": args.model, "size": args.size,
                           "batch": args.batch, "patch": list(enc.patch_size), "grid": list(grid), "visible": keep,
-                          "channels_last_3d": args.channels_last,
+                          "channels_last_3d": args.channels_last, "precision": args.precision,
                           "device": device.type,
                           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "threads": torch.get_num_threads(),
