@@ -140,6 +140,14 @@ class SparK(nn.Module):
             visible = visible.to(images.device, non_blocking=True)
         return MaskPyramid(visible, keep=num_visible(math.prod(grid), ratio))
 
+    def load_reference(self, path_or_state, input_size: int | None = None) -> dict[str, list[str]]:
+        """Load one of the paper's released ``_withdecoder_..._spark_style.pth`` checkpoints (read
+        as plain data) into this model, built for the same backbone: encoder, densify norms and
+        projections, mask tokens and decoder (:func:`sparkmim.released.load_reference`)."""
+        from .released import load_reference
+
+        return load_reference(self, path_or_state, input_size=input_size)
+
     def forward_encoder(self, images: Tensor, masks: MaskPyramid) -> list[Tensor]:
         """Sparse features, coarsest first: ``[(B, C_i, *(size / s_i))]`` (with ``sparse=False``,
         the dense convnet's features of the masked images, zero at masked pixels)."""

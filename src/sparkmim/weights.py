@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX",
-           "atomic_write", "state_bytes", "save_encoder_weights", "read_weights", "key_report", "mismatches",
+           "atomic_write", "state_bytes", "save_encoder_weights", "read_file", "backbone_weights", "read_weights",
+           "key_report", "mismatches",
            "mismatch_message", "load_encoder_weights", "encoder_weights", "is_timm_model", "export_paths",
            "export_backbone", "save_timm_folder"]
 
@@ -136,10 +137,9 @@ def load_plain(path: str | Path, what: str = "file") -> object:
         raise CheckpointError(f"cannot read {what} {path}: {reason}") from e
 
 
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The state dict in a ``.safetensors`` file or a plain-data torch file (a ``state_dict`` or
-    ``model`` entry, as many training scripts write, is taken; a sparkmim checkpoint gives its
-    encoder's weights)."""
+def read_file(path: str | Path) -> object:
+    """What a weights file holds: the state dict of a ``.safetensors`` file, or a plain-data torch
+    file's object."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -150,12 +150,29 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except Exception as e:  # truncated or not a safetensors file
             raise CheckpointError(f"cannot read weights file {path}: {' '.join(str(e).split())[:300]}") from e
-    state = load_plain(path, "weights file")
+    return load_plain(path, "weights file")
+
+
+def backbone_weights(state) -> dict[str, Tensor]:
+    """The backbone's weights, with its own keys, in what a weights file holds: a state dict, a
+    ``state_dict`` or ``model`` entry (as many training scripts write; a sparkmim checkpoint
+    gives its encoder's), or one of the paper's released files (the encoder of a
+    ``_withdecoder_..._spark_style.pth``, a ``_timm_style.pth``; ConvNeXt keys renamed to timm's)."""
+    from .released import is_spark_style, reference_encoder
+
+    if is_spark_style(state):
+        return reference_encoder(state["module"])
     for entry in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(entry), dict):
             inner = state[entry]
             return encoder_weights(inner) if any(k.startswith(ENCODER_PREFIX) for k in inner) else inner
-    return state
+    return reference_encoder(state) if isinstance(state, dict) else state
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The backbone's state dict in a ``.safetensors`` file or a plain-data torch file
+    (:func:`backbone_weights`)."""
+    return backbone_weights(read_file(path))
 
 
 def key_report(model: nn.Module, state: dict[str, Tensor]) -> dict[str, list[str]]:

@@ -17,7 +17,8 @@ from ..masking import shown_size
 from ..modality import Modality
 from ..model import SparK
 from ..optim import default_betas, hold_on_device, lamb, param_groups
-from ..weights import load_encoder_weights
+from ..released import is_spark_style, load_reference
+from ..weights import backbone_weights, load_encoder_weights, read_file
 
 __all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer"]
 
@@ -42,16 +43,30 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK;
     the crop of ``modality`` is checked against the encoder's total stride."""
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
-    if cfg.init:
-        report = load_encoder_weights(backbone, cfg.init, strict=True)
-        print(json.dumps({"event": "init", "weights": cfg.init, "matched_keys": len(report["matched"])}), flush=True)
+    init = read_file(cfg.init) if cfg.init else None
+    whole = init is not None and is_spark_style(init)  # a reference SparK model: loaded once SparK is built
+    arch = init.get("arch") if whole else None
+    if isinstance(arch, str) and arch != cfg.model.removeprefix("timm:"):
+        raise ConfigError(f"--init {cfg.init} is a SparK model of {arch}, the run's --model is {cfg.model}: use "
+                          f"--model {arch}", ["init", "model"])
+    if init is not None and not whole:
+        report = load_encoder_weights(backbone, backbone_weights(init), strict=True)
+        print(json.dumps({"event": "init", "weights": cfg.init, "kind": "encoder weights",
+                          "matched_keys": len(report["matched"])}), flush=True)
     modules = [m.strip() for m in cfg.feature_modules.split(",") if m.strip()] if cfg.feature_modules else None
     encoder = SparseEncoder(backbone, modules or feature_modules_for(cfg.model), in_chans=cfg.in_chans,
                             sparse_impl=cfg.sparse_impl)
     _check_input_fits(cfg, modality, encoder.patch_size)
-    return SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
-                 hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
-                 norm_pix=cfg.norm_pix)
+    model = SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
+                  hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
+                  norm_pix=cfg.norm_pix)
+    if whole:
+        report = load_reference(model, init, input_size=cfg.input_size)
+        print(json.dumps({"event": "init", "weights": cfg.init, "arch": init.get("arch"),
+                          "kind": "reference SparK model (encoder, densify, mask tokens, decoder)",
+                          "loaded_keys": len(report["loaded"]), "left_out": report["left_out"],
+                          "kept_at_init": report["kept"]}), flush=True)
+    return model
 
 
 def _check_input_fits(cfg, modality: Modality, patch: tuple[int, ...]) -> None:

@@ -1,0 +1,202 @@
+"""The paper's released checkpoints: files of both layouts built from the manifest of the
+reference code's files (tests/data/reference_manifest.json.gz: every key and shape, the config,
+the optimiser's groups) with random tensors, loaded into sparkmim's model."""
+
+import functools
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparkmim import SparK, SparseEncoder
+from sparkmim.backbones import create_backbone
+from sparkmim.config import ConfigError
+from sparkmim.released import REFERENCE_BUFFERS, reference_key
+from sparkmim.weights import KeyMismatchError, UnsafeFileError, load_encoder_weights, read_weights
+
+MANIFEST = json.loads(gzip.decompress((Path(__file__).parent / "data" / "reference_manifest.json.gz").read_bytes()))
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+@functools.cache
+def _module(arch: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {k: (torch.randn(shape, generator=g) if dtype == "float32" else torch.randint(0, 9, shape, generator=g))
+            .to(DTYPES[dtype]) for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
+
+
+def spark_style(arch: str, optimizer: bool = False, **config) -> dict:
+    """A ``_withdecoder_..._spark_style.pth`` of ``arch`` as the reference code writes it (random
+    tensors, the same for every call; the optimiser's moments only with ``optimizer``)."""
+    entry = MANIFEST[arch]
+    module = dict(_module(arch), config={**entry["config"], **config})
+    names = [n for group in entry["optimizer_groups"] for n in group["params"]]
+    g = torch.Generator().manual_seed(1)
+    state = {i: {"exp_avg": torch.randn(entry["module"][n][0], generator=g),
+                 "exp_avg_sq": torch.rand(entry["module"][n][0], generator=g)} for i, n in enumerate(names)} if optimizer else {}
+    groups, start = [], 0
+    for group in entry["optimizer_groups"]:
+        ids = list(range(start, start + len(group["params"])))
+        start += len(ids)
+        groups.append({"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.19, "grad_averaging": True,
+                       "max_grad_norm": 5.0, "trust_clip": False, "always_adapt": False, "step": 1000,
+                       "lr_scale": group["lr_scale"], "weight_decay_scale": group["weight_decay_scale"], "params": ids})
+    return {"args": "Args(...)", "input_size": 224, "arch": arch, "epoch": 1599, "performance_desc": "[min loss] 0.4",
+            "module": module, "optimizer": {"state": state, "param_groups": groups}, "is_pretrain": True}
+
+
+def timm_style(arch: str) -> dict:
+    """A ``_1kpretrained_timm_style.pth``: the encoder alone, the reference backbone's keys."""
+    prefix = "sparse_encoder.sp_cnn."
+    return {k: _module(arch)[prefix + k] for k in MANIFEST[arch]["timm_style"]}
+
+
+def sparkmim_model(arch: str, **kw) -> SparK:
+    return SparK(SparseEncoder(create_backbone(arch)), **kw)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    paths = {}
+    for arch in ("resnet50", "convnext_small"):
+        paths[arch] = root / f"{arch}_withdecoder_1kpretrained_spark_style.pth"
+        torch.save(spark_style(arch), paths[arch])
+        paths[f"{arch}-timm"] = root / f"{arch}_1kpretrained_timm_style.pth"
+        torch.save(timm_style(arch), paths[f"{arch}-timm"])
+    return paths
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "convnext_small"])
+def test_every_tensor_of_a_released_file_lands_in_its_place(files, arch):
+    """Every tensor but the three constant buffers is loaded, each equal to the file's tensor under
+    the key mapping; nothing of the model is left out but timm's ConvNeXt final norm."""
+    model = sparkmim_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = model.load_reference(files[arch])
+    module = spark_style(arch)["module"]
+    assert sorted(report["left_out"]) == sorted(REFERENCE_BUFFERS)
+    assert report["kept"] == (["encoder.model.head.norm.weight", "encoder.model.head.norm.bias"]
+                              if arch.startswith("convnext") else [])
+    own = model.state_dict()
+    convnext = arch.startswith("convnext")
+    for key, value in module.items():
+        if key == "config" or key in REFERENCE_BUFFERS:
+            continue
+        assert torch.equal(own[reference_key(key, convnext)], value), key
+    assert len(report["loaded"]) == len(module) - 1 - len(REFERENCE_BUFFERS) == len(own) - len(report["kept"])
+    assert all(torch.equal(own[k], before[k]) for k in report["kept"])
+
+
+# keys mapped by hand from the manifest (the reference code's names, sparkmim's names)
+BY_HAND = {
+    "resnet50": [("sparse_encoder.sp_cnn.layer3.4.bn2.running_var", "encoder.model.layer3.4.bn2.running_var"),
+                 ("densify_norms.0.running_mean", "densify.0.norm.running_mean"),
+                 ("densify_projs.0.weight", "densify.0.proj.weight"),
+                 ("mask_tokens.2", "densify.2.mask_token"),
+                 ("dense_decoder.dec.1.up_sample.weight", "decoder.blocks.1.up.weight"),
+                 ("dense_decoder.dec.4.conv.4.bias", "decoder.blocks.4.conv.4.bias"),
+                 ("dense_decoder.proj.weight", "decoder.head.weight")],
+    "convnext_small": [("sparse_encoder.sp_cnn.downsample_layers.0.0.weight", "encoder.model.stem.0.weight"),
+                       ("sparse_encoder.sp_cnn.downsample_layers.0.1.bias", "encoder.model.stem.1.bias"),
+                       ("sparse_encoder.sp_cnn.downsample_layers.2.0.weight", "encoder.model.stages.2.downsample.0.weight"),
+                       ("sparse_encoder.sp_cnn.downsample_layers.3.1.weight", "encoder.model.stages.3.downsample.1.weight"),
+                       ("sparse_encoder.sp_cnn.stages.2.26.dwconv.weight", "encoder.model.stages.2.blocks.26.conv_dw.weight"),
+                       ("sparse_encoder.sp_cnn.stages.1.2.pwconv1.weight", "encoder.model.stages.1.blocks.2.mlp.fc1.weight"),
+                       ("sparse_encoder.sp_cnn.stages.0.1.pwconv2.bias", "encoder.model.stages.0.blocks.1.mlp.fc2.bias"),
+                       ("sparse_encoder.sp_cnn.stages.3.2.gamma", "encoder.model.stages.3.blocks.2.gamma"),
+                       ("sparse_encoder.sp_cnn.stages.3.2.norm.weight", "encoder.model.stages.3.blocks.2.norm.weight"),
+                       ("densify_norms.1.weight", "densify.1.norm.weight"),
+                       ("densify_projs.3.weight", "densify.3.proj.weight")],
+}
+
+
+@pytest.mark.parametrize("arch", list(BY_HAND))
+def test_hand_mapped_keys_of_the_manifest(files, arch):
+    model = sparkmim_model(arch)
+    model.load_reference(files[arch])
+    module, own = spark_style(arch)["module"], model.state_dict()
+    for theirs, ours in BY_HAND[arch]:
+        assert torch.equal(own[ours], module[theirs]), (theirs, ours)
+
+
+def test_a_convnext_block_computes_what_the_reference_block_computes(files):
+    """The reference ConvNeXt's block (facebookresearch: depthwise 7x7, channels-last LayerNorm,
+    pointwise Linear, GELU, Linear, gamma, residual) and its downsampling layer (channels-first
+    LayerNorm, 2x2 convolution), written out with the file's tensors, equal timm's layers after
+    the renaming."""
+    model = sparkmim_model("convnext_small")
+    model.load_reference(files["convnext_small"])
+    m = spark_style("convnext_small")["module"]
+    p = "sparse_encoder.sp_cnn."
+    x = torch.randn(2, 192, 14, 14)
+
+    def ln_first(t, name):  # channels-first LayerNorm of the reference
+        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), m[name + ".weight"], m[name + ".bias"], 1e-6).permute(0, 3, 1, 2)
+
+    b = f"{p}stages.1.2."
+    y = F.conv2d(x, m[b + "dwconv.weight"], m[b + "dwconv.bias"], padding=3, groups=192).permute(0, 2, 3, 1)
+    y = F.layer_norm(y, (192,), m[b + "norm.weight"], m[b + "norm.bias"], 1e-6)
+    y = F.linear(F.gelu(F.linear(y, m[b + "pwconv1.weight"], m[b + "pwconv1.bias"])), m[b + "pwconv2.weight"],
+                 m[b + "pwconv2.bias"])
+    reference = x + (m[b + "gamma"] * y).permute(0, 3, 1, 2)
+    timm_model = model.encoder.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(timm_model.stages[1].blocks[2](x), reference, atol=1e-4, rtol=1e-4)
+        down = F.conv2d(ln_first(x, f"{p}downsample_layers.2.0"), m[f"{p}downsample_layers.2.1.weight"],
+                        m[f"{p}downsample_layers.2.1.bias"], stride=2)
+        assert torch.allclose(timm_model.stages[2].downsample(x), down, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_only_files_of_both_layouts_load_strictly_into_the_backbone(files):
+    """``_timm_style.pth`` (and the encoder of a spark-style file) give the backbone's own keys:
+    a strict load into a fresh timm model; ConvNeXt keys renamed, its final norm at identity."""
+    for arch in ("resnet50", "convnext_small"):
+        for source in (files[f"{arch}-timm"], files[arch]):
+            backbone = create_backbone(arch)
+            report = load_encoder_weights(backbone, read_weights(source), strict=True)
+            assert not report["missing"] and not report["unexpected"]
+        weights = read_weights(files[f"{arch}-timm"])
+        file = timm_style(arch)
+        key = "stages.2.blocks.3.mlp.fc1.weight" if arch.startswith("convnext") else "layer2.1.conv2.weight"
+        theirs = "stages.2.3.pwconv1.weight" if arch.startswith("convnext") else key
+        assert torch.equal(weights[key], file[theirs])
+
+
+def test_wrong_files_are_refused_in_one_line_naming_what_is_wrong(tmp_path):
+    model = sparkmim_model("resnet50")
+    cases = []
+    missing = spark_style("resnet50")
+    del missing["module"]["dense_decoder.dec.2.conv.1.weight"]
+    cases.append((missing, KeyMismatchError, "lacks 1 of this model's tensors, first decoder.blocks.2.conv.1.weight"))
+    extra = spark_style("resnet50")
+    extra["module"]["dense_decoder.dec.5.up_sample.weight"] = torch.zeros(3)
+    cases.append((extra, KeyMismatchError, r"dense_decoder.dec.5.up_sample.weight has no place in this model "
+                                           r"\(as decoder.blocks.5.up.weight\)"))
+    shape = spark_style("resnet50")
+    shape["module"]["densify_projs.1.weight"] = torch.zeros(384, 1024, 1, 1)
+    cases.append((shape, KeyMismatchError, r"densify_projs.1.weight is \(384, 1024, 1, 1\), this model's "
+                                           r"densify.1.proj.weight is \(384, 1024, 3, 3\)"))
+    cases.append((spark_style("resnet50", **{"dense_decoder.width": 512}), ConfigError,
+                  "trained with dense_decoder.width 512, this model has 768 \\(--decoder-width\\)"))
+    cases.append((spark_style("resnet50", densify_norm_str="ln"), ConfigError,
+                  "trained with densify_norm_str 'ln', this model has 'bn' \\(--densify-norm\\)"))
+    for state, error, message in cases:
+        with pytest.raises(error, match=message) as e:
+            model.load_reference(state)
+        assert "\n" not in str(e.value)
+    with pytest.warns(UserWarning, match=r"trained with mask_ratio 0.75, this run uses 0.6 \(--mask-ratio\)"):
+        model.load_reference(spark_style("resnet50", mask_ratio=0.75))
+    with pytest.warns(UserWarning, match=r"sparse_encoder.input_size 224, this run uses 192 \(--input-size\)"):
+        model.load_reference(spark_style("resnet50"), input_size=192)
+
+
+def test_a_file_holding_python_objects_is_refused_not_run(tmp_path):
+    state = spark_style("resnet50")
+    state["args"] = Path("/tmp")  # an object: loading it would run code
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(UnsafeFileError, match="holds Python objects"):
+        sparkmim_model("resnet50").load_reference(tmp_path / "bad.pth")
