@@ -28,15 +28,21 @@ def _module(arch: str) -> dict:
             .to(DTYPES[dtype]) for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
 
 
+@functools.cache
+def _moments(arch: str) -> dict:
+    entry = MANIFEST[arch]
+    names = [n for group in entry["optimizer_groups"] for n in group["params"]]
+    g = torch.Generator().manual_seed(1)
+    return {i: {"exp_avg": torch.randn(entry["module"][n][0], generator=g),
+                "exp_avg_sq": torch.rand(entry["module"][n][0], generator=g)} for i, n in enumerate(names)}
+
+
 def spark_style(arch: str, optimizer: bool = False, **config) -> dict:
     """A ``_withdecoder_..._spark_style.pth`` of ``arch`` as the reference code writes it (random
     tensors, the same for every call; the optimiser's moments only with ``optimizer``)."""
     entry = MANIFEST[arch]
     module = dict(_module(arch), config={**entry["config"], **config})
-    names = [n for group in entry["optimizer_groups"] for n in group["params"]]
-    g = torch.Generator().manual_seed(1)
-    state = {i: {"exp_avg": torch.randn(entry["module"][n][0], generator=g),
-                 "exp_avg_sq": torch.rand(entry["module"][n][0], generator=g)} for i, n in enumerate(names)} if optimizer else {}
+    state = _moments(arch) if optimizer else {}
     groups, start = [], 0
     for group in entry["optimizer_groups"]:
         ids = list(range(start, start + len(group["params"])))
@@ -200,3 +206,72 @@ def test_a_file_holding_python_objects_is_refused_not_run(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(UnsafeFileError, match="holds Python objects"):
         sparkmim_model("resnet50").load_reference(tmp_path / "bad.pth")
+
+
+def test_the_lamb_moments_map_through_the_reference_optimizer_order():
+    """The released optimiser state is keyed by position across the reference code's parameter
+    groups (the manifest's order): each moment lands on the parameter of that name."""
+    from sparkmim.released import optimizer_names, reference_moments
+
+    for arch in ("resnet50", "convnext_small"):
+        state = spark_style(arch, optimizer=True)
+        names = optimizer_names(arch)
+        assert names == [n for g in MANIFEST[arch]["optimizer_groups"] for n in g["params"]]
+        model = sparkmim_model(arch)
+        moments, steps = reference_moments(state, model)
+        assert steps == 1000 and len(moments) == len(names) == sum(p.requires_grad for p in model.parameters()) - (
+            2 if arch.startswith("convnext") else 0)
+        for theirs, ours in BY_HAND[arch]:
+            if theirs in names:
+                i = names.index(theirs)
+                assert torch.equal(moments[ours][0], state["optimizer"]["state"][i]["exp_avg"])
+                assert torch.equal(moments[ours][1], state["optimizer"]["state"][i]["exp_avg_sq"])
+
+
+def _run(tmp_path, *extra):
+    from sparkmim.cli import main
+
+    return main(["pretrain", "--model", "resnet50", "--input-size", "64", "--batch-size", "2", "--demo-length", "4",
+                 "--workers", "0", "--device", "cpu", "--progress", "false", "--tensorboard", "false",
+                 "--vis-every-epochs", "0", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_init_from_a_released_file_starts_from_its_whole_model(files, tmp_path, capsys):
+    """``--init FILE`` with a spark-style file: the run starts from the file's encoder, densify
+    and decoder (at lr 1e-12 the trained weights stay the file's), and says which kind it found."""
+    from sparkmim.checkpoint import checkpoint_paths, read_checkpoint
+
+    assert _run(tmp_path, "--init", str(files["resnet50"]), "--epochs", "1", "--lr", "1e-12",
+                "--warmup-epochs", "0") == 0
+    init = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event": "init"' in line)
+    assert init["kind"].startswith("reference SparK model") and init["loaded_keys"] == 422
+    assert sorted(init["left_out"]) == sorted(REFERENCE_BUFFERS)
+    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])["model"]
+    module = spark_style("resnet50")["module"]
+    for theirs, ours in [("dense_decoder.dec.0.conv.0.weight", "decoder.blocks.0.conv.0.weight"),
+                         ("densify_projs.2.weight", "densify.2.proj.weight"), ("mask_tokens.1", "densify.1.mask_token"),
+                         ("sparse_encoder.sp_cnn.layer4.2.conv3.weight", "encoder.model.layer4.2.conv3.weight")]:
+        assert torch.allclose(saved[ours], module[theirs], atol=1e-6), ours
+    assert _run(tmp_path / "c", "--init", str(files["convnext_small"]), "--epochs", "1") == 2
+    assert "is a SparK checkpoint of convnext_small, the run's backbone is resnet50: use --model convnext_small" in \
+        capsys.readouterr().err
+
+
+def test_resume_from_a_released_file_continues_its_run(tmp_path, capsys):
+    """``--resume FILE``: the file's weights, LAMB moments and step count, and its epoch: the run
+    goes on at epoch 1600 (the file ends epoch 1599) at that place of its own schedule; LAMB's
+    step count goes on from the file's (1000 -> 1002 after two steps)."""
+    from sparkmim.checkpoint import checkpoint_paths, read_checkpoint
+
+    path = tmp_path / "resnet50_withdecoder_1kpretrained_spark_style.pth"
+    torch.save(spark_style("resnet50", optimizer=True), path)
+    assert _run(tmp_path, "--resume", str(path), "--epochs", "1600") == 2
+    assert "ended its run at epoch 1600; --epochs 1600 leaves nothing to continue" in capsys.readouterr().err
+    assert _run(tmp_path, "--resume", str(path), "--epochs", "1601", "--lr", "1e-3") == 0
+    out = capsys.readouterr().out
+    event = next(json.loads(line) for line in out.splitlines() if '"kind": "reference SparK run"' in line)
+    assert event["epoch"] == 1600 and event["step"] == 3200 and event["optimizer_moments"] == 221
+    assert event["optimizer_steps"] == 1000
+    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])
+    assert saved["epoch"] == 1601 and saved["step"] == 3202
+    assert [float(g["step"]) for g in saved["optimizer"]["param_groups"]] == [1002.0, 1002.0]

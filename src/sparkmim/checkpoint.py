@@ -34,10 +34,11 @@ def checkpoint_paths(folder: str | Path) -> list[Path]:
     return sorted((p for p in Path(folder).glob(CHECKPOINT_PATTERN) if checkpoint_step(p) >= 0), key=checkpoint_step)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint's plain data (``weights_only=True``); :class:`CheckpointError` naming the
-    file when it cannot be read or is not a sparkmim checkpoint."""
-    state = load_plain(path, "checkpoint")
+def read_checkpoint(path: str | Path, state: object = None) -> dict:
+    """A training checkpoint's plain data (``weights_only=True``; ``state``: what was already read
+    from ``path``); :class:`CheckpointError` naming the file when it cannot be read or is not a
+    sparkmim checkpoint."""
+    state = load_plain(path, "checkpoint") if state is None else state
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"cannot read checkpoint {path}: not a sparkmim training checkpoint")
     return state
@@ -96,10 +97,11 @@ class CheckpointManager:
         return None
 
     @staticmethod
-    def load(path: str | Path, cfg: PretrainConfig | None = None) -> dict:
-        """Load a checkpoint; with ``cfg``, refuse one whose architecture settings differ.
-        Raises :class:`~sparkmim.weights.CheckpointError` naming the file when it cannot be read."""
-        state = read_checkpoint(path)
+    def load(path: str | Path, cfg: PretrainConfig | None = None, state: object = None) -> dict:
+        """Load a checkpoint (``state``: already read from ``path``); with ``cfg``, refuse one whose
+        architecture settings differ. Raises :class:`~sparkmim.weights.CheckpointError` naming the
+        file when it cannot be read."""
+        state = read_checkpoint(path, state)
         if cfg is not None:
             saved = state.get("config", {})
             diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}"

@@ -31,7 +31,8 @@ from .config import ConfigError
 from .weights import ENCODER_PREFIX, KeyMismatchError, load_plain
 
 __all__ = ["REFERENCE_BUFFERS", "is_spark_style", "is_reference_convnext", "convnext_key", "reference_key",
-           "reference_encoder", "map_reference", "check_reference_config", "load_reference", "read_reference"]
+           "reference_encoder", "map_reference", "check_reference_config", "load_reference", "read_reference",
+           "optimizer_names", "reference_moments"]
 
 REFERENCE_BUFFERS = ("imn_m", "imn_s", "norm_black")  # constants of the reference model, not weights
 _ENCODER = "sparse_encoder.sp_cnn."
@@ -162,6 +163,47 @@ def check_reference_config(config: dict, model, input_size: int | None = None) -
             notes.append(f"the reference checkpoint was trained with {key} {config[key]}, this run uses {ours[key]} "
                          f"({_FLAGS[key]}); continuing with the run's")
     return notes
+
+
+def optimizer_names(arch: str) -> list[str]:
+    """The reference code's parameter names in its LAMB optimiser's order (its saved state is keyed
+    by this position), for the released architectures."""
+    import gzip
+    import json
+
+    groups = json.loads(gzip.decompress((Path(__file__).parent / "released_optimizer_groups.json.gz").read_bytes()))
+    if arch not in groups:
+        raise ValueError(f"no optimiser layout is known for a reference checkpoint of {arch!r} (known: "
+                         f"{', '.join(groups)}); --init FILE starts from its weights without it")
+    return [name for group in groups[arch] for name in group]
+
+
+def reference_moments(state: dict, model: nn.Module) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+    """The LAMB moments of a reference checkpoint (``exp_avg``, ``exp_avg_sq``) per parameter name
+    of ``model``, and the optimiser's step count. ``ValueError`` in one line when the state does not
+    fit the model."""
+    optimizer = state.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+        raise ValueError("the reference checkpoint holds no optimiser state: --init FILE starts from its weights")
+    names = optimizer_names(str(state.get("arch")))
+    ids = [i for group in optimizer.get("param_groups", []) for i in group["params"]]
+    if len(ids) != len(names):
+        raise ValueError(f"the reference checkpoint's optimiser has {len(ids)} parameters, a {state.get('arch')} "
+                         f"SparK model {len(names)}")
+    convnext = str(state.get("arch")).startswith("convnext")
+    params = dict(model.named_parameters())
+    moments = {}
+    for position, name in zip(ids, names):
+        ours = reference_key(name, convnext)
+        kept = optimizer["state"].get(position)
+        if kept is None:  # a parameter that never had a gradient has no moments
+            continue
+        m, v = kept["exp_avg"], kept["exp_avg_sq"]
+        if ours not in params or tuple(params[ours].shape) != tuple(m.shape) or m.shape != v.shape:
+            raise ValueError(f"the reference checkpoint's optimiser state of {name} does not fit this model's {ours}")
+        moments[ours] = (m, v)
+    steps = [int(group.get("step", 0)) for group in optimizer.get("param_groups", [])]
+    return moments, max(steps, default=0)
 
 
 def read_reference(path: str | Path) -> dict:

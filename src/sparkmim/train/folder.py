@@ -15,7 +15,8 @@ from torch import nn
 
 from ..checkpoint import CHECKPOINT_PATTERN, CheckpointManager, checkpoint_paths, checkpoint_step
 from ..config import ConfigError, PretrainConfig
-from ..weights import state_bytes
+from ..released import is_spark_style
+from ..weights import load_plain, state_bytes
 
 __all__ = ["RUN_FILES", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
            "checkpoint_bytes"]
@@ -91,7 +92,10 @@ def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool)
             print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
                   flush=True)
     else:
-        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg)
+        state = load_plain(cfg.resume, "checkpoint")
+        if is_spark_style(state):  # one of the paper's released checkpoints: the run continues it
+            return Path(cfg.resume), state
+        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg, state=state)
     if found is not None:
         saved = found[1].get("config", {})
         was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))

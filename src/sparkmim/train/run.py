@@ -24,6 +24,7 @@ from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier,
 from ..masking import MaskPyramid, grid_of, num_visible, seed_for
 from ..modality import modality_for
 from ..optim import Schedule
+from ..released import is_spark_style, load_reference, reference_moments
 from ..visualize import reconstruction_grid, save_grid
 from ..weights import atomic_write, export_backbone
 from .capture import CapturedStep
@@ -139,6 +140,8 @@ class Run:
         if found is None:
             return False
         path, saved = found
+        if is_spark_style(saved):
+            return self._resume_reference(path, saved)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -155,6 +158,35 @@ class Run:
                                   f"({self.state.epoch} of {self.cfg.epochs} epochs, step {self.state.step}); "
                                   f"nothing to do"}), flush=True)
         return finished
+
+    def _resume_reference(self, path: Path, saved: dict) -> bool:
+        """Continue one of the paper's released runs: its whole model, its LAMB moments and step
+        count, and its epoch. The run goes on at the epoch after the file's, at the same place of
+        this run's lr and weight-decay schedules (which count this run's steps per epoch, so a
+        different batch size or data set only changes how many steps an epoch has)."""
+        cfg = self.cfg
+        epoch = int(saved.get("epoch", -1)) + 1
+        if epoch >= cfg.epochs:
+            raise ConfigError(f"{path} ended its run at epoch {epoch}; --epochs {cfg.epochs} leaves nothing to "
+                              f"continue: give more epochs (e.g. --epochs {epoch + 100}), or --init {path} to start a "
+                              f"new schedule from its weights", ["epochs", "resume"])
+        report = load_reference(self.model, saved, input_size=cfg.input_size)
+        moments, optimizer_steps = reference_moments(saved, self.model)
+        params = dict(self.model.named_parameters())
+        for name, (m, v) in moments.items():
+            p = params[name]
+            self.optimizer.state[p] = {"exp_avg": m.to(p.device, p.dtype), "exp_avg_sq": v.to(p.device, p.dtype)}
+        for group in self.optimizer.param_groups:
+            group["step"] = float(optimizer_steps)
+        step = epoch * self.steps_per_epoch
+        self.state = RunState(epoch=epoch, step=step, images_seen=step * self.effective_batch, world=self.info.world)
+        if self.main:
+            print(json.dumps({"event": "resume", "checkpoint": str(path), "kind": "reference SparK run",
+                              "arch": saved.get("arch"), "epoch": epoch, "step": step,
+                              "loaded_keys": len(report["loaded"]), "optimizer_moments": len(moments),
+                              "optimizer_steps": optimizer_steps,
+                              "lr_now": self.schedule.lr(step), "peak_lr": self.peak_lr}), flush=True)
+        return False
 
     def _prepare(self) -> None:
         cfg = self.cfg

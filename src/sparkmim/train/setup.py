@@ -47,7 +47,7 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     whole = init is not None and is_spark_style(init)  # a reference SparK model: loaded once SparK is built
     arch = init.get("arch") if whole else None
     if isinstance(arch, str) and arch != cfg.model.removeprefix("timm:"):
-        raise ConfigError(f"--init {cfg.init} is a SparK model of {arch}, the run's --model is {cfg.model}: use "
+        raise ConfigError(f"--init {cfg.init} is a SparK checkpoint of {arch}, the run's backbone is {cfg.model}: use "
                           f"--model {arch}", ["init", "model"])
     if init is not None and not whole:
         report = load_encoder_weights(backbone, backbone_weights(init), strict=True)
