@@ -275,3 +275,23 @@ def test_resume_from_a_released_file_continues_its_run(tmp_path, capsys):
     saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])
     assert saved["epoch"] == 1601 and saved["step"] == 3202
     assert [float(g["step"]) for g in saved["optimizer"]["param_groups"]] == [1002.0, 1002.0]
+
+
+def test_export_and_evaluate_take_both_released_layouts(files, tmp_path, capsys):
+    """``sparkmim export FILE`` writes the encoder of a spark-style file (its architecture read
+    from it) or of a timm-style file (``--model``) with timm's keys, and ``evaluate --weights``
+    reads both (weights_state): each loads strictly into a fresh backbone."""
+    from sparkmim.checkpoint import weights_state
+    from sparkmim.cli import main
+
+    assert main(["export", str(files["convnext_small"]), "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert '"model": "convnext_small"' in capsys.readouterr().out
+    assert main(["export", str(files["resnet50-timm"])]) == 2
+    assert "is an encoder-only weights file: name its backbone, e.g. --model resnet50" in capsys.readouterr().err
+    assert main(["export", str(files["resnet50-timm"]), "--model", "resnet50", "--out", str(tmp_path / "b.pth")]) == 0
+    for out, arch, source in [(tmp_path / "a.safetensors", "convnext_small", files["convnext_small"]),
+                              (tmp_path / "b.pth", "resnet50", files["resnet50-timm"])]:
+        exported = read_weights(out)
+        assert all(torch.equal(v, weights_state(source)[k]) for k, v in exported.items())
+        load_encoder_weights(create_backbone(arch), exported, strict=True)
+    assert (tmp_path / "timm" / "config.json").is_file()  # a timm model folder beside it, as for runs

@@ -47,6 +47,9 @@ def _export(args: argparse.Namespace) -> int:
     from .data import default_stats
     from .weights import encoder_weights, export_backbone, export_paths, load_encoder_weights
 
+    released = _released_file(args.run)
+    if released is not None:
+        return _export_released(args, Path(args.run), released)
     ckpt, state, cfg = _load_run(args.run)
     if args.nnunet:
         return _export_nnunet(args, ckpt, state, cfg)
@@ -67,6 +70,48 @@ def _export(args: argparse.Namespace) -> int:
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder), "replaced": replaced}),
           flush=True)
+    return 0
+
+
+def _released_file(path: str):
+    """What a file given to ``export`` holds when it is one of the paper's released files (a
+    ``_withdecoder_..._spark_style.pth`` or an encoder-only ``_timm_style.pth``), else None."""
+    import fnmatch
+
+    import torch
+
+    from .checkpoint import CHECKPOINT_PATTERN
+    from .released import is_spark_style
+    from .weights import read_file
+
+    p = Path(path)
+    if not p.is_file() or fnmatch.fnmatch(p.name, CHECKPOINT_PATTERN):
+        return None
+    state = read_file(p)
+    plain_weights = isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+    return state if is_spark_style(state) or plain_weights else None
+
+
+def _export_released(args: argparse.Namespace, path: Path, state: dict) -> int:
+    """``export FILE`` of a released file: its encoder with the backbone's own keys (ConvNeXt keys
+    renamed to timm's), loaded strictly into a fresh model, written as sparkmim exports are."""
+    from .backbones import create_backbone
+    from .data import default_stats
+    from .released import is_spark_style
+    from .weights import backbone_weights, export_backbone, load_encoder_weights
+
+    arch = state.get("arch") if is_spark_style(state) else None
+    model = args.model or arch
+    if model is None:
+        raise ValueError(f"{path} is an encoder-only weights file: name its backbone, e.g. --model resnet50")
+    backbone = create_backbone(model, in_chans=3)
+    report = load_encoder_weights(backbone, backbone_weights(state), strict=True)
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.encoder.safetensors")
+    mean, std = default_stats(3)
+    timm_folder = export_backbone(backbone, out, mean=mean, std=std, input_size=int(state.get("input_size", 224)))
+    print(json.dumps({"event": "export", "source": str(path), "kind": "reference SparK checkpoint" if arch else
+                      "encoder weights", "weights": str(out), "model": model, "matched": len(report["matched"]),
+                      "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
     return 0
 
 
@@ -204,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=lambda a: _pretrain(a, recipe="demo3d" if a.three_d else "demo"))
 
     e = sub.add_parser("export", help="write the encoder weights of a run or checkpoint with the original keys")
-    e.add_argument("run", help="run directory (newest checkpoint) or checkpoint file")
+    e.add_argument("run", help="run directory (newest checkpoint), checkpoint file, or one of the paper's released "
+                               "files (_withdecoder_..._spark_style.pth, _timm_style.pth with --model)")
     e.add_argument("--out", help="output file (default: RUN/encoder.safetensors)")
     e.add_argument("--format", choices=["safetensors", "pth"], default="safetensors")
     e.add_argument("--nnunet", metavar="PLANS.json",
@@ -212,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "plans file with the run's encoder and nnU-Net's own decoder initialisation (default out: "
                         "RUN/nnunet-CONFIGURATION.pth)")
     e.add_argument("--configuration", default="3d_fullres", help="the plans' configuration for --nnunet")
+    e.add_argument("--model", help="the backbone of an encoder-only released file (e.g. resnet50_1kpretrained_"
+                                   "timm_style.pth); a _withdecoder_ file names its own")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images "

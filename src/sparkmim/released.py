@@ -44,6 +44,8 @@ _CONVNEXT = [
     (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
     (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
     (r"^stages\.(\d+)\.(\d+)\.(norm\.|gamma$)", r"stages.\1.blocks.\2.\3"),
+    (r"^norm\.", "head.norm."),  # the final norm of the fine-tuning model (after pooling, as timm's)
+    (r"^head\.", "head.fc."),  # its classifier
 ]
 _MODEL = [
     (r"^densify_norms\.(\d+)\.", r"densify.\1.norm."),
@@ -99,8 +101,8 @@ def reference_encoder(state: dict[str, Tensor]) -> dict[str, Tensor]:
     ConvNeXt keys renamed) or the ``module`` of a spark-style one."""
     if any(k.startswith(_ENCODER) for k in state):
         state = {k[len(_ENCODER):]: v for k, v in state.items() if k.startswith(_ENCODER)}
-    if is_reference_convnext(state):
-        state = {convnext_key(k): v for k, v in state.items()}
+    if is_reference_convnext(state):  # the classifier of a fine-tuning file is no part of the backbone
+        state = {convnext_key(k): v for k, v in state.items() if not convnext_key(k).startswith("head.fc.")}
         last = state.get("stages.3.blocks.0.norm.weight")
         if last is not None:  # timm's final norm, which the reference ConvNeXt lacks: at its initialisation
             state.setdefault("head.norm.weight", torch.ones_like(last))
