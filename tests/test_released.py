@@ -295,3 +295,27 @@ def test_export_and_evaluate_take_both_released_layouts(files, tmp_path, capsys)
         assert all(torch.equal(v, weights_state(source)[k]) for k, v in exported.items())
         load_encoder_weights(create_backbone(arch), exported, strict=True)
     assert (tmp_path / "timm" / "config.json").is_file()  # a timm model folder beside it, as for runs
+
+
+def test_init_pretrained_starts_from_the_backbones_own_weights(tmp_path, capsys):
+    """``--init pretrained`` loads the backbone's published weights through timm's loader (here a
+    local timm model folder, ``local-dir:``, as nothing can be downloaded in the tests); the
+    decoder starts fresh. MONAI and nnU-Net networks have none to load."""
+    from sparkmim.checkpoint import checkpoint_paths, read_checkpoint
+    from sparkmim.cli import main
+    from sparkmim.weights import save_timm_folder
+
+    torch.manual_seed(3)
+    published = create_backbone("resnet18")
+    save_timm_folder(published, tmp_path / "resnet18", mean=(0.5,) * 3, std=(0.25,) * 3, input_size=224)
+    common = ["--input-size", "64", "--batch-size", "2", "--demo-length", "4", "--workers", "0", "--device", "cpu",
+              "--progress", "false", "--tensorboard", "false", "--vis-every-epochs", "0", "--epochs", "1",
+              "--init", "pretrained"]
+    assert main(["pretrain", "--model", f"local-dir:{tmp_path / 'resnet18'}", "--lr", "1e-12", "--warmup-epochs", "0",
+                 "--out", str(tmp_path / "run"), *common]) == 0
+    assert '"kind": "the backbone\'s own published weights' in capsys.readouterr().out
+    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])["model"]
+    for key in ("conv1.weight", "layer3.1.conv2.weight", "layer4.0.downsample.0.weight"):
+        assert torch.allclose(saved[f"encoder.model.{key}"], published.state_dict()[key], atol=1e-6), key
+    assert main(["pretrain", "--model", "monai:resnet10", "--in-chans", "1", "--out", str(tmp_path / "m"), *common]) == 2
+    assert "monai:resnet10 has no published pretrained weights that sparkmim can load" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from .nnunet import create_nnunet
 
 __all__ = ["create_timm", "create_torchvision", "create_monai", "create_nnunet", "TESTED_NNUNET", "create_backbone",
            "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates",
-           "norm_kind", "strip_classifier", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
+           "norm_kind", "strip_classifier", "pretrained_backbone", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
 # weight loading (tests/test_encoder_zoo.py): (timm name, family). Other sizes of a family share its layers.
@@ -75,11 +75,14 @@ def _suggest(name: str, known) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+_TIMM_SOURCES = ("local-dir:", "hf-hub:")  # timm model folders and hub repositories, named for timm itself
+
+
 def create_timm(name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0, ...)``; unknown names get close suggestions."""
     import timm
 
-    if not timm.is_model(name):
+    if not name.startswith(_TIMM_SOURCES) and not timm.is_model(name):
         raise ValueError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
     kwargs.setdefault("num_classes", 0)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -189,7 +192,7 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
         make = create_monai if name.startswith("monai:") else nnunet.create_nnunet
         return make(name.split(":", 1)[1], in_chans, **kwargs)
     torchvision_model = name.startswith("torchvision:") or (
-        not name.startswith("timm:") and not timm.is_model(name)
+        not name.startswith(("timm:", *_TIMM_SOURCES)) and not timm.is_model(name)
         and name in torchvision.models.list_models(module=torchvision.models))
     if torchvision_model and in_chans != 3:
         raise ValueError(f"torchvision model {name} takes 3 input channels; use a timm model for in_chans={in_chans}")
@@ -211,6 +214,19 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
         raise ValueError(f"{name} has no stochastic depth (its constructor takes no {key} or ignores it): "
                          f"use --drop-path 0 with this model")
     return model if model is not None else build(**kwargs)
+
+
+def pretrained_backbone(name: str, in_chans: int = 3, drop_path: float | None = None) -> nn.Module:
+    """The backbone with its own published weights, through timm's loader (``pretrained=True``;
+    ``local-dir:FOLDER`` and ``hf-hub:REPO`` names too) or torchvision's (``weights="DEFAULT"``).
+    Loading may download them. ``ValueError`` for MONAI and nnU-Net networks (none published)."""
+    import timm
+
+    if name.startswith(VOLUME_SOURCES):
+        raise ValueError(f"{name} has no published pretrained weights that sparkmim can load")
+    if name.startswith("torchvision:") or (not name.startswith(("timm:", *_TIMM_SOURCES)) and not timm.is_model(name)):
+        return create_backbone(name, in_chans=in_chans, drop_path=drop_path, weights="DEFAULT")
+    return create_backbone(name, in_chans=in_chans, drop_path=drop_path, pretrained=True)
 
 
 def stochastic_depth_rates(model: nn.Module) -> list[float]:

@@ -115,7 +115,11 @@ class PretrainConfig:
     loss_on: LossOn = _model("masked", "loss on 'masked' patches or 'all'")
     norm_pix: bool = _model(True, "target: each patch's pixels normalised by the patch's mean and std (the paper); "
                                   "false: the normalised image's pixels")
-    init: str | None = _model(None, "encoder weights to start from (.safetensors or .pth with the original model's keys)")
+    init: str | None = _model(None, "weights to start from: a file of the backbone's weights (.safetensors or "
+                                    ".pth with the original model's keys, the paper's _timm_style files), one of the "
+                                    "paper's _withdecoder_..._spark_style.pth files (the whole model), or "
+                                    "'pretrained' (the backbone's own published weights, downloaded by timm or "
+                                    "torchvision)")
     drop_path: float = _model(0.0, "stochastic depth rate of the backbone (timm drop_path_rate, torchvision "
                                  "stochastic_depth_prob); 0: off; the paper recipes use 0.05 (ResNet-50), "
                                  "0.2 (ConvNeXt-S)", ge=0.0, lt=1.0)

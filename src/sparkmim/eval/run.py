@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones import create_backbone, feature_modules_for
+from ..backbones import create_backbone, feature_modules_for, pretrained_backbone
 from ..checkpoint import weights_state
 from ..config import ConfigError
 from ..devices import resolve_device
@@ -36,12 +36,7 @@ def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, 
     torch.manual_seed(seed)
     drop_path = cfg.drop_path if cfg.mode == "finetune" else None
     if source == "pretrained":
-        import timm
-
-        name = cfg.model
-        if name.startswith("torchvision:") or (not name.startswith("timm:") and not timm.is_model(name)):
-            return create_backbone(name, in_chans=cfg.in_chans, drop_path=drop_path, weights="DEFAULT"), None
-        return create_backbone(name, in_chans=cfg.in_chans, drop_path=drop_path, pretrained=True), None
+        return pretrained_backbone(cfg.model, cfg.in_chans, drop_path), None
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path)
     if source == "random":
         return backbone, None

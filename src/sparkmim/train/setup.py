@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backbones import create_backbone, feature_modules_for
+from ..backbones import create_backbone, feature_modules_for, pretrained_backbone
 from ..config import ConfigError, PretrainConfig
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
@@ -42,8 +42,13 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
 def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK;
     the crop of ``modality`` is checked against the encoder's total stride."""
-    backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
-    init = read_file(cfg.init) if cfg.init else None
+    if cfg.init == "pretrained":  # the backbone's own published weights; the decoder starts fresh
+        backbone = pretrained_backbone(cfg.model, cfg.in_chans, cfg.drop_path)
+        print(json.dumps({"event": "init", "weights": "pretrained", "kind": "the backbone's own published weights "
+                          "(timm's or torchvision's loader)", "model": cfg.model}), flush=True)
+    else:
+        backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
+    init = read_file(cfg.init) if cfg.init and cfg.init != "pretrained" else None
     whole = init is not None and is_spark_style(init)  # a reference SparK model: loaded once SparK is built
     arch = init.get("arch") if whole else None
     if isinstance(arch, str) and arch != cfg.model.removeprefix("timm:"):
