@@ -319,3 +319,25 @@ def test_init_pretrained_starts_from_the_backbones_own_weights(tmp_path, capsys)
         assert torch.allclose(saved[f"encoder.model.{key}"], published.state_dict()[key], atol=1e-6), key
     assert main(["pretrain", "--model", "monai:resnet10", "--in-chans", "1", "--out", str(tmp_path / "m"), *common]) == 2
     assert "monai:resnet10 has no published pretrained weights that sparkmim can load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", sorted(MANIFEST))
+def test_every_released_layout_maps_onto_sparkmims_model(arch):
+    """All seven released architectures (ResNet-50 to 200, ConvNeXt-S, B, L): every key of the
+    manifest has a place of the same shape in sparkmim's model of that backbone, built on the
+    meta device (no memory), and no tensor of the model is left out but timm's ConvNeXt final
+    norm; the LAMB state names every trained parameter."""
+    from sparkmim.released import map_reference, optimizer_names
+
+    with torch.device("meta"):
+        model = SparK(SparseEncoder(create_backbone(arch)))
+    module = {k: torch.empty(shape, dtype=DTYPES[dtype], device="meta")
+              for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
+    module["config"] = MANIFEST[arch]["config"]
+    mapped, report = map_reference(module, model)
+    assert len(mapped) == len(module) - 1 - len(REFERENCE_BUFFERS)
+    assert report["kept"] == (["encoder.model.head.norm.weight", "encoder.model.head.norm.bias"]
+                              if arch.startswith("convnext") else [])
+    convnext = arch.startswith("convnext")
+    trained = {n for n, p in model.named_parameters() if not n.startswith("encoder.model.head.norm.")}
+    assert {reference_key(n, convnext) for n in optimizer_names(arch)} == trained
