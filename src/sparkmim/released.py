@@ -47,14 +47,13 @@ _CONVNEXT = [
     (r"^norm\.", "head.norm."),  # the final norm of the fine-tuning model (after pooling, as timm's)
     (r"^head\.", "head.fc."),  # its classifier
 ]
-_MODEL = [
-    (r"^densify_norms\.(\d+)\.", r"densify.\1.norm."),
-    (r"^densify_projs\.(\d+)\.", r"densify.\1.proj."),
-    (r"^mask_tokens\.(\d+)$", r"densify.\1.mask_token"),
-    (r"^dense_decoder\.dec\.(\d+)\.up_sample\.", r"decoder.blocks.\1.up."),
-    (r"^dense_decoder\.dec\.(\d+)\.conv\.", r"decoder.blocks.\1.conv."),
-    (r"^dense_decoder\.proj\.", r"decoder.head."),
-]
+# the rest of the reference SparK model -> sparkmim's (``{i}``: a level or block number; a name
+# ending without a dot is a whole key)
+_PARTS = {"densify_norms.{i}.": "densify.{i}.norm.", "densify_projs.{i}.": "densify.{i}.proj.",
+          "mask_tokens.{i}": "densify.{i}.mask_token", "dense_decoder.dec.{i}.up_sample.": "decoder.blocks.{i}.up.",
+          "dense_decoder.dec.{i}.conv.": "decoder.blocks.{i}.conv.", "dense_decoder.proj.": "decoder.head."}
+_MODEL = [("^" + re.escape(theirs).replace(re.escape("{i}"), r"(\d+)") + ("" if theirs.endswith(".") else "$"),
+           ours.replace("{i}", r"\1")) for theirs, ours in _PARTS.items()]
 # keys of sparkmim's model that no released file has: timm's ConvNeXt ends in a norm SparK never
 # uses (the reference ConvNeXt has none); they keep their initialisation
 _NOT_IN_FILES = re.compile(r"^encoder\.model\.head\.norm\.(weight|bias)$")
