@@ -113,6 +113,8 @@ def test_the_3d_demo_recipe_is_valid():
     assert json.dumps(c.to_dict())
 
 
+@pytest.mark.slow  # 50 s; images and volumes share the distributed code path, which
+# tests/test_distributed.py checks on images in the default suite
 def test_two_ranks_equal_one_process_on_volumes(tmp_path):
     """DDP (2 ranks, gloo) on volumes equals one process on the same global batch, float64: the
     sparse batch norms of the 3-D encoder, the densify norms and the 3-D decoder's batch norms see
