@@ -38,6 +38,9 @@ if has step; then
       --variants reference+bf16+cl,fast+bf16+cl,fast+bf16+cl+capture,fast
     part 50 python3 benchmarks/step.py --model "$model" "${common[@]}" --parts encoder,decoder \
       --variants reference+bf16+cl,fast+bf16+cl
+    # the decoder + densify + loss part compiled (inductor fuses its norms and activations)
+    part 120 python3 benchmarks/step.py --model "$model" "${common[@]}" --parts decoder \
+      --variants fast+bf16+cl,fast+bf16+cl+compile
   done
 fi
 if has canvas; then  # ConvNeXt-S's 7x7 depthwise layers: tiles 8, 4, 2, 1 sites wide at strides 4-32
