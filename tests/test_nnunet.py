@@ -240,3 +240,14 @@ def test_pretrain_on_an_nnunet_dataset_and_export_for_nnunet(tmp_path, capsys):
     assert all(torch.equal(v, exported[f"encoder.{k}"]) for k, v in network.encoder.state_dict().items())
     fresh = create_backbone(f"nnunet:{plans}", in_chans=2).encoder.state_dict()
     assert any(not torch.equal(fresh[k], exported[f"encoder.{k}"]) for k in fresh if fresh[k].is_floating_point())
+
+
+def test_volume_options_are_refused_for_images():
+    from sparkmim.config import ConfigError, load_config
+    from sparkmim.modality import modality_for
+
+    for option, value in (("spacing", "1,1,1"), ("foreground_crop", True)):
+        cfg = load_config(None, {"model": "resnet18", option: value})
+        with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} is not for images: resnet18 takes images"):
+            modality_for("resnet18").check(cfg)
+        modality_for("monai:resnet10").check(load_config(None, {"model": "monai:resnet10", "in_chans": 1, option: value}))

@@ -57,6 +57,7 @@ class Modality:
     channels_last_auto: bool
     cutmix: bool
     in_chans: tuple[int, ...] | None = None  # the channel counts it reads (None: any)
+    refused: tuple[str, ...] = ()  # options of the other modality, refused when set
 
     def check(self, cfg) -> None:
         """Refuse, with :class:`~sparkmim.config.ConfigError`, settings this modality cannot read
@@ -64,11 +65,10 @@ class Modality:
         if self.in_chans is not None and cfg.in_chans not in self.in_chans:
             raise ConfigError(f"{self.name} have {', '.join(map(str, self.in_chans))} channels, got --in-chans "
                               f"{cfg.in_chans} (any count is for volumes, with a 3-D model)", ["in_chans"])
-        if self.spatial_dims == 2:
-            for option in ("spacing", "foreground_crop"):
-                if getattr(cfg, option, None):
-                    raise ConfigError(f"--{option.replace('_', '-')} is for volumes (a 3-D model); {cfg.model} "
-                                      f"takes images", [option])
+        for option in self.refused:
+            if getattr(cfg, option, None):
+                raise ConfigError(f"--{option.replace('_', '-')} is not for {self.name}: {cfg.model} takes "
+                                  f"{self.name}", [option])
 
     # -- shapes ---------------------------------------------------------------------------------
     def input_shape(self, cfg) -> tuple[int, ...]:
@@ -133,6 +133,7 @@ class Modality:
 
 class Images(Modality):
     name, noun, spatial_dims, in_chans = "images", "image", 2, (1, 3, 4)
+    refused = ("spacing", "foreground_crop")  # voxel sizes and the non-zero box are the volumes'
     channels_last, channels_last_auto, cutmix = torch.channels_last, True, True
 
     def crop_options(self) -> tuple[str, ...]:
