@@ -5,6 +5,7 @@ the optimiser's groups) with random tensors, loaded into sparkmim's model."""
 import functools
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,15 @@ def files(tmp_path_factory):
         torch.save(spark_style(arch), paths[arch])
         paths[f"{arch}-timm"] = root / f"{arch}_1kpretrained_timm_style.pth"
         torch.save(timm_style(arch), paths[f"{arch}-timm"])
-    return paths
+    yield paths
+    shutil.rmtree(root, ignore_errors=True)  # 0.6 GB of files: not kept with pytest's last temp folders
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """``tmp_path``, emptied after the test: runs of ResNet-50 write checkpoints of 0.6 GB."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_small"])
@@ -200,12 +209,12 @@ def test_wrong_files_are_refused_in_one_line_naming_what_is_wrong(tmp_path):
         model.load_reference(spark_style("resnet50"), input_size=192)
 
 
-def test_a_file_holding_python_objects_is_refused_not_run(tmp_path):
+def test_a_file_holding_python_objects_is_refused_not_run(scratch):
     state = spark_style("resnet50")
     state["args"] = Path("/tmp")  # an object: loading it would run code
-    torch.save(state, tmp_path / "bad.pth")
+    torch.save(state, scratch / "bad.pth")
     with pytest.raises(UnsafeFileError, match="holds Python objects"):
-        sparkmim_model("resnet50").load_reference(tmp_path / "bad.pth")
+        sparkmim_model("resnet50").load_reference(scratch / "bad.pth")
 
 
 def test_the_lamb_moments_map_through_the_reference_optimizer_order():
@@ -236,65 +245,66 @@ def _run(tmp_path, *extra):
                  "--vis-every-epochs", "0", "--out", str(tmp_path / "run"), *extra])
 
 
-def test_init_from_a_released_file_starts_from_its_whole_model(files, tmp_path, capsys):
+def test_init_from_a_released_file_starts_from_its_whole_model(files, scratch, capsys):
     """``--init FILE`` with a spark-style file: the run starts from the file's encoder, densify
     and decoder (at lr 1e-12 the trained weights stay the file's), and says which kind it found."""
     from sparkmim.checkpoint import checkpoint_paths, read_checkpoint
 
-    assert _run(tmp_path, "--init", str(files["resnet50"]), "--epochs", "1", "--lr", "1e-12",
+    assert _run(scratch, "--init", str(files["resnet50"]), "--epochs", "1", "--lr", "1e-12",
                 "--warmup-epochs", "0") == 0
     init = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event": "init"' in line)
     assert init["kind"].startswith("reference SparK model") and init["loaded_keys"] == 422
     assert sorted(init["left_out"]) == sorted(REFERENCE_BUFFERS)
-    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])["model"]
+    saved = read_checkpoint(checkpoint_paths(scratch / "run")[-1])["model"]
     module = spark_style("resnet50")["module"]
     for theirs, ours in [("dense_decoder.dec.0.conv.0.weight", "decoder.blocks.0.conv.0.weight"),
                          ("densify_projs.2.weight", "densify.2.proj.weight"), ("mask_tokens.1", "densify.1.mask_token"),
                          ("sparse_encoder.sp_cnn.layer4.2.conv3.weight", "encoder.model.layer4.2.conv3.weight")]:
         assert torch.allclose(saved[ours], module[theirs], atol=1e-6), ours
-    assert _run(tmp_path / "c", "--init", str(files["convnext_small"]), "--epochs", "1") == 2
+    assert _run(scratch / "c", "--init", str(files["convnext_small"]), "--epochs", "1") == 2
     assert "is a SparK checkpoint of convnext_small, the run's backbone is resnet50: use --model convnext_small" in \
         capsys.readouterr().err
 
 
-def test_resume_from_a_released_file_continues_its_run(tmp_path, capsys):
+def test_resume_from_a_released_file_continues_its_run(scratch, capsys):
     """``--resume FILE``: the file's weights, LAMB moments and step count, and its epoch: the run
     goes on at epoch 1600 (the file ends epoch 1599) at that place of its own schedule; LAMB's
     step count goes on from the file's (1000 -> 1002 after two steps)."""
     from sparkmim.checkpoint import checkpoint_paths, read_checkpoint
 
-    path = tmp_path / "resnet50_withdecoder_1kpretrained_spark_style.pth"
+    path = scratch / "resnet50_withdecoder_1kpretrained_spark_style.pth"
     torch.save(spark_style("resnet50", optimizer=True), path)
-    assert _run(tmp_path, "--resume", str(path), "--epochs", "1600") == 2
+    assert _run(scratch, "--resume", str(path), "--epochs", "1600") == 2
     assert "ended its run at epoch 1600; --epochs 1600 leaves nothing to continue" in capsys.readouterr().err
-    assert _run(tmp_path, "--resume", str(path), "--epochs", "1601", "--lr", "1e-3") == 0
+    assert _run(scratch, "--resume", str(path), "--epochs", "1601", "--lr", "1e-3") == 0
     out = capsys.readouterr().out
     event = next(json.loads(line) for line in out.splitlines() if '"kind": "reference SparK run"' in line)
     assert event["epoch"] == 1600 and event["step"] == 3200 and event["optimizer_moments"] == 221
     assert event["optimizer_steps"] == 1000
-    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])
+    saved = read_checkpoint(checkpoint_paths(scratch / "run")[-1])
     assert saved["epoch"] == 1601 and saved["step"] == 3202
     assert [float(g["step"]) for g in saved["optimizer"]["param_groups"]] == [1002.0, 1002.0]
 
 
-def test_export_and_evaluate_take_both_released_layouts(files, tmp_path, capsys):
+def test_export_and_evaluate_take_both_released_layouts(files, scratch, capsys):
     """``sparkmim export FILE`` writes the encoder of a spark-style file (its architecture read
     from it) or of a timm-style file (``--model``) with timm's keys, and ``evaluate --weights``
     reads both (weights_state): each loads strictly into a fresh backbone."""
     from sparkmim.checkpoint import weights_state
     from sparkmim.cli import main
 
-    assert main(["export", str(files["convnext_small"]), "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert main(["export", str(files["convnext_small"]), "--out", str(scratch / "a.safetensors")]) == 0
     assert '"model": "convnext_small"' in capsys.readouterr().out
     assert main(["export", str(files["resnet50-timm"])]) == 2
     assert "is an encoder-only weights file: name its backbone, e.g. --model resnet50" in capsys.readouterr().err
-    assert main(["export", str(files["resnet50-timm"]), "--model", "resnet50", "--out", str(tmp_path / "b.pth")]) == 0
-    for out, arch, source in [(tmp_path / "a.safetensors", "convnext_small", files["convnext_small"]),
-                              (tmp_path / "b.pth", "resnet50", files["resnet50-timm"])]:
-        exported = read_weights(out)
-        assert all(torch.equal(v, weights_state(source)[k]) for k, v in exported.items())
+    assert main(["export", str(files["resnet50-timm"]), "--model", "resnet50", "--out", str(scratch / "b.pth")]) == 0
+    for out, arch, source in [(scratch / "a.safetensors", "convnext_small", files["convnext_small"]),
+                              (scratch / "b.pth", "resnet50", files["resnet50-timm"])]:
+        exported, evaluated = read_weights(out), weights_state(source)
+        assert exported.keys() == evaluated.keys()
+        assert all(torch.equal(v, evaluated[k]) for k, v in exported.items())
         load_encoder_weights(create_backbone(arch), exported, strict=True)
-    assert (tmp_path / "timm" / "config.json").is_file()  # a timm model folder beside it, as for runs
+    assert (scratch / "timm" / "config.json").is_file()  # a timm model folder beside it, as for runs
 
 
 def test_init_pretrained_starts_from_the_backbones_own_weights(tmp_path, capsys):
