@@ -65,6 +65,8 @@ def test_a_3d_run_skips_the_bad_volume_and_exports_strictly(volumes, tmp_path, c
     assert event["strict_load"] == "ok" and not event["missing"] and event["model"] == "monai:resnet10"
 
 
+@pytest.mark.slow  # 30 s; exact resume runs through the same code for images, checked by default in
+# tests/test_train.py (test_killed_run_resumes_to_identical_weights)
 def test_a_3d_run_resumes_to_identical_weights(volumes, tmp_path, capsys):
     """A run stopped after step 2 (its later checkpoints gone, as after a crash) and resumed ends
     with the uninterrupted run's weights, bit for bit."""
