@@ -13,7 +13,7 @@ from .nnunet import create_nnunet
 
 __all__ = ["create_timm", "create_torchvision", "create_monai", "create_nnunet", "TESTED_NNUNET", "create_backbone",
            "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates",
-           "norm_kind", "strip_classifier", "pretrained_backbone", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
+           "norm_kind", "strip_classifier", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
 # weight loading (tests/test_encoder_zoo.py): (timm name, family). Other sizes of a family share its layers.
@@ -176,17 +176,24 @@ def feature_modules_for(name: str) -> list[str] | None:
     return None
 
 
-def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None, **kwargs) -> nn.Module:
+def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None, pretrained: bool = False,
+                    **kwargs) -> nn.Module:
     """``timm:NAME``, ``torchvision:NAME`` (image and video models), ``monai:NAME`` (volumes), or
     a bare name (timm first, then torchvision).
 
     ``drop_path`` sets the backbone's stochastic-depth rate (timm ``drop_path_rate``, torchvision
     ``stochastic_depth_prob``); 0 turns it off, None keeps the model's own default. A rate above 0
-    for a model without stochastic depth raises ``ValueError``."""
+    for a model without stochastic depth raises ``ValueError``.
+
+    ``pretrained`` loads the backbone's own published weights through timm's loader (also for
+    ``local-dir:FOLDER`` and ``hf-hub:REPO`` names) or torchvision's (``weights="DEFAULT"``);
+    MONAI and nnU-Net networks have none (``ValueError``)."""
     import timm
     import torchvision
 
     if name.startswith(VOLUME_SOURCES):
+        if pretrained:
+            raise ValueError(f"{name} has no published pretrained weights that sparkmim can load")
         if drop_path:
             raise ValueError(f"{name} has no stochastic depth: use --drop-path 0 with this model")
         make = create_monai if name.startswith("monai:") else nnunet.create_nnunet
@@ -196,6 +203,10 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
         and name in torchvision.models.list_models(module=torchvision.models))
     if torchvision_model and in_chans != 3:
         raise ValueError(f"torchvision model {name} takes 3 input channels; use a timm model for in_chans={in_chans}")
+    if pretrained and torchvision_model:  # the loader of the library the model comes from (may download)
+        kwargs["weights"] = "DEFAULT"
+    elif pretrained:
+        kwargs["pretrained"] = True
     if torchvision_model:
         build, key = partial(create_torchvision, name.removeprefix("torchvision:")), "stochastic_depth_prob"
     else:
@@ -214,19 +225,6 @@ def create_backbone(name: str, in_chans: int = 3, drop_path: float | None = None
         raise ValueError(f"{name} has no stochastic depth (its constructor takes no {key} or ignores it): "
                          f"use --drop-path 0 with this model")
     return model if model is not None else build(**kwargs)
-
-
-def pretrained_backbone(name: str, in_chans: int = 3, drop_path: float | None = None) -> nn.Module:
-    """The backbone with its own published weights, through timm's loader (``pretrained=True``;
-    ``local-dir:FOLDER`` and ``hf-hub:REPO`` names too) or torchvision's (``weights="DEFAULT"``).
-    Loading may download them. ``ValueError`` for MONAI and nnU-Net networks (none published)."""
-    import timm
-
-    if name.startswith(VOLUME_SOURCES):
-        raise ValueError(f"{name} has no published pretrained weights that sparkmim can load")
-    if name.startswith("torchvision:") or (not name.startswith(("timm:", *_TIMM_SOURCES)) and not timm.is_model(name)):
-        return create_backbone(name, in_chans=in_chans, drop_path=drop_path, weights="DEFAULT")
-    return create_backbone(name, in_chans=in_chans, drop_path=drop_path, pretrained=True)
 
 
 def stochastic_depth_rates(model: nn.Module) -> list[float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbones import create_backbone, feature_modules_for, pretrained_backbone
+from ..backbones import create_backbone, feature_modules_for
 from ..checkpoint import weights_state
 from ..config import ConfigError
 from ..devices import resolve_device
@@ -36,7 +36,7 @@ def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, 
     torch.manual_seed(seed)
     drop_path = cfg.drop_path if cfg.mode == "finetune" else None
     if source == "pretrained":
-        return pretrained_backbone(cfg.model, cfg.in_chans, drop_path), None
+        return create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path, pretrained=True), None
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path)
     if source == "random":
         return backbone, None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backbones import create_backbone, feature_modules_for, pretrained_backbone
+from ..backbones import create_backbone, feature_modules_for
 from ..config import ConfigError, PretrainConfig
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
@@ -43,7 +43,7 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK;
     the crop of ``modality`` is checked against the encoder's total stride."""
     if cfg.init == "pretrained":  # the backbone's own published weights; the decoder starts fresh
-        backbone = pretrained_backbone(cfg.model, cfg.in_chans, cfg.drop_path)
+        backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path, pretrained=True)
         print(json.dumps({"event": "init", "weights": "pretrained", "kind": "the backbone's own published weights "
                           "(timm's or torchvision's loader)", "model": cfg.model}), flush=True)
     else:
