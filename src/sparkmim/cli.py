@@ -26,8 +26,9 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
     return 0
 
 
-def _load_run(path: str):
-    """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file."""
+def _load_run(path: str, read: object = None):
+    """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file
+    (``read``: what was already read from that file)."""
     from .checkpoint import CheckpointManager
     from .config import PretrainConfig
 
@@ -38,7 +39,7 @@ def _load_run(path: str):
             raise FileNotFoundError(f"no readable checkpoint-*.pth in {src}")
         ckpt, state = found
     else:
-        ckpt, state = src, CheckpointManager.load(src)
+        ckpt, state = src, CheckpointManager.load(src, state=read)
     return ckpt, state, PretrainConfig(**{**state["config"], "init": None})
 
 
@@ -47,10 +48,10 @@ def _export(args: argparse.Namespace) -> int:
     from .data import default_stats
     from .weights import encoder_weights, export_backbone, export_paths, load_encoder_weights
 
-    released = _released_file(args.run)
-    if released is not None:
-        return _export_released(args, Path(args.run), released)
-    ckpt, state, cfg = _load_run(args.run)
+    read = _read_export_source(args.run)
+    if _is_released(read):
+        return _export_released(args, Path(args.run), read)
+    ckpt, state, cfg = _load_run(args.run, read)
     if args.nnunet:
         return _export_nnunet(args, ckpt, state, cfg)
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
@@ -73,23 +74,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _released_file(path: str):
-    """What a file given to ``export`` holds when it is one of the paper's released files (a
-    ``_withdecoder_..._spark_style.pth`` or an encoder-only ``_timm_style.pth``), else None."""
+def _read_export_source(path: str):
+    """What a file given to ``export`` holds, read once; None for a run folder or a file named as
+    sparkmim names its checkpoints (read later, as a checkpoint)."""
     import fnmatch
 
-    import torch
-
     from .checkpoint import CHECKPOINT_PATTERN
-    from .released import is_spark_style
     from .weights import read_file
 
     p = Path(path)
-    if not p.is_file() or fnmatch.fnmatch(p.name, CHECKPOINT_PATTERN):
-        return None
-    state = read_file(p)
-    plain_weights = isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
-    return state if is_spark_style(state) or plain_weights else None
+    return None if not p.is_file() or fnmatch.fnmatch(p.name, CHECKPOINT_PATTERN) else read_file(p)
+
+
+def _is_released(state) -> bool:
+    """Whether ``state`` is one of the paper's released files: a ``_withdecoder_..._spark_style.pth``
+    or an encoder-only state dict (``_timm_style.pth``)."""
+    import torch
+
+    from .released import is_spark_style
+
+    plain_weights = isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    return is_spark_style(state) or plain_weights
 
 
 def _export_released(args: argparse.Namespace, path: Path, state: dict) -> int:
