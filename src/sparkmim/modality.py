@@ -216,7 +216,8 @@ class Volumes(Modality):
                               "--norm-stats data is for images")
         missing: dict[str, str] = {}
         if cfg.data and is_nnunet_dataset(cfg.data):  # one multi-channel sample per case
-            samples, channels = read_nnunet_dataset(cfg.data)
+            cases, channels = read_nnunet_dataset(cfg.data)
+            samples = [(files, None) for files in cases]
             if len(channels) != cfg.in_chans:
                 raise ConfigError(f"the nnU-Net dataset {cfg.data} has {len(channels)} channel(s) ({', '.join(channels)}): "
                                   f"use --in-chans {len(channels)}, not {cfg.in_chans}", ["in_chans"])

@@ -271,18 +271,17 @@ def volume_eval_transform(size: tuple[int, int, int], intensity: str = "zscore")
 
 class VolumeFiles(ImageFiles):
     """Augmented crops of volumes, one sample per ``(path, index)`` of :func:`list_samples` or per
-    case (a tuple of channel files, :func:`read_nnunet_dataset`), read by :func:`read_sample`
+    ``(channel files, None)`` of a case (:func:`read_nnunet_dataset`), read by :func:`read_sample`
     (``spacing``, ``foreground``); keys, unreadable files and batches as in
     :class:`~sparkmim.data.ImageFiles`."""
 
     kind = "volume"
 
-    def __init__(self, samples: list[tuple[Path, int | None]] | list[tuple[Path, ...]], transform, channels: int = 1,
+    def __init__(self, samples: list[tuple[Path | tuple[Path, ...], int | None]], transform, channels: int = 1,
                  max_skips: int = 64, spacing: tuple[float, float, float] | None = None, foreground: bool = False):
-        cases = [s if all(isinstance(x, Path) for x in s) else None for s in samples]
-        super().__init__([s[0] for s in samples], transform, channels, max_skips)
-        self.series_index = [None if c else s[1] for s, c in zip(samples, cases)]
-        self.files = [c or (s[0],) for s, c in zip(samples, cases)]
+        self.files = [f if isinstance(f, tuple) else (f,) for f, _ in samples]  # a case: one file per channel
+        super().__init__([files[0] for files in self.files], transform, channels, max_skips)
+        self.series_index = [t for _, t in samples]
         self.spacing, self.foreground = spacing, foreground
 
     def name_of(self, index: int) -> str:
