@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .masking import per_axis
+
 __all__ = ["PRESETS", "create_nnunet", "read_plans", "stage_strides", "feature_modules", "nnunet_state",
            "nnunet_checkpoint", "NNUNET_INSTALL"]
 
@@ -157,12 +159,12 @@ def _locate(dotted: str | None, within: tuple[str, ...], what: str):
 
 def _plans_network(path: Path, configuration: str) -> tuple[type, dict]:
     arch = read_plans(path, configuration)["architecture"]
+    _unet_module()  # its classes are what the plans name: say how to install it before looking them up
     try:
         kwargs = dict(arch["arch_kwargs"])
         cls = _locate(arch["network_class_name"], ("dynamic_network_architectures.",), "the network")
     except KeyError as e:
         raise ValueError(f"{path} configuration '{configuration}': its architecture has no {e} entry") from e
-    _unet_module()
     for op in arch.get("_kw_requires_import", _OPS):
         if op in kwargs:
             kwargs[op] = _locate(kwargs[op], ("torch.nn.",), op)
@@ -204,8 +206,7 @@ def stage_strides(spec: str) -> list[tuple[int, ...]]:
     """The stride of each encoder stage of a preset or plans (one value per axis)."""
     _, kwargs = _network(spec)
     strides, n = kwargs["strides"], kwargs["n_stages"]
-    strides = [strides] * n if isinstance(strides, int) else strides
-    return [tuple(s) if isinstance(s, (list, tuple)) else (int(s),) * 3 for s in strides]
+    return [per_axis(s, 3) for s in ([strides] * n if isinstance(strides, int) else strides)]
 
 
 def feature_modules(spec: str) -> list[str]:
