@@ -279,7 +279,7 @@ class VolumeFiles(ImageFiles):
 
     def __init__(self, samples: list[tuple[Path | tuple[Path, ...], int | None]], transform, channels: int = 1,
                  max_skips: int = 64, spacing: tuple[float, float, float] | None = None, foreground: bool = False):
-        self.files = [f if isinstance(f, tuple) else (f,) for f, _ in samples]  # a case: one file per channel
+        self.files = [(f,) if isinstance(f, (str, Path)) else tuple(f) for f, _ in samples]  # a case: a file per channel
         super().__init__([files[0] for files in self.files], transform, channels, max_skips)
         self.series_index = [t for _, t in samples]
         self.spacing, self.foreground = spacing, foreground
