@@ -5,6 +5,7 @@ import re
 import warnings
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -103,26 +104,58 @@ def test_export_reconstruct_and_models(images, tmp_path, capsys):
     assert '"strict_load": "ok"' in printed and '"missing": []' in printed
     load_encoder_weights(timm.create_model("resnet10t", num_classes=0), tmp_path / "enc.safetensors", strict=True)
     assert main(["export", str(out), "--format", "pth", "--out", str(tmp_path / "enc.pth")]) == 0
+    from safetensors.torch import load_file
+
+    as_pth, as_safetensors = torch.load(tmp_path / "enc.pth", weights_only=True), load_file(tmp_path / "enc.safetensors")
+    final = torch.load(checkpoint_paths(out)[-1], weights_only=True)["model"]
+    assert as_pth.keys() == as_safetensors.keys() and all(torch.equal(as_pth[k], as_safetensors[k]) for k in as_pth)
+    assert all(torch.equal(v, final[f"encoder.model.{k}"]) for k, v in as_pth.items())  # the run's last weights
     grid = tmp_path / "grid.png"
     files = [str(p) for p in sorted(images.glob("*.jpg"))[:3]]
     assert main(["reconstruct", str(out), *files, "--out", str(grid)]) == 0
     w, h = Image.open(grid).size
     assert w > 3 * 64 and h > 3 * 64
+    panorama = tmp_path / "panorama.png"  # 3000 x 200: shown 15:1 (960 x 64), not squeezed into a square
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 3000, 3), dtype=np.uint8)).save(panorama)
+    assert main(["reconstruct", str(out), str(panorama), "--out", str(grid)]) == 0
+    shown = np.asarray(Image.open(grid).convert("RGB"))
+    coloured = np.nonzero((shown != 255).any(axis=-1).any(axis=0))[0]  # columns holding tile pixels
+    runs = np.split(coloured, np.nonzero(np.diff(coloured) > 1)[0] + 1)
+    tiles = [r for r in runs if len(r) > 100]
+    assert [len(t) for t in tiles] == [960, 960, 960], [len(r) for r in runs]
+    filled = (shown[:, tiles[0]] != 255).any(axis=-1).mean(axis=1) > 0.5  # rows the tile fills (not the title)
+    assert filled.sum() == 64
+    import nibabel as nib
+
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(scan))
+    assert main(["reconstruct", str(out), str(scan), "--out", str(grid)]) == 2
+    assert "scan.nii.gz is a volume, and resnet10t is a 2-D model that takes images" in capsys.readouterr().err
     assert main(["models", "--filter", "ConvNeXt"]) == 0
     listed = capsys.readouterr().out
     assert "timm:convnext_atto" in listed and "torchvision:convnext_tiny" not in listed
 
 
 def test_init_from_exported_weights_is_strict(images, tmp_path, capsys):
+    """``--init encoder.safetensors`` starts the backbone from the file: after a run at a negligible
+    lr (1e-30: no weight moves by a float32 step) every parameter of the checkpoint's encoder equals
+    the file's. Weights of another architecture are refused saying first which one the file holds."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "first"
     assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out)]) == 0
     capsys.readouterr()
-    second = [*TINY, "--data", str(images), "--out", str(tmp_path / "second")]
+    second = [*TINY, "--data", str(images), "--out", str(tmp_path / "second"), "--lr", "1e-30", "--seed", "7"]
     assert main(["pretrain", *second, "--init", str(out / "encoder.safetensors")]) == 0
     assert '"event": "init"' in capsys.readouterr().out
+    given = load_file(str(out / "encoder.safetensors"))
+    saved = torch.load(checkpoint_paths(tmp_path / "second")[-1], weights_only=True)["model"]
+    params = dict(timm.create_model("resnet10t", num_classes=0).named_parameters())
+    assert params and all(torch.equal(saved[f"encoder.model.{k}"], given[k]) for k in params)
     third = [*TINY, "--data", str(images), "--out", str(tmp_path / "third")]
     assert main(["pretrain", *third, "--model", "resnet18", "--init", str(out / "encoder.safetensors")]) == 2
     err = capsys.readouterr().err
+    assert f"--init {out / 'encoder.safetensors'} holds resnet10t weights and the model is resnet18" in err, err
     assert "weights do not match the model" in err and "missing" in err
 
 
@@ -208,5 +241,8 @@ def test_fewer_decoded_stages_give_a_finer_mask_grid(images, tmp_path, capsys):
     cfg = load_config(None, state["config"])
     unused = build_model(cfg, modality_for(cfg.model)).unused_parameters()
     assert "encoder.model.layer4.0.conv1.weight" in unused and not any("layer3" in k for k in unused)
-    assert main(["pretrain", *TINY, "--data", str(images), "--out", str(out), "--resume", "auto", "--epochs", "2"]) == 2
-    assert "feature_modules: checkpoint 'layer1,layer2,layer3' vs now None" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume", "auto", "--feature-modules", "layer1,layer2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"cannot resume the run in {out} with --feature-modules layer1,layer2: it was started with "
+            f"--feature-modules layer1,layer2,layer3" in err), err

@@ -217,7 +217,8 @@ def test_an_unwritable_output_folder_is_one_line(images, tmp_path, cli):
 def test_resume_with_another_batch_size_is_refused_and_a_finished_run_says_so(images, finished, cli):
     out, first = finished
     one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out, "--resume", "auto", "--batch-size", "2"),
-                   "cannot resume", "--batch-size 4 --accum-steps 1")
+                   f"cannot resume the run in {out} with --batch-size 2: it was started with --batch-size 4",
+                   "leave --batch-size out")
     again = cli("pretrain", *TINY, "--data", images, "--out", out, "--resume", "auto")
     summary = summary_of(again)
     assert "had already finished" in again.stdout and summary["steps"] == first["steps"] == 2
@@ -288,6 +289,7 @@ def test_when_every_file_is_unreadable_the_distinct_files_are_counted(tmp_path, 
         (data / f"cut{i}.jpg").write_bytes(buf.getvalue()[:150])
     one_line_error(cli("pretrain", *TINY, "--data", data, "--out", tmp_path / "o1"),
                    "none of the 10 image files can be read", "cut0.jpg")
+    assert not (tmp_path / "o1").exists()  # nothing is written before the data has passed its checks
     pytest.importorskip("monai")
     volumes = tmp_path / "nan"
     volumes.mkdir()
@@ -377,3 +379,175 @@ def test_a_start_that_fails_leaves_no_run_folder(flags, images, finished, tmp_pa
     subprocess.run(["cp", "-a", str(finished[0]), str(copy)], check=True)
     assert cli("pretrain", *TINY, "--data", images, "--out", copy, "--overwrite", *flags).returncode == 2
     assert not list(tmp_path.glob("copy.old-*")) and (copy / "config.yaml").is_file()
+
+
+# -- faults a new user met at a0a6c38 --------------------------------------------------------------
+
+def test_resume_by_name_takes_the_runs_own_settings(finished, tmp_path, cli):
+    """``sparkmim pretrain --out RUN --resume auto`` needs no other flag: the run's settings come from
+    its config.yaml; --epochs may change, another --model is refused naming the flag; the Python
+    API resumes the same way."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(finished[0]), str(copy)], check=True)
+    line = one_line_error(cli("pretrain", "--out", copy, "--resume", "auto", "--model", "resnet18"),
+                          f"cannot resume the run in {copy} with --model resnet18: it was started with --model resnet10t",
+                          "leave --model out")
+    assert "--epochs" in line
+    summary = summary_of(cli("pretrain", "--out", copy, "--resume", "auto", "--epochs", "2", "--progress", "false"))
+    assert summary["steps"] == 4 and summary["loss_first"] == finished[1]["loss_first"]
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert (saved["model"], saved["epochs"], saved["input_size"], saved["decoder_width"]) == ("resnet10t", 2, 64, 32)
+    import sparkmim
+
+    again = sparkmim.pretrain(out=str(copy), resume="auto", epochs=3, progress=False)
+    assert again["steps"] == 6
+
+
+def test_resume_auto_on_a_folder_without_a_run_and_no_data_is_an_error(tmp_path, cli):
+    """A mistyped --out with --resume auto names the folder instead of starting a long run on the
+    demo photographs; without --data and without a run to resume nothing starts."""
+    typo = tmp_path / "typo"
+    one_line_error(cli("pretrain", "--resume", "auto", "--out", typo), f"{typo} holds no run to resume",
+                   "give --data to start a new run there")
+    one_line_error(cli("pretrain", "--out", typo), "no data: give --data", "--data demo")
+    assert not typo.exists()
+
+
+def test_a_folder_held_by_a_live_run_is_refused_and_a_killed_run_leaves_no_lock(images, tmp_path, cli):
+    """A run holds its folder with an OS lock: a second run into it is refused in one line naming
+    the process; a process killed while holding it leaves the folder free."""
+    from sparkmim.train.folder import FolderLock
+
+    out = tmp_path / "held"
+    out.mkdir()
+    lock = FolderLock(out)
+    assert lock.acquire() is None
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out),
+                   f"{out} is in use by another sparkmim run, process {os.getpid()}", "choose another --out")
+    lock.release()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from sparkmim.train.folder import FolderLock; lock = FolderLock(Path(sys.argv[1])); lock.acquire(); "
+                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    one_line_error(cli("pretrain", *TINY, "--data", images, "--out", out), f"process {holder.pid}")
+    holder.kill()
+    holder.wait()
+    assert summary_of(cli("pretrain", *TINY, "--data", images, "--out", out))["steps"] == 2
+
+
+def test_two_runs_started_at_once_into_one_folder_never_mix(images, tmp_path):
+    """Two identical runs into one new folder at the same time: one finishes; the other is refused
+    in one line (the folder is in use, or already holds the first run); nothing is moved aside."""
+    out = tmp_path / "same"
+    cmd = [sys.executable, "-m", "sparkmim", "pretrain", *TINY, "--data", str(images), "--out", str(out)]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [Result(p.wait(timeout=300), *p.communicate()) for p in runs]
+    ok = [r for r in results if r.returncode == 0]
+    refused = [r for r in results if r.returncode != 0]
+    assert len(ok) == 1 and len(refused) == 1, [r.stderr[-500:] for r in results]
+    line = one_line_error(refused[0])
+    assert "is in use by another sparkmim run" in line or "already holds a run" in line, line
+    assert summary_of(ok[0])["steps"] == 2 and not list(tmp_path.glob("same.old-*"))
+    assert [p.name for p in CheckpointManager(out).paths()] == ["checkpoint-00000002.pth"]
+
+
+def test_a_write_into_a_vanished_folder_is_not_called_a_full_disk(tmp_path):
+    import shutil
+
+    from sparkmim.weights import WriteError, atomic_write
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+
+    def write(tmp):
+        shutil.rmtree(folder)  # the folder moved away mid-write, as by another process
+        tmp.write_text("x")
+
+    with pytest.raises(WriteError) as caught:
+        atomic_write(folder / "config.yaml", write)
+    message = str(caught.value)
+    assert f"the folder {folder} no longer exists" in message
+    assert "MiB" not in message and "disk" not in message
+
+
+def test_single_files_and_the_wrong_kind_of_data_are_named(images, tmp_path, cli):
+    """One image as --data; volumes given to a 2-D model and images to a 3-D one (a folder, a file,
+    and reconstruct of a 2-D run): one line each saying what the data are and which --model fits."""
+    import numpy as np
+
+    one = sorted(images.iterdir())[0]
+    one_line_error(cli("pretrain", *TINY, "--data", one, "--out", tmp_path / "a"),
+                   f"--data {one} is a single file: give a folder of images", "text file listing their paths")
+    volumes = tmp_path / "vols"
+    volumes.mkdir()
+    np.save(volumes / "scan.npy", np.zeros((8, 8, 8), np.float32))
+    one_line_error(cli("pretrain", *TINY, "--data", volumes, "--out", tmp_path / "b"),
+                   f"{volumes} holds volumes, and resnet10t is a 2-D model that takes images: choose a 3-D model")
+    one_line_error(cli("pretrain", *TINY, "--data", volumes / "scan.npy", "--out", tmp_path / "c"),
+                   "scan.npy is a volume, and resnet10t is a 2-D model")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    one_line_error(cli("pretrain", *TINY, "--data", binary, "--out", tmp_path / "d"),
+                   f"--data {binary} is neither a folder nor a text file of paths")
+    pytest.importorskip("monai")
+    one_line_error(cli("pretrain", "--model", "monai:resnet10", "--in-chans", "1", "--data", images, "--out",
+                       tmp_path / "e"),
+                   f"{images} holds images, and monai:resnet10 is a 3-D model that takes volumes: choose a 2-D model")
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_a_model_typo_is_named_before_the_data_are_counted(images, tmp_path, cli):
+    """A mistyped --model and too few images for the batch: the typo is what the user learns first."""
+    one_line_error(cli("pretrain", *TINY, "--model", "resnet5O", "--batch-size", "64", "--data", images, "--out",
+                       tmp_path / "o"), "unknown timm model 'resnet5O'")
+
+
+def test_a_small_data_set_runs_with_a_batch_it_fills(tmp_path, cli):
+    """Three images and no --batch-size (the default is 32): the run takes a batch of 3 and says so;
+    a batch size the user gives is kept (and refused when the data cannot fill it)."""
+    (tmp_path / "three").mkdir()
+    three = write_noise_images(tmp_path / "three", 3, (70, 90), seed=5)
+    flags = [f for f in TINY if f not in ("--batch-size", "4")]
+    with pytest.warns(UserWarning, match="the data set has 3 images, fewer than one batch of 32: this run uses "
+                                         "--batch-size 3"):
+        summary = summary_of(cli("pretrain", *flags, "--data", three, "--out", tmp_path / "o"))
+    assert summary["steps"] == 1 and yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["batch_size"] == 3
+    one_line_error(cli("pretrain", *TINY, "--data", three, "--out", tmp_path / "p"), "3 images are fewer than one batch of 4")
+
+
+def test_a_subcommand_typo_gets_a_suggestion_and_argparse_errors_are_short(capsys):
+    from sparkmim.cli import main
+
+    for argv, want in ((["pretrian"], "did you mean pretrain?"), (["pretrain", "--epochs", "many"], "--epochs")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and want in err, err
+        assert len(err.strip().splitlines()) <= 3, err
+
+
+def test_init_pretrained_without_a_network_is_one_line(images, tmp_path, cli, monkeypatch):
+    """Offline, the published weights cannot be fetched: one line in sparkmim's words saying how to
+    pass them as a file, not the hub's retries."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = cli("pretrain", *TINY, "--init", "pretrained", "--data", images, "--out", tmp_path / "o")
+    one_line_error(result, "could not fetch the published weights of resnet10t", "--init FILE", "local-dir:FOLDER")
+    assert "Retrying" not in result.stderr
+
+
+def test_a_torchvision_that_does_not_fit_torch_is_one_line(tmp_path):
+    """A torchvision built for another torch fails at import ('operator torchvision::nms does not
+    exist'); the demo says in one line which pair to reinstall."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "sparkmim", "demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    line = one_line_error(done, "does not work with the installed torch", "operator torchvision::nms does not exist",
+                          "reinstall the pair together, e.g. pip install torch==")
+    assert "'torchvision==0." in line

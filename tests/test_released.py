@@ -25,8 +25,14 @@ DTYPES = {"float32": torch.float32, "int64": torch.int64}
 @functools.cache
 def _module(arch: str) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {k: (torch.randn(shape, generator=g) if dtype == "float32" else torch.randint(0, 9, shape, generator=g))
-            .to(DTYPES[dtype]) for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
+    def draw(key, shape, dtype):
+        if dtype != "float32":
+            return torch.randint(0, 9, shape, generator=g)
+        if key.endswith("running_var"):  # a variance, positive as in a real file (a negative one gives NaN in eval)
+            return torch.rand(shape, generator=g) + 0.5
+        return torch.randn(shape, generator=g)
+
+    return {k: draw(k, shape, dtype).to(DTYPES[dtype]) for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
 
 
 @functools.cache
@@ -126,6 +132,36 @@ BY_HAND = {
                        ("sparse_encoder.sp_cnn.stages.3.2.norm.weight", "encoder.model.stages.3.blocks.2.norm.weight"),
                        ("densify_norms.1.weight", "densify.1.norm.weight"),
                        ("densify_projs.3.weight", "densify.3.proj.weight")],
+}
+
+
+_R, _C = "sparse_encoder.sp_cnn.", "encoder.model."
+# the deeper layouts, by hand too: a few keys per stage, the blocks the smaller models lack among them
+BY_HAND_DEEPER = {
+    "resnet101": [(f"{_R}conv1.weight", f"{_C}conv1.weight"), (f"{_R}layer1.2.conv3.weight", f"{_C}layer1.2.conv3.weight"),
+                  (f"{_R}layer2.3.bn2.running_mean", f"{_C}layer2.3.bn2.running_mean"),
+                  (f"{_R}layer3.22.conv2.weight", f"{_C}layer3.22.conv2.weight"),
+                  (f"{_R}layer4.0.downsample.1.running_var", f"{_C}layer4.0.downsample.1.running_var"),
+                  ("densify_norms.3.weight", "densify.3.norm.weight"), ("mask_tokens.1", "densify.1.mask_token"),
+                  ("dense_decoder.dec.2.up_sample.weight", "decoder.blocks.2.up.weight")],
+    "resnet152": [(f"{_R}bn1.bias", f"{_C}bn1.bias"), (f"{_R}layer1.0.downsample.0.weight", f"{_C}layer1.0.downsample.0.weight"),
+                  (f"{_R}layer2.7.conv1.weight", f"{_C}layer2.7.conv1.weight"),
+                  (f"{_R}layer3.35.bn3.bias", f"{_C}layer3.35.bn3.bias"),
+                  (f"{_R}layer4.2.conv3.weight", f"{_C}layer4.2.conv3.weight"),
+                  ("densify_projs.1.bias", "densify.1.proj.bias"), ("dense_decoder.proj.weight", "decoder.head.weight")],
+    "resnet200": [(f"{_R}layer1.2.bn1.weight", f"{_C}layer1.2.bn1.weight"),
+                  (f"{_R}layer2.23.conv2.weight", f"{_C}layer2.23.conv2.weight"),
+                  (f"{_R}layer3.35.bn1.running_var", f"{_C}layer3.35.bn1.running_var"),
+                  (f"{_R}layer4.1.conv1.weight", f"{_C}layer4.1.conv1.weight"),
+                  ("mask_tokens.3", "densify.3.mask_token"), ("dense_decoder.dec.4.conv.1.weight", "decoder.blocks.4.conv.1.weight")],
+    **{arch: [(f"{_R}downsample_layers.0.0.weight", f"{_C}stem.0.weight"),
+              (f"{_R}downsample_layers.1.0.bias", f"{_C}stages.1.downsample.0.bias"),
+              (f"{_R}stages.0.2.pwconv1.bias", f"{_C}stages.0.blocks.2.mlp.fc1.bias"),
+              (f"{_R}stages.1.1.norm.bias", f"{_C}stages.1.blocks.1.norm.bias"),
+              (f"{_R}stages.2.26.dwconv.weight", f"{_C}stages.2.blocks.26.conv_dw.weight"),
+              (f"{_R}stages.3.0.gamma", f"{_C}stages.3.blocks.0.gamma"),
+              ("densify_norms.0.bias", "densify.0.norm.bias"), ("dense_decoder.proj.bias", "decoder.head.bias")]
+       for arch in ("convnext_base", "convnext_large")},
 }
 
 
@@ -240,7 +276,7 @@ def test_the_lamb_moments_map_through_the_reference_optimizer_order():
 def _run(tmp_path, *extra):
     from sparkmim.cli import main
 
-    return main(["pretrain", "--model", "resnet50", "--input-size", "64", "--batch-size", "2", "--demo-length", "4",
+    return main(["pretrain", "--model", "resnet50", "--input-size", "64", "--batch-size", "2", "--data", "demo", "--demo-length", "4",
                  "--workers", "0", "--device", "cpu", "--progress", "false", "--tensorboard", "false",
                  "--vis-every-epochs", "0", "--out", str(tmp_path / "run"), *extra])
 
@@ -304,6 +340,12 @@ def test_export_and_evaluate_take_both_released_layouts(files, scratch, capsys):
         assert exported.keys() == evaluated.keys()
         assert all(torch.equal(v, evaluated[k]) for k, v in exported.items())
         load_encoder_weights(create_backbone(arch), exported, strict=True)
+    # the file's tensors, at the keys mapped by hand
+    module = spark_style("convnext_small")["module"]
+    assert torch.equal(read_weights(scratch / "a.safetensors")["stages.2.blocks.26.conv_dw.weight"],
+                       module["sparse_encoder.sp_cnn.stages.2.26.dwconv.weight"])
+    assert torch.equal(read_weights(scratch / "b.pth")["layer3.4.bn2.running_var"],
+                       timm_style("resnet50")["layer3.4.bn2.running_var"])
     assert (scratch / "timm" / "config.json").is_file()  # a timm model folder beside it, as for runs
 
 
@@ -318,7 +360,7 @@ def test_init_pretrained_starts_from_the_backbones_own_weights(tmp_path, capsys)
     torch.manual_seed(3)
     published = create_backbone("resnet18")
     save_timm_folder(published, tmp_path / "resnet18", mean=(0.5,) * 3, std=(0.25,) * 3, input_size=224)
-    common = ["--input-size", "64", "--batch-size", "2", "--demo-length", "4", "--workers", "0", "--device", "cpu",
+    common = ["--input-size", "64", "--batch-size", "2", "--data", "demo", "--demo-length", "4", "--workers", "0", "--device", "cpu",
               "--progress", "false", "--tensorboard", "false", "--vis-every-epochs", "0", "--epochs", "1",
               "--init", "pretrained"]
     assert main(["pretrain", "--model", f"local-dir:{tmp_path / 'resnet18'}", "--lr", "1e-12", "--warmup-epochs", "0",
@@ -335,8 +377,9 @@ def test_init_pretrained_starts_from_the_backbones_own_weights(tmp_path, capsys)
 def test_every_released_layout_maps_onto_sparkmims_model(arch):
     """All seven released architectures (ResNet-50 to 200, ConvNeXt-S, B, L): every key of the
     manifest has a place of the same shape in sparkmim's model of that backbone, built on the
-    meta device (no memory), and no tensor of the model is left out but timm's ConvNeXt final
-    norm; the LAMB state names every trained parameter."""
+    meta device (no memory), the keys mapped by hand (a few per stage) land where they were
+    written, and no tensor of the model is left out but timm's ConvNeXt final norm; the LAMB
+    state names every trained parameter."""
     from sparkmim.released import map_reference, optimizer_names
 
     with torch.device("meta"):
@@ -345,6 +388,8 @@ def test_every_released_layout_maps_onto_sparkmims_model(arch):
               for k, (shape, dtype) in MANIFEST[arch]["module"].items()}
     module["config"] = MANIFEST[arch]["config"]
     mapped, report = map_reference(module, model)
+    for theirs, ours in {**BY_HAND, **BY_HAND_DEEPER}[arch]:  # by hand: the file's tensor placed at our key
+        assert mapped.get(ours) is module[theirs], (theirs, ours)
     assert len(mapped) == len(module) - 1 - len(REFERENCE_BUFFERS)
     assert report["kept"] == (["encoder.model.head.norm.weight", "encoder.model.head.norm.bias"]
                               if arch.startswith("convnext") else [])

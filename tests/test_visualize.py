@@ -79,3 +79,34 @@ def test_clips_name_their_slices_by_axis():
     assert modality_for("torchvision:r3d_18").slice_names == CLIP_SLICES
     assert modality_for("monai:resnet10").slice_names == ("axial", "coronal", "sagittal")
     assert modality_for("resnet50") is IMAGES and modality_for("torchvision:resnet18") is IMAGES
+
+
+def test_non_finite_values_are_shown_in_magenta_and_warned_about():
+    """A NaN patch in the reconstruction is drawn in magenta (not cast to an arbitrary colour) and
+    counted in a warning."""
+    import pytest
+
+    rec = rec_of(flat((1, 3, 32, 32), COLOURS[:1]))
+    rec.reconstruction[0, :, 4:8, 4:8] = float("nan")
+    with pytest.warns(UserWarning, match=r"NaN or infinite values \(48 in the reconstruction column\), shown in magenta"):
+        grid = reconstruction_grid(rec, mean=(0.0,) * 3, std=(1.0,) * 3)
+    arr = np.round(grid.permute(1, 2, 0).numpy() * 255).astype(int)
+    magenta = np.all(arr == (255, 0, 255), axis=-1)
+    assert magenta.sum() == 16 * 4 * 4  # the 4 x 4 patch, each pixel enlarged 4x (32 px -> 128 px tiles)
+
+
+def test_metrics_of_a_short_run_are_drawn_on_whole_steps():
+    """metrics.png of a run that logged one step: whole steps on the axis, the point inside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from sparkmim.train.metrics import metrics_figure
+
+    fig = metrics_figure([{"step": 3, "epoch": 1, "loss": 0.99, "grad_norm": 1.2, "lr": 1e-3, "images_seen": 24}])
+    FigureCanvasAgg(fig).draw()
+    plots = [ax for ax in fig.axes if ax.get_xlabel() == "step"]
+    assert len(plots) == 3
+    for ax in plots:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert low < 3 < high and ax.lines[0].get_marker() == "o"

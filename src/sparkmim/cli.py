@@ -63,7 +63,8 @@ def _export(args: argparse.Namespace) -> int:
         warnings.warn(f"replacing the existing {path} with the weights of {ckpt}", stacklevel=1)
     default_mean, default_std = default_stats(cfg.in_chans)
     timm_folder = export_backbone(backbone, out, mean=state.get("norm_mean", default_mean),
-                                  std=state.get("norm_std", default_std), input_size=cfg.input_size)
+                                  std=state.get("norm_std", default_std), input_size=cfg.input_size,
+                                  architecture=cfg.model)
     fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
     report = load_encoder_weights(fresh, out, strict=True)
     print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
@@ -113,7 +114,8 @@ def _export_released(args: argparse.Namespace, path: Path, state: dict) -> int:
     report = load_encoder_weights(backbone, backbone_weights(state), strict=True)
     out = Path(args.out) if args.out else path.with_name(f"{path.stem}.encoder.safetensors")
     mean, std = default_stats(3)
-    timm_folder = export_backbone(backbone, out, mean=mean, std=std, input_size=int(state.get("input_size", 224)))
+    timm_folder = export_backbone(backbone, out, mean=mean, std=std, input_size=int(state.get("input_size", 224)),
+                                  architecture=model)
     print(json.dumps({"event": "export", "source": str(path), "kind": "reference SparK checkpoint" if arch else
                       "encoder weights", "weights": str(out), "model": model, "matched": len(report["matched"]),
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
@@ -145,10 +147,10 @@ def _export_nnunet(args: argparse.Namespace, ckpt: Path, state: dict, cfg) -> in
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import default_stats
+    from .data import DataError, default_stats
     from .modality import modality_for
     from .train.setup import build_model
-    from .visualize import save_reconstruction_grid
+    from .visualize import compose_rows, grid_rows, save_grid
 
     ckpt, state, cfg = _load_run(args.checkpoint)
     modality = modality_for(cfg.model)
@@ -159,20 +161,27 @@ def _reconstruct(args: argparse.Namespace) -> int:
     mean, std = state.get("norm_mean"), state.get("norm_std")
     if mean is None:
         mean, std = default_stats(cfg.in_chans)
-    tf, load = modality.reconstruct_transform(cfg, size, mean, std)  # resized whole, normalised as in the run
+    # images: the short side resized to size, the aspect kept; volumes: resized whole; normalised as in the run
+    tf, load = modality.reconstruct_transform(cfg, size, mean, std, model.patch_size)
 
     def read(path: str):
+        if modality.other_kind([Path(path)]):
+            raise DataError(modality.mismatch(Path(path), cfg.model))
         try:
             return load(path, cfg.in_chans)
         except Exception as e:  # missing, corrupt, not an image: one line naming the file
             raise ValueError(f"cannot read {modality.noun} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
 
-    images = torch.stack([tf(read(p)) for p in args.images])
-    masks = model.draw_masks(images, torch.Generator().manual_seed(args.seed), ratio=args.mask_ratio)
-    path = save_reconstruction_grid(model.reconstruct(images, visible=masks), args.out, mean, std,
-                                    max_images=len(args.images), names=[Path(p).name for p in args.images],
-                                    modality=modality)
-    print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(path)}))
+    masks = torch.Generator().manual_seed(args.seed)
+    rows, labels = [], []
+    for path in args.images:  # one at a time: each keeps its own shape
+        image = tf(read(path))[None]
+        rec = model.reconstruct(image, visible=model.draw_masks(image, masks, ratio=args.mask_ratio))
+        tiles, names = grid_rows(rec, mean, std, 1, names=[Path(path).name], modality=modality)
+        rows += tiles
+        labels += names or []
+    out = save_grid(compose_rows(rows, labels or None), args.out)
+    print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(out)}))
     return 0
 
 
@@ -230,10 +239,33 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are two lines: a short usage (``--help`` lists the options)
+    and the error, with the closest subcommand for a mistyped one."""
+
+    def format_usage(self) -> str:
+        if self._subparsers is not None or not any(a.option_strings for a in self._actions if a.dest != "help"):
+            return super().format_usage()
+        positionals = " ".join(a.metavar or a.dest for a in self._actions if not a.option_strings)
+        return f"usage: {self.prog} [options]{' ' + positionals if positionals else ''} (--help lists the options)\n"
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:
+            choices = [c.strip(" '") for c in wrong.group(2).split(",")]
+            close = difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="sparkmim", description="SparK masked image modeling for any convnet.")
+    parser = _Parser(prog="sparkmim", description="SparK masked image modeling for any convnet.")
     parser.add_argument("--version", action="version", version=f"sparkmim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -272,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint", help="run directory or checkpoint file")
     r.add_argument("images", nargs="+", help="image files (volume files for a 3-D run)")
     r.add_argument("--out", default="reconstruction.png")
-    r.add_argument("--size", type=int, help="square size (default: the run's input size; volumes keep the run's "
-                                             "depth)")
+    r.add_argument("--size", type=int, help="images: the short side, the aspect ratio kept (each side cropped to a "
+                                             "multiple of the patch); volumes: height and width, the run's depth "
+                                             "kept (default: the run's input size)")
     r.add_argument("--mask-ratio", type=float, help="default: the run's")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_reconstruct)
@@ -326,28 +359,54 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     from .config import ConfigError
-    from .sparse import SparseSemanticsError
-    from .train.loop import NonFiniteLossError
 
     def one_line(message, category, filename, lineno, line=None):  # warnings as one line each, no source
         return f"sparkmim {args.command}: warning: {message}\n"
 
     formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
+    known: tuple[type, ...] = (ValueError, OSError)
     try:
+        from .sparse import SparseSemanticsError
+        from .train.loop import NonFiniteLossError
+
+        known = (ValueError, OSError, SparseSemanticsError, NonFiniteLossError)
         return args.func(args)
-    except (ValueError, OSError, SparseSemanticsError, NonFiniteLossError) as e:
+    except KeyboardInterrupt:
+        print(f"sparkmim {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as e:
+        broken = _broken_install(e)
+        if broken is None and not isinstance(e, known):
+            raise
         # ConfigError, DataError, CheckpointError, KeyMismatchError are ValueErrors; WriteError and
         # FileNotFoundError are OSErrors. An option is named as the user gave it: a flag typed on
         # the command line as the flag, one from a YAML recipe by its key.
         typed = {k for k in vars(args) if getattr(args, k) is not None}
-        message = e.for_flags(typed) if isinstance(e, ConfigError) else e
+        message = broken or (e.for_flags(typed) if isinstance(e, ConfigError) else e)
         print(f"sparkmim {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sparkmim {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _broken_install(error: BaseException) -> str | None:
+    """One line for an installed torchvision that does not fit the installed torch (importing it
+    fails with ``operator torchvision::nms does not exist`` or the like), naming what to
+    reinstall; None for any other error."""
+    from importlib import metadata
+
+    text = " ".join(str(error).split())
+    if "torchvision::" not in text and not (isinstance(error, ImportError) and error.name == "torchvision"):
+        return None
+    try:
+        torch_version, vision = metadata.version("torch"), metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return f"torchvision cannot be imported ({text}): pip install torchvision"
+    base = torch_version.split("+")[0]
+    major, minor = (int(v) for v in base.split(".")[:2])
+    match = f" 'torchvision=={0}.{minor + 15}.*'" if major == 2 else " torchvision"
+    return (f"the installed torchvision {vision} does not work with the installed torch {torch_version} ({text}): "
+            f"reinstall the pair together, e.g. pip install torch=={base}{match}")
 
 
 if __name__ == "__main__":

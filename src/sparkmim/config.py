@@ -16,10 +16,11 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "ConfigError", "opt",
-           "recipe_path", "RECIPES", "flag_of", "typed_options", "parse_intensity", "parse_spacing", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+__all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "config_for_run", "ConfigError",
+           "opt", "recipe_path", "RESUMABLE", "given_options", "replace_config", "DEMO_DATA", "RECIPES", "flag_of", "typed_options", "parse_intensity", "parse_spacing", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
 
 RECIPES = Path(__file__).parent / "configs"
+DEMO_DATA = "demo"  # ``--data demo``: the built-in demo photographs (volumes for 3-D models)
 
 # the values of the string options (the model's constructors validate against the same aliases)
 NormStats = Literal["imagenet", "data"]
@@ -72,9 +73,11 @@ _data, _model, _optim, _run, _out = (partial(opt, group=g) for g in
 class PretrainConfig:
     data: str | None = _data(None, "image folder (searched recursively) or a text file listing image paths "
                                   "(volumes: .nii, .nii.gz, .npy, .tif stacks, or an nnU-Net raw dataset "
-                                  "folder, for 3-D models); empty: the "
-                                  "built-in demo photographs (volumes for 3-D models)")
-    input_size: int = _data(224, "crop size in pixels (a multiple of the encoder's total stride)", gt=0)
+                                  "folder, for 3-D models), or 'demo': the built-in demo photographs (volumes "
+                                  "for 3-D models; a folder named demo is ./demo); required unless resuming")
+    input_size: int = _data(224, "crop size in pixels (a multiple of the encoder's total stride); with "
+                                 "--model nnunet:PLANS.json and neither --input-size nor --input-depth given, the "
+                                 "plans' patch size", gt=0)
     input_depth: int = _data(0, "volumes and clips (3-D models): crop depth in slices or frames (a multiple of the "
                                 "encoder's stride along depth); 0: input_size", ge=0)
     intensity: str = _data("zscore", "volumes: 'zscore' (per volume and channel; MRI, microscopy) or "
@@ -278,22 +281,31 @@ def recipe_path(name_or_path: str | None) -> str | None:
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PretrainConfig:
-    """Defaults, then a YAML file, then ``overrides`` (e.g. from the command line)."""
-    values: dict = {}
-    if path is not None:
-        import yaml
+    """Defaults, then a YAML file, then ``overrides`` (e.g. from the command line). The options the
+    overrides set are remembered (:func:`given_options`)."""
+    values = _read_yaml(path) if path is not None else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return _build({**values, **given}, given)
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of option: value")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+def _read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    return loaded
+
+
+def _typed(values: dict) -> dict:
+    """``values`` with unknown options refused (naming the closest known ones) and each value
+    converted to its option's type."""
     known = {f.name for f in fields(PretrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -302,6 +314,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u, known, 2)) or '?'})" for u in unknown]
         raise ConfigError(f"unknown config options: {'; '.join(hints)}")
     types = _types()
+    values = dict(values)
     for k, v in list(values.items()):
         t = types[k]
         if t is float and isinstance(v, int):
@@ -311,7 +324,101 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
                 values[k] = t(v)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"option {k} expects {t.__name__}, got {v!r}", [k]) from e
-    return PretrainConfig(**values)
+    return values
+
+
+def _build(values: dict, given) -> PretrainConfig:
+    cfg = PretrainConfig(**_typed(values))
+    cfg._given = frozenset(given)
+    return cfg
+
+
+def given_options(cfg: PretrainConfig) -> frozenset[str]:
+    """The options the user chose: given as flags or keyword arguments, or kept from the run a
+    resume continues; a recipe's values are defaults (for a config built directly: the options
+    that differ from their defaults)."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return given
+    return frozenset(f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default)
+
+
+def replace_config(cfg: PretrainConfig, **changes) -> PretrainConfig:
+    """``cfg`` with ``changes`` (validated again), remembering which options were given."""
+    new = dataclasses.replace(cfg, **changes)
+    new._given = given_options(cfg) | frozenset(changes)
+    return new
+
+
+# what a resumed run may change; every other setting is the run's own (its config.yaml)
+RESUMABLE = ("epochs", "workers", "device", "precision", "channels_last", "compile", "capture", "dist_timeout",
+             "progress", "tensorboard", "log_every_steps", "vis_every_epochs", "save_every_epochs", "save_every_steps",
+             "keep_last", "max_bad_fraction", "resume", "out", "overwrite")
+
+
+def config_for_run(path: str | Path | None = None, overrides: dict | None = None) -> PretrainConfig:
+    """The configuration of a ``pretrain`` command: :func:`load_config` for a new run. Resuming one
+    of sparkmim's runs (``resume`` ``auto``, or a ``checkpoint-*.pth``) takes the run's own settings
+    (its ``config.yaml``, else its checkpoint's), and the recipe ``path`` is not read; ``overrides``
+    may change only the :data:`RESUMABLE` options, and any other that differs from the run's is
+    refused, naming it. ``--resume auto`` on a folder without a run starts a new run there only
+    when ``data`` is given."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    resume = overrides.get("resume")
+    if resume is None:
+        return load_config(path, overrides)
+    recipe_out = _read_yaml(path).get("out") if path is not None else None  # sparkmim demo: its recipe's folder
+    out = overrides.get("out", recipe_out or PretrainConfig.out)
+    folder = Path(out) if resume == "auto" else Path(resume).parent
+    if resume != "auto" and not _is_run_checkpoint(Path(resume)):  # one of the paper's released files
+        return load_config(path, overrides)
+    saved = _saved_settings(folder, None if resume == "auto" else Path(resume))
+    if saved is None:
+        if "data" not in overrides:
+            raise ConfigError(f"--resume auto: {folder} holds no run to resume (no config.yaml or checkpoint-*.pth); "
+                              f"check --out, or give --data to start a new run there")
+        return load_config(path, overrides)
+    if saved.get("data") is None:  # runs before --data was required trained on the demo data
+        saved["data"] = DEMO_DATA
+    changed = {k: v for k, v in _typed(overrides).items() if k not in RESUMABLE and k in saved and v != saved[k]}
+    if changed:
+        k, v = next(iter(changed.items()))
+        raise ConfigError(f"cannot resume the run in {folder} with {k} {v}: it was started with {k} {saved[k]}, and a "
+                          f"resumed run keeps its settings (from {folder / 'config.yaml'}; only "
+                          f"{', '.join(flag_of(o) for o in RESUMABLE[:4])}, the logging and checkpoint options may "
+                          f"change); leave {k} out, or start a new run with another --out", [k])
+    values = {**saved, **overrides, "out": str(out) if resume == "auto" else overrides.get("out", str(folder))}
+    return _build(values, values)
+
+
+def _is_run_checkpoint(path: Path) -> bool:
+    import fnmatch
+
+    from .checkpoint import CHECKPOINT_PATTERN
+
+    return fnmatch.fnmatch(path.name, CHECKPOINT_PATTERN)
+
+
+def _saved_settings(folder: Path, checkpoint: Path | None) -> dict | None:
+    """The settings of the run in ``folder`` (its ``config.yaml``; else those saved in
+    ``checkpoint`` or in the folder's newest checkpoint), limited to the options this version
+    knows; None when the folder holds no run."""
+    known = {f.name for f in fields(PretrainConfig)}
+    if (folder / "config.yaml").is_file():
+        saved = _read_yaml(folder / "config.yaml")
+    else:
+        from .checkpoint import checkpoint_paths
+        from .weights import load_plain
+
+        paths = [checkpoint] if checkpoint is not None else checkpoint_paths(folder)[-1:]
+        if not paths or not paths[0].is_file():
+            return None
+
+        state = load_plain(paths[0], "checkpoint")
+        saved = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return None
+    return _typed({k: v for k, v in saved.items() if k in known})
 
 
 def _bool(v: str | bool) -> bool:
@@ -356,4 +463,5 @@ def typed_options(args: argparse.Namespace, cls=None) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    return load_config(getattr(args, "config", None), typed_options(args))
+    """The run's configuration from the command line (:func:`config_for_run`)."""
+    return config_for_run(getattr(args, "config", None), typed_options(args))

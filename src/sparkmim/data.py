@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
     "eval_transform", "finetune_transform",
-    "list_images", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
+    "list_images", "list_files", "read_path_list", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
     "DataError", "BadFiles",
 ]
 
@@ -106,19 +106,40 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def list_images(source: str | Path) -> list[Path]:
     """All image files under a folder (recursively, sorted; class sub-folders are just folders),
     or the paths listed in a text file (one per line, relative to the file's folder; # comments)."""
+    return list_files(source, lambda p: p.suffix.lower() in IMAGE_EXTENSIONS, "images", IMAGE_EXTENSIONS)
+
+
+def list_files(source: str | Path, is_sample, noun: str, extensions: tuple[str, ...]) -> list[Path]:
+    """The sample files ``is_sample`` accepts under a folder (recursively, sorted), or the paths a
+    text file lists (:func:`read_path_list`). A sample file itself is refused: ``--data`` names a
+    folder or a list (``noun``, e.g. ``"images"``, and ``extensions`` word the messages)."""
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = sorted(p for p in source.rglob("*") if is_sample(p) and p.is_file())
         if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+            raise FileNotFoundError(f"no {noun} ({', '.join(extensions)}) found under {source}")
         return paths
     if source.is_file():
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
-        paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln and not ln.startswith("#")]
-        if not paths:
-            raise FileNotFoundError(f"the file list {source} names no images")
-        return paths
-    raise FileNotFoundError(f"data path {source} does not exist: give an image folder or a text file of paths")
+        if is_sample(source):
+            raise DataError(f"--data {source} is a single file: give a folder of {noun} (searched recursively) or a "
+                            f"text file listing their paths, one per line")
+        return read_path_list(source, noun)
+    raise FileNotFoundError(f"data path {source} does not exist: give a folder of {noun} or a text file of paths")
+
+
+def read_path_list(source: Path, noun: str = "files") -> list[Path]:
+    """The paths a text file lists, one per line (relative ones from the file's folder; blank lines
+    and ``#`` comments skipped). :class:`DataError` for a file that is not UTF-8 text."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data {source} is neither a folder nor a text file of paths (it is not UTF-8 text): give a "
+                        f"folder of {noun} or a text file listing their paths, one per line") from e
+    lines = [ln.strip() for ln in text.splitlines()]
+    paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln and not ln.startswith("#")]
+    if not paths:
+        raise FileNotFoundError(f"the file list {source} names no {noun}")
+    return paths
 
 
 def load_image(path: str | Path, channels: int = 3) -> Image.Image:

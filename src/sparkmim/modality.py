@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import DEMO_DATA, ConfigError, flag_of
 from .data import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -58,6 +58,10 @@ class Modality:
     cutmix: bool
     in_chans: tuple[int, ...] | None = None  # the channel counts it reads (None: any)
     refused: tuple[str, ...] = ()  # options of the other modality, refused when set
+    models: str  # the models that read it, for messages
+    recipes: str  # the recipes made for it, for messages
+    demo_command: str  # the command that runs its demo
+    other: Modality  # the modality a sample of this one is mistaken for (set below)
 
     def check(self, cfg) -> None:
         """Refuse, with :class:`~sparkmim.config.ConfigError`, settings this modality cannot read
@@ -95,6 +99,79 @@ class Modality:
         (``{path: reason}``; a file list may name files that are gone)."""
         raise NotImplementedError
 
+    def sample_size(self, path: Path, cfg) -> tuple[int, ...]:
+        """The size of a sample file along each spatial axis, read from its header."""
+        raise NotImplementedError
+
+    def warn_if_small(self, cfg, paths: list[Path], count: int = 16) -> None:
+        """Warn when the samples (the median over up to ``count`` files spread through ``paths``) are
+        much smaller than the crop along an axis (the crop would upsample them more than 2x): a
+        crop far larger than the data costs memory and time and teaches nothing more."""
+        import statistics
+        import warnings
+
+        files = list(dict.fromkeys(paths))
+        sizes = []
+        for p in files[:: max(1, len(files) // count)][:count]:
+            try:
+                sizes.append(self.sample_size(Path(p), cfg))
+            except Exception:  # an unreadable file is reported when it is read
+                continue
+        if not sizes:
+            return
+        typical = tuple(int(statistics.median(s[axis] for s in sizes)) for axis in range(len(sizes[0])))
+        crop = self.input_shape(cfg)
+        factor = max(c / max(t, 1) for c, t in zip(crop, typical))
+        if factor <= 2:
+            return
+        flags = " and ".join(dict.fromkeys(flag_of(o) for o in self.crop_options()))
+        warnings.warn(f"the {self.name} are about {'x'.join(map(str, typical))} (median of {len(sizes)} files), far "
+                      f"smaller than the crop {'x'.join(map(str, crop))}, which upsamples them up to {factor:.0f}x along "
+                      f"an axis and costs memory and time for nothing: lower {flags} to about the data's size, or "
+                      f"start from a recipe ({self.recipes})", stacklevel=3)
+
+    def user_data(self, cfg) -> bool:
+        """Whether ``--data`` names the user's files (False: ``demo``, the built-in samples);
+        refuses a config without data, which would otherwise start a long run on the demo."""
+        if cfg.data is None:
+            raise ConfigError(f"no data: give --data, a folder of {self.name} (searched recursively) or a text file "
+                              f"listing their paths; --data demo takes the built-in demo {self.name}, as "
+                              f"`{self.demo_command}` does", ["data"])
+        return cfg.data != DEMO_DATA
+
+    def listed(self, cfg, lister) -> list[Path]:
+        """``lister(cfg.data)``, and a refusal that says so when the files are the other
+        modality's (volumes for a 2-D model, images for a 3-D one), naming ``--model``."""
+        source = Path(cfg.data)
+        if source.is_file() and self.other_kind([source]):
+            raise DataError(self.mismatch(source, cfg.model))
+        try:
+            paths = lister(source)
+        except FileNotFoundError:
+            if self.other_kind(_files_under(source)):
+                raise DataError(self.mismatch(source, cfg.model)) from None
+            raise
+        if not any(self.is_sample_file(p) for p in paths) and self.other_kind(paths):
+            raise DataError(self.mismatch(source, cfg.model))
+        return paths
+
+    def other_kind(self, paths) -> Modality | None:
+        """The other modality when ``paths`` hold files only it reads (.nii, .npy for volumes;
+        .jpg, .png, ... for images; a .tif may be either), else None."""
+        own = self.extensions()
+        if any(self.other.is_sample_file(p) and not p.name.lower().endswith(own) for p in paths):
+            return self.other
+        return None
+
+    def mismatch(self, source: Path, model: str) -> str:
+        """The message for samples of the other modality given to a model of this one (``source``:
+        a file or the folder or list that holds them)."""
+        other = self.other
+        holds = f"is {'an' if other.noun[0] in 'aeiou' else 'a'} {other.noun}" if source.is_file() and \
+            other.is_sample_file(source) else f"holds {other.name}"
+        return (f"{source} {holds}, and {model} is a {self.spatial_dims}-D model that takes {self.name}: choose "
+                f"{other.models}")
+
     # -- labelled data (evaluation) ---------------------------------------------------------------
     def is_sample_file(self, path: Path) -> bool:
         raise NotImplementedError
@@ -120,9 +197,11 @@ class Modality:
         raise NotImplementedError
 
     # -- reconstructions --------------------------------------------------------------------------
-    def reconstruct_transform(self, cfg, size: int, mean, std):
-        """How ``sparkmim reconstruct`` prepares a sample: resized whole to ``size`` (and the run's
-        depth), normalised as in the run."""
+    def reconstruct_transform(self, cfg, size: int, mean, std, patch: tuple[int, ...]):
+        """How ``sparkmim reconstruct`` prepares a sample (normalised as in the run), and the
+        reader of its files: an image with its short side ``size`` and its aspect ratio kept
+        (each side cropped to a multiple of ``patch``); a volume resized whole to ``size`` and the
+        run's depth."""
         raise NotImplementedError
 
     def rows(self, rec, names: list[str] | None, count: int):
@@ -134,6 +213,7 @@ class Modality:
 class Images(Modality):
     name, noun, spatial_dims, in_chans = "images", "image", 2, (1, 3, 4)
     refused = ("spacing", "foreground_crop")  # voxel sizes and the non-zero box are the volumes'
+    models, recipes, demo_command = "a 2-D model (e.g. --model resnet50)", "--config demo", "sparkmim demo"
     channels_last, channels_last_auto, cutmix = torch.channels_last, True, True
 
     def crop_options(self) -> tuple[str, ...]:
@@ -141,8 +221,8 @@ class Images(Modality):
 
     def pretrain_data(self, cfg):
         missing: dict[str, str] = {}
-        if cfg.data:
-            paths = list_images(cfg.data)
+        if self.user_data(cfg):
+            paths = self.listed(cfg, list_images)
             if Path(cfg.data).is_file():
                 paths, missing = drop_missing(paths, cfg)
         else:
@@ -159,6 +239,12 @@ class Images(Modality):
     def is_sample_file(self, path: Path) -> bool:
         return path.suffix.lower() in IMAGE_EXTENSIONS
 
+    def sample_size(self, path, cfg):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+
     def extensions(self) -> tuple[str, ...]:
         return IMAGE_EXTENSIONS
 
@@ -174,8 +260,19 @@ class Images(Modality):
     def load(self, path, channels: int, transform):
         return transform(load_image(path, channels))
 
-    def reconstruct_transform(self, cfg, size: int, mean, std):
-        return eval_transform(size, 1.0, mean, std), load_image
+    def reconstruct_transform(self, cfg, size: int, mean, std, patch):
+        from torchvision.transforms import v2
+
+        resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC,
+                                                         antialias=True), v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(mean, std)])
+
+        def transform(image):
+            x = resize(image)
+            fit = [max(p, n - n % p) for n, p in zip(x.shape[-2:], patch)]
+            return v2.functional.center_crop(x, fit)
+
+        return transform, load_image
 
     def rows(self, rec, names, count):
         return rec, None
@@ -186,6 +283,8 @@ class Volumes(Modality):
     on its own (``--intensity``); ``slice_names`` name the three central slices shown per sample."""
 
     name, noun, spatial_dims = "volumes", "volume", 3
+    models = "a 3-D model (e.g. --model monai:resnet18 or nnunet:resenc_m)"
+    recipes, demo_command = "--config demo3d or nnunet_resenc_l", "sparkmim demo --3d"
     channels_last, channels_last_auto, cutmix = torch.channels_last_3d, False, False
 
     def __init__(self, slice_names: tuple[str, str, str] = VOLUME_SLICES):
@@ -204,7 +303,6 @@ class Volumes(Modality):
             VolumeFiles,
             demo_volume_paths,
             is_nnunet_dataset,
-            is_volume_file,
             list_samples,
             list_volumes,
             read_nnunet_dataset,
@@ -215,15 +313,15 @@ class Volumes(Modality):
             raise ConfigError("volumes are normalised one by one (--intensity zscore or window:LOW:HIGH); "
                               "--norm-stats data is for images")
         missing: dict[str, str] = {}
-        if cfg.data and is_nnunet_dataset(cfg.data):  # one multi-channel sample per case
+        if self.user_data(cfg) and is_nnunet_dataset(cfg.data):  # one multi-channel sample per case
             cases, channels = read_nnunet_dataset(cfg.data)
             samples = [(files, None) for files in cases]
             if len(channels) != cfg.in_chans:
                 raise ConfigError(f"the nnU-Net dataset {cfg.data} has {len(channels)} channel(s) ({', '.join(channels)}): "
                                   f"use --in-chans {len(channels)}, not {cfg.in_chans}", ["in_chans"])
-        elif cfg.data:
-            paths = list_volumes(cfg.data)
-            if Path(cfg.data).is_file() and not is_volume_file(Path(cfg.data)):  # a list of files
+        elif self.user_data(cfg):
+            paths = self.listed(cfg, list_volumes)
+            if Path(cfg.data).is_file():  # a list of files
                 paths, missing = drop_missing(paths, cfg)
             samples = list_samples(paths)
         else:
@@ -239,6 +337,12 @@ class Volumes(Modality):
         from .volumes import is_volume_file
 
         return is_volume_file(path)
+
+    def sample_size(self, path, cfg):
+        from .config import parse_spacing
+        from .volumes import volume_shape
+
+        return volume_shape(path, parse_spacing(cfg.spacing))
 
     def extensions(self) -> tuple[str, ...]:
         from .volumes import VOLUME_EXTENSIONS
@@ -265,7 +369,7 @@ class Volumes(Modality):
             transform.set_random_state(seed=int(torch.randint(2**31, (1,))))
         return transform(read_volume(path, channels))
 
-    def reconstruct_transform(self, cfg, size: int, mean, std):
+    def reconstruct_transform(self, cfg, size: int, mean, std, patch):
         from .volumes import read_volume, volume_eval_transform
 
         return volume_eval_transform((cfg.input_depth or size, size, size), cfg.intensity), read_volume
@@ -282,6 +386,7 @@ IMAGES = Images()
 VOLUMES = Volumes()
 CLIPS = Volumes(CLIP_SLICES)
 MODALITIES = {2: IMAGES, 3: VOLUMES}
+IMAGES.other, VOLUMES.other, CLIPS.other = VOLUMES, IMAGES, IMAGES
 """By number of spatial dims (a model's ``spatial_dims``), where no backbone name is at hand."""
 
 
@@ -293,6 +398,18 @@ def modality_for(model: str) -> Modality:
     if model.startswith(VOLUME_SOURCES):
         return VOLUMES
     return CLIPS if is_video_model(model) else IMAGES
+
+
+def _files_under(source: Path, limit: int = 10_000) -> list[Path]:
+    """Up to ``limit`` files under a folder (or the file itself), to tell what it holds."""
+    if source.is_file():
+        return [source]
+    found = []
+    for p in source.rglob("*") if source.is_dir() else ():
+        found.append(p)
+        if len(found) >= limit:
+            break
+    return found
 
 
 def drop_missing(paths: list[Path], cfg) -> tuple[list[Path], dict[str, str]]:

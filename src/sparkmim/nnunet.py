@@ -31,7 +31,7 @@ from torch import nn
 
 from .masking import per_axis
 
-__all__ = ["PRESETS", "create_nnunet", "read_plans", "stage_strides", "feature_modules", "nnunet_state",
+__all__ = ["PRESETS", "create_nnunet", "read_plans", "plans_patch_size", "stage_strides", "feature_modules", "nnunet_state",
            "nnunet_checkpoint", "NNUNET_INSTALL"]
 
 NNUNET_INSTALL = "pip install --no-deps dynamic-network-architectures==0.4.4 einops"
@@ -200,6 +200,23 @@ def create_nnunet(spec: str, in_chans: int = 1, num_classes: int = 2, initialize
     if initialize and hasattr(network, "initialize"):
         network.apply(network.initialize)
     return network
+
+
+def plans_patch_size(spec: str) -> tuple[int, ...] | None:
+    """The patch size a plans file's configuration trains with, along sparkmim's volume axes
+    ``(D, H, W)`` (the plans list it in the order of their ``transpose_forward``); None for a
+    preset, which has no plans, or plans without one."""
+    _, path, configuration = _split(spec)
+    if path is None:
+        return None
+    patch = read_plans(path, configuration).get("patch_size")
+    if not isinstance(patch, list):
+        return None
+    order = json.loads(path.read_text()).get("transpose_forward", list(range(len(patch))))
+    size = [0] * len(patch)
+    for j, axis in enumerate(order):
+        size[axis] = int(patch[j])
+    return tuple(size)
 
 
 def stage_strides(spec: str) -> list[tuple[int, ...]]:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from .config import parse_intensity
-from .data import DataError, ImageFiles
+from .data import DataError, ImageFiles, list_files
 
 __all__ = ["VOLUME_EXTENSIONS", "is_volume_file", "list_volumes", "read_volume", "list_samples", "volume_transform",
-           "volume_eval_transform", "VolumeFiles", "demo_volume_paths", "voxel_spacing", "foreground_crop", "resample",
+           "volume_eval_transform", "VolumeFiles", "demo_volume_paths", "volume_shape", "voxel_spacing", "foreground_crop", "resample",
            "read_sample", "read_nnunet_dataset", "is_nnunet_dataset"]
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".tif", ".tiff")
@@ -53,21 +53,7 @@ def is_volume_file(path: Path) -> bool:
 def list_volumes(source: str | Path) -> list[Path]:
     """All volume files under a folder (recursively, sorted), or the paths a text file lists (one
     per line, relative to its folder; ``#`` comments)."""
-    source = Path(source)
-    if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.is_file() and is_volume_file(p))
-        if not paths:
-            raise FileNotFoundError(f"no volumes ({', '.join(VOLUME_EXTENSIONS)}) found under {source}")
-        return paths
-    if source.is_file() and not is_volume_file(source):
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
-        paths = [Path(ln) if Path(ln).is_absolute() else source.parent / ln for ln in lines if ln and not ln.startswith("#")]
-        if not paths:
-            raise FileNotFoundError(f"the file list {source} names no volumes")
-        return paths
-    if source.is_file():
-        return [source]
-    raise FileNotFoundError(f"data path {source} does not exist: give a folder of volumes or a text file of paths")
+    return list_files(source, is_volume_file, "volumes", VOLUME_EXTENSIONS)
 
 
 def _raw(path: Path) -> np.ndarray:
@@ -124,6 +110,30 @@ def read_volume(path: str | Path, channels: int = 1, index: int | None = None) -
     if not np.isfinite(arr).all():
         raise ValueError(f"{int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
     return arr
+
+
+def volume_shape(path: str | Path, spacing: tuple[float, float, float] | None = None) -> tuple[int, int, int]:
+    """The ``(D, H, W)`` size of a volume file, read from its header (NIfTI), array header
+    (``.npy``) or page list (TIFF), without reading its voxels; with ``spacing``, the size it has
+    once resampled to it (NIfTI)."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        nib = _needs("nibabel", "reading NIfTI files")
+        header = nib.load(str(path)).header
+        i, j, k = header.get_data_shape()[:3]
+        shape = (k, j, i)
+        if spacing is not None:
+            zooms = header.get_zooms()[:3]
+            shape = tuple(max(1, round(n * z / t)) for n, z, t in zip(shape, zooms[::-1], spacing))
+        return shape
+    if name.endswith(".npy"):
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[-3:])
+    if name.endswith((".tif", ".tiff")):
+        tifffile = _needs("tifffile", "reading TIFF stacks")
+        with tifffile.TiffFile(str(path)) as tif:
+            return tuple(tif.series[0].shape[-3:])
+    raise ValueError(f"not a volume file ({', '.join(VOLUME_EXTENSIONS)}): {path.name}")
 
 
 def voxel_spacing(path: str | Path) -> tuple[float, float, float]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX",
-           "atomic_write", "state_bytes", "save_encoder_weights", "read_file", "backbone_weights", "read_weights",
+           "atomic_write", "state_bytes", "save_encoder_weights", "read_file", "backbone_weights", "read_weights", "weights_architecture",
            "key_report", "mismatches",
            "mismatch_message", "load_encoder_weights", "encoder_weights", "is_timm_model", "export_paths",
            "export_backbone", "save_timm_folder"]
@@ -77,16 +77,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], expected_bytes
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        raise WriteError(_write_failure(path, e, expected_bytes)) from e
+    return path
+
+
+def _write_failure(path: Path, error: Exception, expected_bytes: int) -> str:
+    """Why ``path`` could not be written: a full disk (or a file-size limit) with the space needed
+    and free; the folder gone; or the error as the system gave it."""
+    import errno
+
+    reason = " ".join(str(error).split()) or type(error).__name__
+    short_write = isinstance(error, RuntimeError) and "inline_container" in reason  # torch.save's report
+    if short_write or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free"
         except OSError:
             free = "free space unknown"
         need = f"about {expected_bytes / 2**20:,.1f} MiB needed, " if expected_bytes else ""
-        reason = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, RuntimeError) and "inline_container" in reason:  # torch.save's report of a short write
+        if short_write:
             reason = f"the write stopped part-way: the disk is full or a file-size limit was reached ({reason})"
-        raise WriteError(f"could not write {path} ({need}{free}): {reason}") from e
-    return path
+        return f"could not write {path} ({need}{free}): {reason}"
+    if not path.parent.is_dir():
+        return f"could not write {path}: the folder {path.parent} no longer exists (was it moved or deleted?)"
+    return f"could not write {path}: {reason}"
 
 
 def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -94,10 +107,11 @@ def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
-def save_encoder_weights(model: nn.Module | dict[str, Tensor], path: str | Path) -> Path:
+def save_encoder_weights(model: nn.Module | dict[str, Tensor], path: str | Path, architecture: str | None = None) -> Path:
     """Write the weights of the original model (``.safetensors``, or ``.pth`` / ``.pt`` via
     torch.save) with :func:`atomic_write`. ``model`` is the backbone, a ``SparseEncoder`` (its
-    ``.model`` is written), or a state dict."""
+    ``.model`` is written), or a state dict; ``architecture``, its ``--model`` name, is recorded
+    in a ``.safetensors`` file's metadata (:func:`weights_architecture`)."""
     if hasattr(model, "sparse_impl") and isinstance(getattr(model, "model", None), nn.Module):
         model = model.model  # a SparseEncoder: the user's model it runs
     path = Path(path)
@@ -105,8 +119,36 @@ def save_encoder_weights(model: nn.Module | dict[str, Tensor], path: str | Path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        return atomic_write(path, lambda tmp: save_file(state, str(tmp)), state_bytes(state))
+        metadata = {"format": "pt", **({"sparkmim_model": architecture} if architecture else {})}
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), state_bytes(state))
     return atomic_write(path, lambda tmp: torch.save(state, tmp), state_bytes(state))
+
+
+def weights_architecture(path: str | Path) -> str | None:
+    """The ``--model`` a weights file was exported from, where it can be told: recorded in a
+    sparkmim ``.safetensors`` export, or in the ``config.yaml`` of the run folder that holds the
+    file; else None."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                found = (f.metadata() or {}).get("sparkmim_model")
+            if found:
+                return found
+        except Exception:  # not readable: the reader of the weights says why
+            pass
+    config = path.parent / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            saved = yaml.safe_load(config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return saved.get("model") if isinstance(saved, dict) and isinstance(saved.get("model"), str) else None
+    return None
 
 
 class UnsafeFileError(CheckpointError):
@@ -229,13 +271,15 @@ def export_paths(backbone: nn.Module, out: str | Path) -> list[Path]:
     return [out, out.parent / "timm"] if is_timm_model(backbone) else [out]
 
 
-def export_backbone(backbone: nn.Module, out: str | Path, *, mean, std, input_size: int) -> Path | None:
+def export_backbone(backbone: nn.Module, out: str | Path, *, mean, std, input_size: int,
+                    architecture: str | None = None) -> Path | None:
     """Export a pre-trained backbone: its weights with the original model's keys to ``out``
     (``.safetensors`` or a torch file) and, for a timm backbone, a timm model folder ``timm/``
     beside it (:func:`save_timm_folder`, with the run's normalisation and input size). Returns the
-    timm folder, or None. The end of a run and ``sparkmim export`` both write through here."""
+    timm folder, or None. The end of a run and ``sparkmim export`` both write through here;
+    ``architecture`` (the ``--model`` name) is recorded in a ``.safetensors`` file."""
     out = Path(out)
-    save_encoder_weights(backbone, out)
+    save_encoder_weights(backbone, out, architecture)
     if not is_timm_model(backbone):
         return None
     return save_timm_folder(backbone, out.parent / "timm", mean=mean, std=std, input_size=input_size)

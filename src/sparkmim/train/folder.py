@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -18,7 +19,7 @@ from ..config import ConfigError, PretrainConfig
 from ..released import is_spark_style
 from ..weights import load_plain, state_bytes
 
-__all__ = ["RUN_FILES", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
+__all__ = ["RUN_FILES", "FolderLock", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
            "checkpoint_bytes"]
 
 # the files that make a folder a run's folder
@@ -34,14 +35,24 @@ def _prior_run(run_dir: Path, cfg: PretrainConfig) -> tuple[list[str], bool]:
     return held, continuing
 
 
-def check_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
+def check_run_dir(run_dir: Path, cfg: PretrainConfig, locked: bool = False) -> str | None:
     """Why ``run_dir`` cannot become this run's folder, or None; it changes nothing on disk
-    (:func:`take_run_dir` does, once the run can start).
+    (:func:`take_run_dir` does, once the run can start). A folder another run holds is refused,
+    naming that run (``locked``: this process holds the folder's lock, so nothing is said twice).
 
     A folder holding another run's files is refused unless the run continues it (``--resume``
     auto, or a checkpoint inside it) or ``--overwrite`` moves the old run aside; a folder holding
     only the files of a run that never wrote a checkpoint is moved aside the same way when
     ``--resume auto`` starts afresh."""
+    if not locked and (run_dir / FolderLock.NAME).is_file():
+        probe = FolderLock(run_dir)
+        try:
+            holder = probe.acquire(record=False)
+        except OSError:  # a lock file this user cannot open: the write test below speaks
+            holder = None
+        probe.release()
+        if holder is not None:
+            return _in_use(run_dir, holder)
     held, continuing = _prior_run(run_dir, cfg)
     if held and not continuing and not (cfg.overwrite or cfg.resume == "auto"):
         listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
@@ -58,7 +69,7 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             why = "it is not a folder" if not parent.is_dir() else "it is not writable"
             return f"cannot create the run folder {run_dir} in {parent}: {why}"
-    if cfg.resume not in (None, "auto") and continuing:
+    if cfg.resume not in (None, "auto") and continuing and not locked:
         later = [p.name for p in checkpoint_paths(run_dir) if checkpoint_step(p) > checkpoint_step(Path(cfg.resume))]
         if later:
             warnings.warn(f"resuming from {cfg.resume}: the later checkpoints {', '.join(later)} belong to the "
@@ -67,19 +78,93 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig) -> str | None:
     return None
 
 
-def take_run_dir(run_dir: Path, cfg: PretrainConfig) -> None:
-    """Make ``run_dir`` this run's folder (after :func:`check_run_dir` allowed it): an earlier run
-    that this one does not continue is moved aside to ``OUT.old-<time>``, then the folder is made."""
-    held, continuing = _prior_run(run_dir, cfg)
-    if held and not continuing:
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(json.dumps({"event": "overwrite", "note": f"the earlier run in {run_dir} was moved to {aside}"}),
-              flush=True)
+class FolderLock:
+    """An exclusive OS lock on a run folder's ``.lock`` file (``flock``), which also names the
+    process holding it. The operating system releases it when the process ends, however it ends,
+    so a killed run leaves no stale lock; the file stays."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.NAME
+        self._file = None
+
+    def acquire(self, record: bool = True) -> str | None:
+        """Take the lock (``record``: and write this process into the file); None when taken, else
+        who holds it (as the lock file names them)."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: folders are not locked
+            return None
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "sparkmim run"
+            f.close()
+            return holder
+        if record:
+            f.seek(0)
+            f.truncate()
+            f.write(f"sparkmim run, process {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
+
+
+def take_run_dir(run_dir: Path, cfg: PretrainConfig) -> FolderLock:
+    """Make ``run_dir`` this run's folder and hold it (after :func:`check_run_dir` allowed it): the
+    folder is made and locked (:class:`FolderLock`); a folder another run holds is refused, naming
+    it; under the lock the folder is checked again (a run that started meanwhile is not moved
+    aside), then an earlier run that this one does not continue is moved aside to
+    ``OUT.old-<time>`` and the new folder is made and locked. Returns the lock, which the run
+    releases when it ends."""
+    made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from e
+    lock = _lock(run_dir)
+    problem = check_run_dir(run_dir, cfg, locked=True)
+    if problem:
+        lock.release()
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(problem)
+    held, continuing = _prior_run(run_dir, cfg)
+    if held and not continuing:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        lock.release()
+        print(json.dumps({"event": "overwrite", "note": f"the earlier run in {run_dir} was moved to {aside}"}),
+              flush=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from e
+        lock = _lock(run_dir)
+    return lock
+
+
+def _lock(run_dir: Path) -> FolderLock:
+    lock = FolderLock(run_dir)
+    try:
+        holder = lock.acquire()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the run folder {run_dir}: {e.strerror or e}") from e
+    if holder is not None:
+        raise ConfigError(_in_use(run_dir, holder))
+    return lock
+
+
+def _in_use(run_dir: Path, holder: str) -> str:
+    return f"{run_dir} is in use by another {holder}: wait for it to end, or choose another --out"
 
 
 def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool) -> tuple[Path, dict] | None:

@@ -13,7 +13,7 @@ import torch
 from ..weights import atomic_write
 from .loop import StepStats
 
-__all__ = ["Metrics", "Window", "plot_metrics"]
+__all__ = ["Metrics", "Window", "plot_metrics", "metrics_figure"]
 
 
 PLOTTED = (("loss", "loss (masked patches)"), ("grad_norm", "gradient norm (before clipping)"), ("lr", "learning rate"))
@@ -21,10 +21,17 @@ PLOT_SHARE = 0.05  # drawing metrics.png takes at most this share of the run's t
 
 
 def plot_metrics(records: list[dict], path: Path) -> Path:
-    """``metrics.png``: loss, gradient norm and lr of the metric lines against steps (bottom axis)
-    and images seen (top axis), written atomically with matplotlib's headless backend."""
+    """``metrics.png`` (:func:`metrics_figure`), written atomically with matplotlib's headless backend."""
+    fig = metrics_figure(records)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def metrics_figure(records: list[dict]):
+    """Loss, gradient norm and lr of the metric lines against steps (bottom axis) and images seen
+    (top axis). A short run stays legible: whole steps on the axis, a marker at each of a few
+    points, and a single point drawn in the middle of an axis a step wide on each side."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig = Figure(figsize=(12, 3.4), dpi=100)
     axes = fig.subplots(1, len(PLOTTED))
@@ -32,16 +39,20 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
     per_step = records[-1]["images_seen"] / max(records[-1]["step"], 1)  # images per optimiser step
     for ax, (key, title) in zip(axes, PLOTTED):
         points = [(x, r[key]) for x, r in zip(steps, records) if r.get(key) is not None]
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 30 else None, lw=1.5)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o" if len(points) < 30 else None,
+                markersize=4, lw=1.5)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len({x for x, _ in points}) == 1:  # one step logged: room around it
+            ax.set_xlim(points[0][0] - 1, points[0][0] + 1)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset text under the top axis
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda n: n / per_step))
         top.set_xlabel("images seen", fontsize=8)
         top.tick_params(labelsize=7)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.76, wspace=0.28)
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
 
 
 def _records(path: Path) -> list[dict]:

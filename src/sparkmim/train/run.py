@@ -3,7 +3,6 @@ reconstruction grids and the summary (no argparse here)."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointManager, RunState
-from ..config import ConfigError, PretrainConfig
+from ..config import DEMO_DATA, ConfigError, PretrainConfig, flag_of, given_options, replace_config
 from ..data import BadFiles, DataError, EpochSampler
 from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
 from ..masking import MaskPyramid, grid_of, num_visible, seed_for
@@ -30,8 +29,16 @@ from ..weights import atomic_write, export_backbone
 from .capture import CapturedStep
 from .folder import check_free_space, check_run_dir, resume_checkpoint, take_run_dir
 from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
+from .memory import available_memory, check_memory, step_memory
 from .metrics import Metrics, Window
-from .setup import autocast_for, build_model, build_optimizer, resolve_device, resolve_precision
+from .setup import (
+    autocast_for,
+    build_model,
+    build_optimizer,
+    crop_from_plans,
+    resolve_device,
+    resolve_precision,
+)
 
 __all__ = ["pretrain", "Run", "LOW_LR", "COARSE_GRID"]
 
@@ -67,11 +74,14 @@ class Run:
 
     def __init__(self, cfg: PretrainConfig, info: DistInfo, device: torch.device):
         if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            cfg = dataclasses.replace(cfg, resume="auto")  # torchrun restarted the workers: continue the run
+            cfg = replace_config(cfg, resume="auto")  # torchrun restarted the workers: continue the run
+        cfg, self.crop_taken = crop_from_plans(cfg)
         self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
         self.modality = modality_for(cfg.model)  # images or volumes: decided here, once
         self.modality.check(cfg)
+        self.modality.user_data(cfg)  # no data at all: said before anything is built
         self.run_dir = Path(cfg.out)
+        self.lock = None
         problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
         if problem:
             raise ConfigError(problem)
@@ -79,25 +89,54 @@ class Run:
         self.state, self.resumed_window = RunState(world=info.world), None
         self.finished = self._resume()
         if not self.finished:  # the run can start: only now is its folder made (or an old run moved aside)
-            problem = None
-            if self.main:
-                try:
-                    take_run_dir(self.run_dir, cfg)
-                except ConfigError as e:
-                    problem = str(e)
-            if broadcast_object(problem):
-                raise ConfigError(problem)
-            self._prepare()
+            self.bad = BadFiles(self.state.bad_files)
+            self.bad.add(self.missing.items())  # listed files that do not exist: announced with the first sync
+            self._claim_folder()
+            try:
+                self._prepare()
+            except BaseException:
+                self.close()  # the folder's lock, first of all
+                raise
+
+    def _claim_folder(self) -> None:
+        """Rank 0 reads the images the reconstruction grids show (a data set none of whose files
+        can be read fails here, before anything is written), then takes the run folder and holds
+        it (:func:`take_run_dir`); every rank fails alike when either cannot be done."""
+        problem = None
+        self.vis_images, self.vis_names = None, None
+        if self.main:
+            try:
+                self.vis_images, self.vis_names = self._display_images()
+                self.lock = take_run_dir(self.run_dir, self.cfg)
+            except (ConfigError, DataError) as e:
+                problem = e
+        message = broadcast_object(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if message:
+            raise ConfigError(message)
 
     # -- set-up --------------------------------------------------------------------------------
     def _build(self) -> None:
+        """The model first (a mistyped name fails before the data are listed), then the data, then
+        the memory a step needs (refused when it cannot fit), the optimiser and the schedule."""
         cfg, info = self.cfg, self.info
         self.precision = resolve_precision(cfg.precision, self.device)
         self.memory_format = self.modality.memory_format(cfg.channels_last, self.device)
         self.channels_last = self.memory_format != torch.contiguous_format
         self.dtype = torch.float64 if self.precision == "fp64" else None
         torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.modality).to(self.device, self.dtype)
+        # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
+        # need not search the graph for them each step; they are still exported unchanged
+        self.unused = self.model.unused_parameters()
+        for name in self.unused or ():
+            self.model.get_parameter(name).requires_grad_(False)
         self.dataset, self.mean, self.std, self.missing = self.modality.pretrain_data(cfg)
+        if self.main and cfg.data != DEMO_DATA:
+            self.modality.warn_if_small(cfg, self.dataset.paths)
+        self._fit_batch_to_data()
+        cfg = self.cfg
         self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, rank=info.rank, world=info.world,
                                     kind=self.dataset.kind)
         steps_per_epoch = self.sampler.batches_per_epoch() // cfg.accum_steps
@@ -105,7 +144,8 @@ class Run:
             raise ConfigError(f"an epoch of {self.sampler.batches_per_epoch()} batches is shorter than "
                               f"accum_steps={cfg.accum_steps}")
         self.steps_per_epoch, self.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
-        self._build_model()
+        self._check_memory()
+        self._prepare_model()
         self.effective_batch = cfg.batch_size * cfg.accum_steps * info.world
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * self.effective_batch / 256
         self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
@@ -115,19 +155,50 @@ class Run:
         self.autocast = autocast_for(self.precision, self.device)
         self.ckpts = CheckpointManager(self.run_dir, cfg.keep_last)
 
-    def _build_model(self) -> None:
+    def _fit_batch_to_data(self) -> None:
+        """A data set smaller than one batch of a batch size the user did not give (a recipe's or
+        the default) runs with the largest batch it fills, stated in a warning; a batch size given
+        is kept (and refused by the sampler when the data cannot fill it)."""
+        cfg, world = self.cfg, self.info.world
+        fits = len(self.dataset) // world
+        if len(self.dataset) >= cfg.batch_size * world or "batch_size" in given_options(cfg) or fits < 1:
+            return
+        if self.main:
+            warnings.warn(f"the data set has {len(self.dataset)} {self.dataset.kind}s, fewer than one batch of "
+                          f"{cfg.batch_size}{f' x {world} devices' if world > 1 else ''}: this run uses --batch-size "
+                          f"{fits} (give --batch-size to choose another)", stacklevel=3)
+        self.cfg = replace_config(cfg, batch_size=fits)
+
+    def _check_memory(self) -> None:
+        """The memory a step of this model, batch and crop needs (:func:`step_memory`), refused when
+        more than the device has and warned about when most of it (:func:`check_memory`)."""
+        cfg = self.cfg
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        shape = (cfg.in_chans, *self.modality.input_shape(cfg))
+        self.step_memory = step_memory(self.model, shape, cfg.batch_size, half)
+        crop = " x ".join(f"{flag_of(o)} {v}" for o, v in dict(zip(self.modality.crop_options(), shape[1:])).items())
+        problem = None
+        try:
+            with warnings.catch_warnings():
+                if not self.main:  # one rank says it
+                    warnings.simplefilter("ignore")
+                check_memory(self.step_memory, available_memory(self.device), self.device, crop)
+        except ConfigError as e:
+            problem = e
+        found = [p for p in all_gather_objects(None if problem is None else str(problem)) if p]
+        if problem is not None:
+            raise problem
+        if found:  # another rank's device cannot hold the step: every rank stops alike
+            raise ConfigError(found[0])
+
+    def _prepare_model(self) -> None:
         import torch.distributed as dist
 
-        model = build_model(self.cfg, self.modality).to(self.device, self.dtype)
+        model = self.model
         if self.channels_last:
             model = model.to(memory_format=self.memory_format)
         if self.info.world > 1 and self.cfg.sync_bn:
             model.set_sync_group(dist.group.WORLD)
-        # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
-        # need not search the graph for them each step; they are still exported unchanged
-        self.unused = model.unused_parameters()
-        for name in self.unused or ():
-            model.get_parameter(name).requires_grad_(False)
         if self.cfg.compile:
             # the dense decoder holds most of the arithmetic; the sparse encoder stays eager (its
             # torch-function mode traces with PyTorch 2.14 but not with every older release)
@@ -190,8 +261,6 @@ class Run:
 
     def _prepare(self) -> None:
         cfg = self.cfg
-        self.bad = BadFiles(self.state.bad_files)
-        self.bad.add(self.missing.items())  # listed files that do not exist: announced with the first sync
         if self.main:
             atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg)))
             if self.bad.files:  # the list as of the checkpoint (a resume finds later ones again)
@@ -206,7 +275,6 @@ class Run:
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                                   collate_fn=self.dataset.collate, drop_last=True, **loader_kw)
         self.metrics = Metrics(self.run_dir, cfg.tensorboard) if self.main else None
-        self.vis_images, self.vis_names = self._display_images() if self.main else (None, None)
         self.window = Window(self.device)
         if self.resumed_window:
             self.window.load_state_dict(self.resumed_window, losses=self.main)
@@ -298,6 +366,8 @@ class Run:
                           "sync_bn": self.info.world > 1 and self.cfg.sync_bn,
                           "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
                           "checkpoint_mib": round(mib), "checkpoints_mib": round(mib * self.cfg.keep_last),
+                          "step_memory_mib": round(self.step_memory.total / 2**20),
+                          **({"crop_from_plans": self.crop_taken} if self.crop_taken else {}),
                           "run_dir": str(self.run_dir)}), flush=True)
 
     def _warn_if_coarse(self) -> None:
@@ -456,7 +526,7 @@ class Run:
         """The encoder's weights with the original model's keys; for a timm backbone also a timm
         model folder, ``timm/``."""
         export_backbone(self.model.encoder.model, self.run_dir / "encoder.safetensors", mean=self.mean, std=self.std,
-                        input_size=self.cfg.input_size)
+                        input_size=self.cfg.input_size, architecture=self.cfg.model)
 
     def close(self) -> None:
         """Release what the run holds beyond its results: the data-loader workers (joined), the DDP
@@ -466,6 +536,9 @@ class Run:
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         self.loader = self.ddp = self.step = None  # a loader's workers stop when it is freed
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.info.world > 1 and self.cfg.sync_bn:
             self.model.set_sync_group(None)
         gc.collect()  # now, not whenever the interpreter gets to it

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable
 
 import torch
 
 from ..backbones import create_backbone, feature_modules_for
-from ..config import ConfigError, PretrainConfig
+from ..config import ConfigError, PretrainConfig, given_options, replace_config
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
 from ..masking import shown_size
@@ -18,9 +19,15 @@ from ..modality import Modality
 from ..model import SparK
 from ..optim import default_betas, hold_on_device, lamb, param_groups
 from ..released import is_spark_style, load_reference
-from ..weights import backbone_weights, load_encoder_weights, read_file
+from ..weights import (
+    KeyMismatchError,
+    backbone_weights,
+    load_encoder_weights,
+    read_file,
+    weights_architecture,
+)
 
-__all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer"]
+__all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer", "crop_from_plans"]
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -39,11 +46,39 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def crop_from_plans(cfg: PretrainConfig) -> tuple[PretrainConfig, dict | None]:
+    """For ``--model nnunet:PLANS.json`` with no crop given by the user (neither ``input_size`` nor
+    ``input_depth`` as a flag; a recipe's crop yields), the crop of the plans' patch size (``D, H,
+    W``; in-plane sides that differ become one side of about the same area, a multiple of the
+    encoder's stride), and what was taken; else ``cfg`` unchanged and None."""
+    from ..nnunet import plans_patch_size, stage_strides
+
+    if not cfg.model.startswith("nnunet:") or given_options(cfg) & {"input_size", "input_depth"}:
+        return cfg, None
+    spec = cfg.model.removeprefix("nnunet:")
+    patch = plans_patch_size(spec)
+    if patch is None:
+        return cfg, None
+    depth, height, width = patch
+    step = math.lcm(*(math.prod(s[axis] for s in stage_strides(spec)) for axis in (1, 2)))
+    side = height if height == width else max(step, round(math.sqrt(height * width) / step) * step)
+    taken = {"plans_patch_size": list(patch), "input_depth": depth, "input_size": side}
+    return replace_config(cfg, input_depth=depth, input_size=side), taken
+
+
 def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK;
     the crop of ``modality`` is checked against the encoder's total stride."""
     if cfg.init == "pretrained":  # the backbone's own published weights; the decoder starts fresh
-        backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path, pretrained=True)
+        try:
+            with _quiet_hub():
+                backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path, pretrained=True)
+        except OSError as e:  # no network, a hub that does not answer, a file missing from the cache
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            raise ConfigError(f"could not fetch the published weights of {cfg.model} ({type(e).__name__}: {reason}); "
+                              f"without a network, fetch them where there is one and pass the file with --init FILE "
+                              f"(.safetensors or .pth of the backbone's weights), or a timm model folder with --model "
+                              f"local-dir:FOLDER --init pretrained") from e
         print(json.dumps({"event": "init", "weights": "pretrained", "kind": "the backbone's own published weights "
                           "(timm's or torchvision's loader)", "model": cfg.model}), flush=True)
     else:
@@ -55,7 +90,7 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
         raise ConfigError(f"--init {cfg.init} is a SparK checkpoint of {arch}, the run's backbone is {cfg.model}: use "
                           f"--model {arch}", ["init", "model"])
     if init is not None and not whole:
-        report = load_encoder_weights(backbone, backbone_weights(init), strict=True)
+        report = _load_init(backbone, backbone_weights(init), cfg)
         print(json.dumps({"event": "init", "weights": cfg.init, "kind": "encoder weights",
                           "matched_keys": len(report["matched"])}), flush=True)
     modules = [m.strip() for m in cfg.feature_modules.split(",") if m.strip()] if cfg.feature_modules else None
@@ -74,11 +109,41 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     return model
 
 
+@contextlib.contextmanager
+def _quiet_hub():
+    """The model hub's own retry lines silenced while a download is tried (a failure is reported
+    once, in sparkmim's words)."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging  # configures its logger when first imported
+    except ImportError:
+        yield
+        return
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(hub_logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
+def _load_init(backbone, weights: dict, cfg: PretrainConfig) -> dict:
+    """``--init FILE``'s weights loaded strictly into ``backbone``; weights of another architecture
+    are refused saying first, where the file tells, which architecture they are, then the keys."""
+    try:
+        return load_encoder_weights(backbone, weights, strict=True)
+    except KeyMismatchError as e:
+        arch = weights_architecture(cfg.init)
+        if arch is not None and arch != cfg.model:
+            first = (f"--init {cfg.init} holds {arch} weights and the model is {cfg.model}: use --model {arch}, or "
+                     f"weights of {cfg.model}")
+        else:
+            first = f"--init {cfg.init} does not fit {cfg.model} (the file does not say which architecture it holds)"
+        raise KeyMismatchError(f"{first}; {e}") from e
+
+
 def _check_input_fits(cfg, modality: Modality, patch: tuple[int, ...]) -> None:
     """Refuse a crop (``input_size``, and ``input_depth`` for volumes) that is not a multiple of the
     encoder's total stride along each axis, suggesting the nearest sizes that are."""
-    import math
-
     shape = modality.input_shape(cfg)
     if not any(s % p for s, p in zip(shape, patch)):
         return
