@@ -46,14 +46,22 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(folder, tmp_path):
     assert proc.wait(300) == 0, log.read_text()[-3000:]
     single, ddp = final_model(tmp_path / "single"), final_model(tmp_path / "ddp")
     assert single["step"] == ddp["step"] == 4 and ddp["world"] == 2
-    changed = 0
     for k, v in single["model"].items():
         if not v.is_floating_point():
             assert torch.equal(v, ddp["model"][k]), k
             continue
         torch.testing.assert_close(ddp["model"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
-        changed += 1
-    assert changed > 0
+    # the runs trained: every parameter that takes part moved from where both started (rebuilt from the seed)
+    from sparkmim.modality import modality_for
+    from sparkmim.train.setup import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, {**common, "batch_size": 4})
+    start = build_model(cfg, modality_for(cfg.model))
+    trained = [k for k, _ in start.named_parameters() if k not in (start.unused_parameters() or [])]
+    initial = start.state_dict()
+    unmoved = [k for k in trained if torch.equal(single["model"][k], initial[k].double())]
+    assert trained and not unmoved, unmoved
     # the sparse SyncBatchNorm saw both ranks: running statistics equal the single process's
     torch.testing.assert_close(ddp["model"]["encoder.model.bn1.running_var"],
                                single["model"]["encoder.model.bn1.running_var"], rtol=1e-12, atol=1e-12)

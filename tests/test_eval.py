@@ -109,6 +109,24 @@ def test_finetune_from_the_cli_learns_the_classes_and_reports_every_epoch(colour
     assert row["best_top1"] >= 77.0, row["top1_per_epoch"]
 
 
+def test_evaluate_builds_the_backbone_with_the_files_weights(tmp_path):
+    """The backbone a --weights FILE is evaluated with holds the file's tensors (exported from the
+    seed-5 init), not the init of the evaluation's own seed (6)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from sparkmim.eval.run import build_backbone
+
+    torch.manual_seed(5)
+    path = save_encoder_weights(timm.create_model("resnet10t", num_classes=0), tmp_path / "w.safetensors")
+    backbone, report = build_backbone(EvalConfig(model="resnet10t"), str(path), seed=6)
+    own, saved = backbone.state_dict(), load_file(path)
+    assert report["matched"] == len(own) == len(saved)
+    assert all(torch.equal(own[k], v) for k, v in saved.items())
+    random, _ = build_backbone(EvalConfig(model="resnet10t"), "random", seed=6)
+    assert not torch.equal(random.state_dict()["conv1.0.weight"], saved["conv1.0.weight"])
+
+
 def test_weights_of_another_model_are_refused(colours, tmp_path, capsys):
     import timm
 

@@ -50,18 +50,47 @@ def test_a_plans_file_builds_exactly_the_network_nnunet_builds(tmp_path, kind):
     assert {k: v.shape for k, v in inherited.state_dict().items()} == {k: v.shape for k, v in a.items()}
 
 
-def test_plans_of_nnunet_before_2_4_are_read_as_nnunet_reads_them(tmp_path):
-    new = plans_dict("plain")
+@pytest.mark.parametrize("kind", ["plain", "anisotropic"])
+def test_plans_of_nnunet_before_2_4_are_read_as_nnunet_reads_them(tmp_path, kind):
+    """A configuration in the layout before nnU-Net 2.4 (UNet_class_name, pool_op_kernel_sizes, ...):
+    nnU-Net's own ConfigurationManager is the oracle. Its rebuilt architecture gives the same class
+    and constructor arguments as sparkmim's reading, and nnU-Net's builder, from the same seed, the
+    same initial weights, for the plain U-Net and the residual encoder."""
+    import pydoc
+
+    from sparkmim.nnunet import _plans_network
+
+    pytest.importorskip("batchgenerators")
+    plans_handler = pytest.importorskip("nnunetv2.utilities.plans_handling.plans_handler")
+    get_network_from_plans, _ = _nnunet()
+    new = plans_dict(kind)
     arch = new["configurations"]["3d_fullres"].pop("architecture")["arch_kwargs"]
+    blocks = arch.get("n_conv_per_stage", arch.get("n_blocks_per_stage"))
     new["configurations"]["3d_fullres"].update(
-        UNet_class_name="PlainConvUNet", UNet_base_num_features=4, unet_max_num_features=16,
-        n_conv_per_stage_encoder=arch["n_conv_per_stage"], n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"],
+        UNet_class_name=new_name(kind), UNet_base_num_features=4, unet_max_num_features=16,
+        n_conv_per_stage_encoder=blocks, n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"],
         conv_kernel_sizes=arch["kernel_sizes"], pool_op_kernel_sizes=arch["strides"], num_pool_per_axis=[3, 3, 3])
     old = tmp_path / "old.json"
     old.write_text(json.dumps(new))
-    built = create_nnunet(str(old), 1).state_dict()
-    expected = create_nnunet(str(write_plans(tmp_path / "new.json", "plain")), 1).state_dict()
-    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in expected.items()}
+    theirs = plans_handler.PlansManager(json.loads(old.read_text())).get_configuration("3d_fullres")
+    their_kwargs = {k: pydoc.locate(v) if k in theirs.network_arch_init_kwargs_req_import and v is not None else v
+                    for k, v in theirs.network_arch_init_kwargs.items()}
+    cls, kwargs = _plans_network(old, "3d_fullres")
+    assert cls.__name__ == theirs.network_arch_class_name.rsplit(".", 1)[1] == new_name(kind)
+    assert kwargs == their_kwargs
+    torch.manual_seed(0)
+    their_net = get_network_from_plans(theirs.network_arch_class_name, theirs.network_arch_init_kwargs,
+                                       theirs.network_arch_init_kwargs_req_import, 1, 2, allow_init=True,
+                                       deep_supervision=False)
+    torch.manual_seed(0)
+    ours = create_nnunet(str(old), 1)
+    assert type(ours) is type(their_net)
+    a, b = ours.state_dict(), their_net.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def new_name(kind: str) -> str:
+    return "PlainConvUNet" if kind == "plain" else "ResidualEncoderUNet"
 
 
 def test_bad_plans_are_refused_in_one_line_naming_what_is_wrong(tmp_path):
@@ -195,9 +224,9 @@ def test_foreground_crop_and_spacing_resample_in_physical_units(tmp_path):
     from sparkmim.volumes import foreground_crop, read_sample
 
     v = np.zeros((2, 10, 12, 14), np.float32)
-    v[0, 2:5, 3:9, 4:6] = 1
+    v[0, 2:5, 3:9, 4:6] = np.arange(1, 37, dtype=np.float32).reshape(3, 6, 2)  # each voxel its own value
     v[1, 6, 1, 10] = -2
-    assert foreground_crop(v).shape == (2, 5, 8, 7)
+    assert np.array_equal(foreground_crop(v), v[:, 2:7, 1:9, 4:11])  # the box of both channels, by hand
     assert np.array_equal(foreground_crop(np.zeros((1, 4, 4, 4))), np.zeros((1, 4, 4, 4)))
     ramp = np.broadcast_to(np.arange(10, dtype=np.float32) * 4.0, (16, 8, 10)).copy()  # k: 10 slices of 4 mm
     nib.save(nib.Nifti1Image(ramp, np.diag([1.0, 1.0, 4.0, 1.0])), str(tmp_path / "thick.nii.gz"))
@@ -238,8 +267,12 @@ def test_pretrain_on_an_nnunet_dataset_and_export_for_nnunet(tmp_path, capsys):
     load_pretrained_weights(network, event["weights"])
     exported = load_file(str(run / "encoder.safetensors"))
     assert all(torch.equal(v, exported[f"encoder.{k}"]) for k, v in network.encoder.state_dict().items())
-    fresh = create_backbone(f"nnunet:{plans}", in_chans=2).encoder.state_dict()
-    assert any(not torch.equal(fresh[k], exported[f"encoder.{k}"]) for k in fresh if fresh[k].is_floating_point())
+    torch.manual_seed(0)  # the run's seed: the network it started from, rebuilt
+    initial = create_backbone(f"nnunet:{plans}", in_chans=2, drop_path=0.0).encoder
+    moved = [k for k, _ in initial.named_parameters() if not torch.equal(initial.state_dict()[k], exported[f"encoder.{k}"])]
+    # nnU-Net's loader took the trained encoder: the run's one step moved the stem and the residual
+    # blocks' last norms (nnU-Net starts those at zero, so the step's gradient reaches no other block weight)
+    assert "stem.convs.0.conv.weight" in moved and "stages.3.blocks.1.conv2.norm.weight" in moved, moved
 
 
 def test_volume_options_are_refused_for_images():

@@ -152,6 +152,26 @@ def test_schedule_matches_the_reference_recipe():
     assert [s.weight_decay(i) for i in range(1601)] == pytest.approx(wds, rel=1e-12)
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_every_step_writes_the_schedules_lr_and_weight_decay_into_the_groups(on_device):
+    """What the run does before each step: the step's lr into every group, the step's weight
+    decay into the decayed group only (0.04 -> 0.2 on a cosine over 11 steps: 0.12 at step 5,
+    by hand), as floats or into the tensors held on the device."""
+    from sparkmim.optim import hold_on_device, lamb
+    from sparkmim.train import apply_schedule
+
+    opt = lamb(param_groups(Params()), lr=1.0, weight_decay=0.04)
+    if on_device:
+        hold_on_device(opt)
+    schedule = Schedule(peak_lr=2.0, total_steps=11, warmup_steps=2, wd=0.04, wd_end=0.2)
+    for step, lr, wd in ((0, 0.01, 0.04), (1, 1.005, 0.04 + 0.16 * (1 - math.cos(math.pi / 10)) / 2),
+                         (5, 0.002 + 1.998 * 0.5 * (1 + math.cos(math.pi * 3 / 8)), 0.12), (10, 0.002, 0.2)):
+        apply_schedule(opt, schedule, step)
+        decay, no_decay = opt.param_groups
+        assert float(decay["lr"]) == float(no_decay["lr"]) == pytest.approx(lr), step
+        assert (float(decay["weight_decay"]), float(no_decay["weight_decay"])) == (pytest.approx(wd), 0.0), step
+
+
 def test_no_weight_decay_on_biases_norms_and_mask_tokens():
     from sparkmim import SparK, SparseEncoder
 
