@@ -42,7 +42,17 @@ def test_readers_give_channels_depth_height_width(tmp_path):
     stack = rng.integers(0, 4000, size=(5, 9, 11), dtype=np.uint16)  # pages, height, width
     tifffile.imwrite(tmp_path / "d.tif", stack)
     assert np.array_equal(read_volume(tmp_path / "d.tif")[0], stack.astype(np.float32))
-    assert list_volumes(tmp_path) == sorted(tmp_path / n for n in ("a.nii.gz", "b.npy", "c.npy", "d.tif"))
+    assert list(list_volumes(tmp_path)) == sorted(tmp_path / n for n in ("a.nii.gz", "b.npy", "c.npy", "d.tif"))
+
+
+def test_a_folder_search_never_takes_label_maps(tmp_path):
+    """nnU-Net keeps label maps beside the images (labelsTr/, gt_segmentations/, CASE_seg.*): a
+    folder search lists the images only, at any depth; hidden folders are not entered."""
+    for name in ("imagesTr/case0_0000.nii.gz", "labelsTr/case0.nii.gz", "gt_segmentations/case0.nii.gz",
+                 "deep/er/case1.npy", "deep/er/case1_seg.npy", "deep/labelsTs/x.npy", ".hidden/y.npy", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert list(list_volumes(tmp_path)) == [tmp_path / "deep/er/case1.npy", tmp_path / "imagesTr/case0_0000.nii.gz"]
 
 
 def test_a_4d_series_is_one_sample_per_volume_or_its_channels(tmp_path):

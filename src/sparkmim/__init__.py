@@ -1,6 +1,6 @@
 """sparkmim: SparK masked image modeling pre-training for any convolutional network."""
 
-from .api import pretrain
+from .api import preprocess, pretrain
 from .decoder import Densify, LightDecoder
 from .encoder import FeatureSpec, SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "pretrain",
+    "preprocess",
     "SparK",
     "SparKOutput",
     "Reconstruction",

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import RECIPES, add_config_arguments
+from .config import RECIPES, add_config_arguments, parse_bool
 
 __all__ = ["main", "build_parser", "RECIPES"]
 
@@ -144,6 +144,16 @@ def _export_nnunet(args: argparse.Namespace, ckpt: Path, state: dict, cfg) -> in
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    """``sparkmim preprocess DATA --out CACHE`` (:func:`sparkmim.api.preprocess`)."""
+    from .api import preprocess
+
+    summary = preprocess(args.data, args.out, in_chans=args.in_chans, spacing=args.spacing,
+                         foreground_crop=args.foreground_crop, workers=args.workers, progress=args.progress)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
@@ -244,7 +254,9 @@ class _Parser(argparse.ArgumentParser):
     and the error, with the closest subcommand for a mistyped one."""
 
     def format_usage(self) -> str:
-        if self._subparsers is not None or not any(a.option_strings for a in self._actions if a.dest != "help"):
+        if self._subparsers is not None:
+            return f"usage: {self.prog} COMMAND [options] (--help lists the commands)\n"
+        if not any(a.option_strings for a in self._actions if a.dest != "help"):
             return super().format_usage()
         positionals = " ".join(a.metavar or a.dest for a in self._actions if not a.option_strings)
         return f"usage: {self.prog} [options]{' ' + positionals if positionals else ''} (--help lists the options)\n"
@@ -298,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="the backbone of an encoder-only released file (e.g. resnet50_1kpretrained_"
                                    "timm_style.pth); a _withdecoder_ file names its own")
     e.set_defaults(func=_export)
+
+    c = sub.add_parser("preprocess", help="read volumes once into a cache that pre-training reads by region",
+                       description="Read each volume (or nnU-Net case) once: channels stacked, cropped to the "
+                                   "foreground and resampled as asked, written as a chunked compressed array with its "
+                                   "statistics and sources; then `sparkmim pretrain --data CACHE` reads only each "
+                                   "crop's region. A rerun completes an interrupted build and rebuilds the volumes "
+                                   "whose source or settings changed.")
+    c.add_argument("data", help="a folder of volumes (searched recursively), a text file of paths, or an nnU-Net raw "
+                                "dataset folder")
+    c.add_argument("--out", required=True, help="the cache folder")
+    c.add_argument("--in-chans", type=int, help="channels per volume (default: an nnU-Net dataset's, else 1)")
+    c.add_argument("--spacing", help="resample NIfTI volumes to this voxel size, 'X,Y,Z' (as pretrain --spacing)")
+    c.add_argument("--foreground-crop", type=parse_bool, nargs="?", const=True, default=False, metavar="{true,false}",
+                   help="crop each volume to the box of its non-zero voxels (as pretrain --foreground-crop)")
+    c.add_argument("--workers", type=int, default=0, help="processes reading volumes in parallel (0: this one)")
+    c.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="{true,false}",
+                   help="show a progress bar")
+    c.set_defaults(func=_preprocess)
 
     r = sub.add_parser("reconstruct", help="reconstruction grid (input | masked | reconstruction) for images "
                                            "(volumes: their three central slices)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PretrainConfig", "load_config", "add_config_arguments", "config_from_args", "config_for_run", "ConfigError",
-           "opt", "recipe_path", "RESUMABLE", "given_options", "replace_config", "DEMO_DATA", "RECIPES", "flag_of", "typed_options", "parse_intensity", "parse_spacing", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
+           "opt", "parse_bool", "recipe_path", "RESUMABLE", "given_options", "chosen_options", "replace_config", "DEMO_DATA", "RECIPES", "flag_of", "typed_options", "parse_intensity", "parse_spacing", "NormStats", "DensifyNorm", "SparseImpl", "LossOn", "Precision", "ChannelsLast"]
 
 RECIPES = Path(__file__).parent / "configs"
 DEMO_DATA = "demo"  # ``--data demo``: the built-in demo photographs (volumes for 3-D models)
@@ -108,7 +108,9 @@ class PretrainConfig:
                                                "layer1,layer2,layer3 (patch = the last one's stride: fewer stages "
                                                "give a finer mask grid); empty: found automatically")
     mask_ratio: float = _model(0.6, "fraction of patches masked", gt=0.0, lt=1.0)
-    decoder_width: int = _model(768, "decoder width (halved per upsampling block)", ge=1)
+    decoder_width: int = _model(768, "decoder width (halved per upsampling block); for volumes, unless a recipe or "
+                                     "this flag sets it, the encoder's deepest width (rounded up so that it halves "
+                                     "evenly)", ge=1)
     densify_norm: DensifyNorm = _model("auto", "densify norm: auto, bn, ln or none")
     hierarchical: bool = _model(True, "decode from all scales (False: coarsest only)")
     sparse: bool = _model(True, "sparse encoder (False: zero-out masking ablation)")
@@ -149,6 +151,9 @@ class PretrainConfig:
     capture: bool = _run(False, "CUDA: record the whole training step (forward, backward, clip, LAMB) once as a CUDA "
                                 "graph after 3 eager steps and replay it (one launch per step); one GPU, bf16 or "
                                 "fp32")
+    benchmark: int = _run(0, "run this many steps on your data and device and print img/s, the share of time "
+                             "spent waiting for data and the estimated time of the whole run; writes nothing (no run "
+                             "folder); 0: off", ge=0)
     seed: int = _run(0, "random seed (data order, augmentation, masks)", ge=0)
     sync_bn: bool = _run(True, "with several ranks: batch statistics over the visible sites of all ranks")
     dist_timeout: float = _run(300.0, "seconds a collective may wait for another rank before the run fails", gt=0.0)
@@ -285,7 +290,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     overrides set are remembered (:func:`given_options`)."""
     values = _read_yaml(path) if path is not None else {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return _build({**values, **given}, given)
+    return _build({**values, **given}, given, {**values, **given})
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -327,9 +332,10 @@ def _typed(values: dict) -> dict:
     return values
 
 
-def _build(values: dict, given) -> PretrainConfig:
+def _build(values: dict, given, chosen=None) -> PretrainConfig:
     cfg = PretrainConfig(**_typed(values))
     cfg._given = frozenset(given)
+    cfg._chosen = frozenset(given if chosen is None else chosen)
     return cfg
 
 
@@ -343,15 +349,23 @@ def given_options(cfg: PretrainConfig) -> frozenset[str]:
     return frozenset(f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default)
 
 
+def chosen_options(cfg: PretrainConfig) -> frozenset[str]:
+    """The options set by a recipe or by the user (:func:`given_options`), as opposed to
+    sparkmim's defaults."""
+    chosen = getattr(cfg, "_chosen", None)
+    return given_options(cfg) if chosen is None else chosen | given_options(cfg)
+
+
 def replace_config(cfg: PretrainConfig, **changes) -> PretrainConfig:
     """``cfg`` with ``changes`` (validated again), remembering which options were given."""
     new = dataclasses.replace(cfg, **changes)
     new._given = given_options(cfg) | frozenset(changes)
+    new._chosen = chosen_options(cfg) | frozenset(changes)
     return new
 
 
 # what a resumed run may change; every other setting is the run's own (its config.yaml)
-RESUMABLE = ("epochs", "workers", "device", "precision", "channels_last", "compile", "capture", "dist_timeout",
+RESUMABLE = ("epochs", "workers", "device", "precision", "channels_last", "compile", "capture", "dist_timeout", "benchmark",
              "progress", "tensorboard", "log_every_steps", "vis_every_epochs", "save_every_epochs", "save_every_steps",
              "keep_last", "max_bad_fraction", "resume", "out", "overwrite")
 
@@ -421,7 +435,8 @@ def _saved_settings(folder: Path, checkpoint: Path | None) -> dict | None:
     return _typed({k: v for k, v in saved.items() if k in known})
 
 
-def _bool(v: str | bool) -> bool:
+def parse_bool(v: str | bool) -> bool:
+    """A boolean flag's value: the bare flag, or true/false, yes/no, on/off, 1/0."""
     if isinstance(v, bool):  # the bare flag (``--overwrite``)
         return v
     if v.lower() in ("1", "true", "yes", "on"):
@@ -451,7 +466,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, skip: tuple[
         flag = flag_of(f.name)
         help_ = f"{f.metadata['help']} (default: {f.default})"
         if t is bool:  # ``--flag`` alone means true; ``--flag true|false`` too
-            groups[group].add_argument(flag, type=_bool, nargs="?", const=True, metavar="{true,false}", default=None,
+            groups[group].add_argument(flag, type=parse_bool, nargs="?", const=True, metavar="{true,false}", default=None,
                                        help=help_)
         else:
             groups[group].add_argument(flag, type=t, default=None, choices=_choices(hints[f.name]) or None, help=help_)

@@ -4,8 +4,9 @@ and what samples of any modality share: the epoch sampler, the unreadable-file l
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .inputs import PathList
 from .masking import seed_for
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "demo_photo_paths", "pretrain_transform",
     "eval_transform", "finetune_transform",
-    "list_images", "list_files", "read_path_list", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
+    "list_images", "list_files", "read_path_list", "is_image_name", "load_image", "read_image", "ImageFiles", "EpochSampler", "default_stats", "compute_stats",
     "DataError", "BadFiles",
 ]
 
@@ -103,24 +105,32 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (0.5,) * channels, (0.25,) * channels
 
 
-def list_images(source: str | Path) -> list[Path]:
-    """All image files under a folder (recursively, sorted; class sub-folders are just folders),
-    or the paths listed in a text file (one per line, relative to the file's folder; # comments)."""
-    return list_files(source, lambda p: p.suffix.lower() in IMAGE_EXTENSIONS, "images", IMAGE_EXTENSIONS)
+def list_images(source: str | Path) -> Sequence[Path]:
+    """All image files under a folder (recursively, sorted; class sub-folders are just folders;
+    label maps left out: :func:`~sparkmim.inputs.walk_files`), or the paths listed in a text file
+    (one per line, relative to the file's folder; # comments)."""
+    return list_files(source, is_image_name, "images", IMAGE_EXTENSIONS)
 
 
-def list_files(source: str | Path, is_sample, noun: str, extensions: tuple[str, ...]) -> list[Path]:
-    """The sample files ``is_sample`` accepts under a folder (recursively, sorted), or the paths a
-    text file lists (:func:`read_path_list`). A sample file itself is refused: ``--data`` names a
-    folder or a list (``noun``, e.g. ``"images"``, and ``extensions`` word the messages)."""
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_files(source: str | Path, accept, noun: str, extensions: tuple[str, ...]) -> Sequence[Path]:
+    """The sample files whose names ``accept`` takes under a folder (recursively, sorted, label
+    maps left out; :func:`~sparkmim.inputs.walk_files`), or the paths a text file lists
+    (:func:`read_path_list`). A sample file itself is refused: ``--data`` names a folder or a list
+    (``noun``, e.g. ``"images"``, and ``extensions`` word the messages)."""
+    from .inputs import walk_files
+
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if is_sample(p) and p.is_file())
+        paths = walk_files(source, accept)
         if not paths:
             raise FileNotFoundError(f"no {noun} ({', '.join(extensions)}) found under {source}")
         return paths
     if source.is_file():
-        if is_sample(source):
+        if accept(source.name):
             raise DataError(f"--data {source} is a single file: give a folder of {noun} (searched recursively) or a "
                             f"text file listing their paths, one per line")
         return read_path_list(source, noun)
@@ -177,16 +187,21 @@ def _draft_factor(size: tuple[int, int], min_side: int, scale_min: float) -> int
     return k
 
 
-def read_image(path: str | Path, channels: int = 3, min_side: int | None = None, scale_min: float = 1.0):
+def read_image(path: str | Path, channels: int = 3, min_side: int | None = None, scale_min: float = 1.0,
+               data: bytes | None = None):
     """Decode an image for training crops of ``min_side`` pixels: a JPEG far larger than that is
     decoded at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow draft mode); another RGB or grayscale
     JPEG by torchvision's libjpeg-turbo decoder (a uint8 tensor); anything else, or any JPEG
-    these cannot read, by :func:`load_image`. Without ``min_side``, always :func:`load_image`."""
+    these cannot read, by :func:`load_image`. Without ``min_side``, always :func:`load_image`.
+    ``data``: the file's bytes, already read (from a tar shard; ``path`` then only names it)."""
+    import io
+
     path = Path(path)
+    source = path if data is None else io.BytesIO(data)
     if min_side and channels in (1, 3) and path.suffix.lower() in (".jpg", ".jpeg"):
         mode = _MODES[channels]
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if im.format == "JPEG" and im.mode in ("RGB", "L"):
                     k = _draft_factor(im.size, min_side, scale_min)
                     if k > 1:
@@ -198,10 +213,13 @@ def read_image(path: str | Path, channels: int = 3, min_side: int | None = None,
                         from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
                         read_mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-                        return decode_jpeg(read_file(str(path)), mode=read_mode)
+                        raw = read_file(str(path)) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        return decode_jpeg(raw, mode=read_mode)
         except Exception:  # unusual JPEG (CMYK, progressive edge cases): the general reader decides
             pass
-    return load_image(path, channels)
+        if data is not None:
+            source.seek(0)
+    return load_image(source, channels)
 
 
 class ImageFiles(Dataset):
@@ -220,7 +238,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: list[Path], transform, channels: int = 3, max_skips: int = 64,
                  fast_decode: tuple[int, float] | None = None):
-        self.paths = list(paths)
+        self.paths = paths if isinstance(paths, PathList) else list(paths)  # a long listing stays compact
         self.transform = transform
         self.channels = channels
         self.max_skips = max_skips
@@ -243,6 +261,10 @@ class ImageFiles(Dataset):
         """The decoded file ``index`` (raises for a file that cannot be used)."""
         if self.fast_decode:
             return read_image(self.paths[index], self.channels, *self.fast_decode)
+        return load_image(self.paths[index], self.channels)
+
+    def full_image(self, index: int):
+        """Image ``index`` decoded whole, as a Pillow image (for statistics)."""
         return load_image(self.paths[index], self.channels)
 
     def _augment(self, image, seed: int):
@@ -348,12 +370,14 @@ class EpochSampler(Sampler):
             yield self.seed, self.epoch, i
 
 
-def compute_stats(paths: list[Path], channels: int, limit: int = 500, size: int = 64):
-    """Per-channel mean and std of up to ``limit`` images (resized to ``size``), in [0, 1] units."""
+def compute_stats(paths, channels: int, limit: int = 500, size: int = 64, read=None):
+    """Per-channel mean and std of up to ``limit`` images spread over ``paths`` (resized to
+    ``size``), in [0, 1] units; ``read(item)`` decodes one (default: :func:`load_image` of a path)."""
+    read = read or (lambda p: load_image(p, channels))
     total, total_sq, n = np.zeros(channels), np.zeros(channels), 0
     for p in paths[:: max(1, len(paths) // limit)][:limit]:
         try:
-            arr = np.asarray(load_image(p, channels).resize((size, size)), dtype=np.float64) / 255.0
+            arr = np.asarray(read(p).resize((size, size)), dtype=np.float64) / 255.0
         except Exception:
             continue
         arr = arr.reshape(-1, channels)

@@ -29,6 +29,7 @@ from .data import (
     load_image,
     pretrain_transform,
 )
+from .inputs import listed_once
 
 __all__ = ["Modality", "Images", "Volumes", "IMAGES", "VOLUMES", "CLIPS", "MODALITIES", "modality_for",
            "VOLUME_SLICES", "CLIP_SLICES"]
@@ -61,6 +62,8 @@ class Modality:
     models: str  # the models that read it, for messages
     recipes: str  # the recipes made for it, for messages
     demo_command: str  # the command that runs its demo
+    slow_data_hint: str  # what else makes its data come faster, for the slow-data warning
+    deepest_decoder_width: bool  # a new run's decoder takes the encoder's deepest width unless one is set
     other: Modality  # the modality a sample of this one is mistaken for (set below)
 
     def check(self, cfg) -> None:
@@ -94,10 +97,31 @@ class Modality:
         return self.channels_last if on else torch.contiguous_format
 
     # -- pre-training data ----------------------------------------------------------------------
-    def pretrain_data(self, cfg) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
-        """The data set, its normalisation statistics, and the listed files that do not exist
-        (``{path: reason}``; a file list may name files that are gone)."""
-        raise NotImplementedError
+    reads: tuple[str, ...]  # the kinds of --data it reads (sparkmim.inputs)
+
+    def data_source(self, cfg):
+        """What ``--data`` is (:func:`~sparkmim.inputs.data_input`), decided once per run; no data
+        at all, or a kind this modality does not read, is refused."""
+        from .inputs import KINDS, data_input
+
+        self.user_data(cfg)
+        source = data_input(cfg.data)
+        if source.kind not in self.reads:
+            raise DataError(f"--data {source} is {KINDS[source.kind]}, and {cfg.model} is a {self.spatial_dims}-D "
+                            f"model that takes {self.name}: choose {self.other.models}")
+        return source
+
+    def data_channels(self, source) -> int | None:
+        """The channel count a data set declares (an nnU-Net dataset's ``dataset.json``, a cache's
+        manifest), or None."""
+        return None
+
+    def pretrain_data(self, cfg, source=None) -> tuple[ImageFiles, tuple, tuple, dict[str, str]]:
+        """The data set of ``source`` (:meth:`data_source`), its normalisation statistics, and the
+        files known to be unusable before any is read (``{path: reason}``: listed but gone, or left
+        out of a cache). Each kind this modality reads has its reader, ``_read_<kind>``."""
+        source = source or self.data_source(cfg)
+        return getattr(self, "_read_" + source.kind.replace("-", "_"))(cfg, source)
 
     def sample_size(self, path: Path, cfg) -> tuple[int, ...]:
         """The size of a sample file along each spatial axis, read from its header."""
@@ -151,7 +175,7 @@ class Modality:
             if self.other_kind(_files_under(source)):
                 raise DataError(self.mismatch(source, cfg.model)) from None
             raise
-        if not any(self.is_sample_file(p) for p in paths) and self.other_kind(paths):
+        if source.is_file() and not any(self.is_sample_file(p) for p in paths) and self.other_kind(paths):
             raise DataError(self.mismatch(source, cfg.model))
         return paths
 
@@ -214,27 +238,45 @@ class Images(Modality):
     name, noun, spatial_dims, in_chans = "images", "image", 2, (1, 3, 4)
     refused = ("spacing", "foreground_crop")  # voxel sizes and the non-zero box are the volumes'
     models, recipes, demo_command = "a 2-D model (e.g. --model resnet50)", "--config demo", "sparkmim demo"
+    slow_data_hint = "; for many small files, tar shards read faster than a folder on network storage"
+    deepest_decoder_width = False  # the paper's 768
     channels_last, channels_last_auto, cutmix = torch.channels_last, True, True
 
     def crop_options(self) -> tuple[str, ...]:
         return ("input_size", "input_size")
 
-    def pretrain_data(self, cfg):
-        missing: dict[str, str] = {}
-        if self.user_data(cfg):
-            paths = self.listed(cfg, list_images)
-            if Path(cfg.data).is_file():
-                paths, missing = drop_missing(paths, cfg)
-        else:
-            photos = demo_photo_paths()
-            paths = [photos[i % len(photos)] for i in range(cfg.demo_length)]
+    reads = ("demo", "folder", "list", "shards")
+
+    def _read_demo(self, cfg, source):
+        photos = demo_photo_paths()
+        return self._images(cfg, ImageFiles([photos[i % len(photos)] for i in range(cfg.demo_length)], None))
+
+    def _read_folder(self, cfg, source):
+        return self._images(cfg, ImageFiles(listed_once(lambda: self.listed(cfg, list_images)), None))
+
+    def _read_list(self, cfg, source):
+        paths, missing = drop_missing(self.listed(cfg, list_images), cfg)
+        return self._images(cfg, ImageFiles(paths, None), missing)
+
+    def _read_shards(self, cfg, source):
+        from .shards import ShardImages, index_shards
+
+        index = listed_once(lambda: index_shards(list(source.shards)))
+        if not len(index):
+            raise DataError(f"no images in the {len(source.shards)} shard(s) of {source}")
+        return self._images(cfg, ShardImages(index, None))
+
+    def _images(self, cfg, dataset: ImageFiles, missing: dict[str, str] | None = None):
+        """``dataset`` (its files listed) with the channels, the statistics and the paper's
+        augmentation of ``cfg``."""
+        dataset.channels = cfg.in_chans
         if cfg.norm_stats == "data":
-            mean, std = compute_stats(paths, cfg.in_chans)
+            mean, std = compute_stats(range(len(dataset)), cfg.in_chans, read=dataset.full_image)
         else:
             mean, std = default_stats(cfg.in_chans)
-        transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
-        fast = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
-        return ImageFiles(paths, transform, cfg.in_chans, fast_decode=fast), mean, std, missing
+        dataset.transform = pretrain_transform(cfg.input_size, mean, std, scale=(cfg.crop_scale_min, 1.0))
+        dataset.fast_decode = (cfg.input_size, cfg.crop_scale_min) if cfg.fast_decode else None
+        return dataset, mean, std, missing or {}
 
     def is_sample_file(self, path: Path) -> bool:
         return path.suffix.lower() in IMAGE_EXTENSIONS
@@ -285,6 +327,9 @@ class Volumes(Modality):
     name, noun, spatial_dims = "volumes", "volume", 3
     models = "a 3-D model (e.g. --model monai:resnet18 or nnunet:resenc_m)"
     recipes, demo_command = "--config demo3d or nnunet_resenc_l", "sparkmim demo --3d"
+    slow_data_hint = ("; read the volumes once with `sparkmim preprocess DATA --out CACHE` and train on the cache "
+                      "(--data CACHE), which reads each crop's region alone")
+    deepest_decoder_width = True
     channels_last, channels_last_auto, cutmix = torch.channels_last_3d, False, False
 
     def __init__(self, slice_names: tuple[str, str, str] = VOLUME_SLICES):
@@ -293,45 +338,94 @@ class Volumes(Modality):
     def crop_options(self) -> tuple[str, ...]:
         return ("input_depth", "input_size", "input_size")
 
-    def pretrain_data(self, cfg):
-        """Volume samples (each volume of a 4-D series is one), the 3-D augmentation, and display
-        statistics: volumes are normalised one by one (``--intensity``), so the statistics
-        returned only map -2..2 standard deviations to the grey scale of the reconstruction
-        images."""
-        from .config import parse_spacing
-        from .volumes import (
-            VolumeFiles,
-            demo_volume_paths,
-            is_nnunet_dataset,
-            list_samples,
-            list_volumes,
-            read_nnunet_dataset,
-            volume_transform,
-        )
+    reads = ("demo", "folder", "list", "nnunet-raw", "nnunet-preprocessed", "cache")
 
+    # volumes are normalised one by one (--intensity), so the display statistics only map -2..2
+    # standard deviations to the grey scale of the reconstruction images
+    def _display_stats(self, cfg):
         if cfg.norm_stats == "data":
             raise ConfigError("volumes are normalised one by one (--intensity zscore or window:LOW:HIGH); "
                               "--norm-stats data is for images")
-        missing: dict[str, str] = {}
-        if self.user_data(cfg) and is_nnunet_dataset(cfg.data):  # one multi-channel sample per case
-            cases, channels = read_nnunet_dataset(cfg.data)
-            samples = [(files, None) for files in cases]
-            if len(channels) != cfg.in_chans:
-                raise ConfigError(f"the nnU-Net dataset {cfg.data} has {len(channels)} channel(s) ({', '.join(channels)}): "
-                                  f"use --in-chans {len(channels)}, not {cfg.in_chans}", ["in_chans"])
-        elif self.user_data(cfg):
-            paths = self.listed(cfg, list_volumes)
-            if Path(cfg.data).is_file():  # a list of files
-                paths, missing = drop_missing(paths, cfg)
-            samples = list_samples(paths)
-        else:
-            demo = list_samples(demo_volume_paths())
-            samples = [demo[i % len(demo)] for i in range(cfg.demo_length)]
+        return (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
+
+    def raw_samples(self, cfg, source) -> tuple[list, dict[str, str]]:
+        """The samples of a folder, a file list, an nnU-Net raw dataset or the demo, as
+        :func:`~sparkmim.volumes.read_sample` reads them (``(files, series index)``: a case's
+        channel files, or one file; each volume of a 4-D series is a sample), and the listed files
+        that do not exist."""
+        from .volumes import demo_volume_paths, list_samples, list_volumes, read_nnunet_dataset
+
+        if source.kind == "nnunet-raw":  # one multi-channel sample per case
+            cases, channels = read_nnunet_dataset(source.path)
+            self._check_channels(cfg, channels, f"the nnU-Net dataset {source}")
+            return [(files, None) for files in cases], {}
+        if source.kind == "demo":
+            demo = [((path,), index) for path, index in list_samples(demo_volume_paths())]
+            return [demo[i % len(demo)] for i in range(cfg.demo_length)], {}
+        paths, missing = listed_once(lambda: self.listed(cfg, list_volumes)), {}
+        if source.kind == "list":
+            paths, missing = drop_missing(paths, cfg)
+        return [((path,), index) for path, index in list_samples(paths)], missing
+
+    def _read_raw(self, cfg, source):
+        """Volume samples read from their files at every crop, with the 3-D augmentation."""
+        from .config import parse_spacing
+        from .volumes import VolumeFiles, volume_transform
+
+        mean, std = self._display_stats(cfg)
+        samples, missing = self.raw_samples(cfg, source)
         transform = volume_transform(self.input_shape(cfg), cfg.intensity, scale=(cfg.crop_scale_min, 1.0))
-        mean, std = (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
         dataset = VolumeFiles(samples, transform, cfg.in_chans, spacing=parse_spacing(cfg.spacing),
                               foreground=cfg.foreground_crop)
         return dataset, mean, std, missing
+
+    _read_demo = _read_folder = _read_list = _read_nnunet_raw = _read_raw
+
+    def _read_cache(self, cfg, source):
+        """A cache of ``sparkmim preprocess``: its volumes read by region, normalised as raw ones."""
+        from .arrays import ArrayVolumes, read_cache
+        from .volumes import volume_transform
+
+        mean, std = self._display_stats(cfg)
+        volumes, bad, _ = read_cache(source.path, cfg)
+        transform = volume_transform(self.input_shape(cfg), cfg.intensity, scale=(cfg.crop_scale_min, 1.0))
+        return ArrayVolumes(volumes, transform, cfg.in_chans), mean, std, bad
+
+    def _read_nnunet_preprocessed(self, cfg, source):
+        """nnU-Net's preprocessed cases, read by region; nnU-Net normalised them, so no intensity
+        normalisation is added, and its resampling and cropping stand (--spacing and
+        --foreground-crop are refused)."""
+        from .arrays import ArrayVolumes, nnunet_preprocessed_volumes
+        from .volumes import volume_transform
+
+        mean, std = self._display_stats(cfg)
+        for option in ("spacing", "foreground_crop"):
+            if getattr(cfg, option):
+                raise ConfigError(f"--data {source} holds nnU-Net's preprocessed cases, already resampled and cropped "
+                                  f"by nnU-Net: leave --{option.replace('_', '-')} out", [option])
+        volumes, channels, _ = nnunet_preprocessed_volumes(source.path, cfg.model)
+        self._check_channels(cfg, channels, f"the nnU-Net dataset {source}")
+        transform = volume_transform(self.input_shape(cfg), None, scale=(cfg.crop_scale_min, 1.0))
+        return ArrayVolumes(volumes, transform, cfg.in_chans), mean, std, {}
+
+    def data_channels(self, source) -> int | None:
+        import json
+
+        from .inputs import CACHE_MANIFEST
+
+        if source.kind in ("nnunet-raw", "nnunet-preprocessed"):
+            meta = json.loads((source.path / "dataset.json").read_text())
+            names = meta.get("channel_names", meta.get("modality"))
+            return len(names) if isinstance(names, dict) else None
+        if source.kind == "cache":
+            return json.loads((source.path / CACHE_MANIFEST).read_text())["settings"]["in_chans"]
+        return None
+
+    @staticmethod
+    def _check_channels(cfg, channels: list[str], what: str) -> None:
+        if len(channels) != cfg.in_chans:
+            raise ConfigError(f"{what} has {len(channels)} channel(s) ({', '.join(channels)}): use --in-chans "
+                              f"{len(channels)}, not {cfg.in_chans}", ["in_chans"])
 
     def is_sample_file(self, path: Path) -> bool:
         from .volumes import is_volume_file

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .backbones import norm_kind
 from .config import LossOn
-from .decoder import Densify, LightDecoder
+from .decoder import Densify, LightDecoder, ladder
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
 from .masking import MaskPyramid, check_mask_ratio, grid_of, num_visible, random_visible
@@ -58,7 +58,8 @@ class SparK(nn.Module):
     Args:
         encoder: the sparse encoder (any convnet).
         mask_ratio: fraction of patches masked per image (exact count per sample).
-        decoder_width: width of the decoder's first block, halved per block.
+        decoder_width: width of the decoder's first block, halved per block; None: the encoder's
+            deepest width, rounded up to a multiple of 2**blocks (sparkmim's default for volumes).
         densify_norm: 'bn', 'ln', 'none' or 'auto' (by the encoder's norm layers).
         hierarchical: False decodes from the coarsest feature map only (ablation).
         sparse: False runs the encoder's convnet densely on the zeroed image (the "zero-out"
@@ -79,7 +80,7 @@ class SparK(nn.Module):
         encoder: SparseEncoder,
         *,
         mask_ratio: float = 0.6,
-        decoder_width: int = 768,
+        decoder_width: int | None = 768,
         densify_norm: str = "auto",
         hierarchical: bool = True,
         sparse: bool = True,
@@ -103,6 +104,10 @@ class SparK(nn.Module):
         self.norm_pix, self.norm_pix_eps = norm_pix, norm_pix_eps
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
         self.spatial_dims = encoder.spatial_dims
+        if decoder_width is None:  # the deepest map's width, rounded up so that it halves evenly per block
+            step = 2 ** (len(ladder(self.patch_size, encoder.factors)) - 1)
+            decoder_width = -(-encoder.channels[-1] // step) * step
+        self.decoder_width = decoder_width
         # the decoder's ladder passes through every feature map's sites per patch; one densify per
         # used scale, coarsest first, feeds the block whose input sits at its map's sites per patch
         self.decoder = LightDecoder(decoder_width, out_channels=self.in_chans, patch_size=self.patch_size,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +47,18 @@ def _needs(module: str, what: str):
 
 
 def is_volume_file(path: Path) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(ext) for ext in VOLUME_EXTENSIONS)
+    return is_volume_name(path.name)
 
 
-def list_volumes(source: str | Path) -> list[Path]:
-    """All volume files under a folder (recursively, sorted), or the paths a text file lists (one
-    per line, relative to its folder; ``#`` comments)."""
-    return list_files(source, is_volume_file, "volumes", VOLUME_EXTENSIONS)
+def is_volume_name(name: str) -> bool:
+    return name.lower().endswith(VOLUME_EXTENSIONS)
+
+
+def list_volumes(source: str | Path) -> Sequence[Path]:
+    """All volume files under a folder (recursively, sorted; label maps left out: ``labelsTr/``,
+    ``gt_segmentations/``, ``*_seg.*``), or the paths a text file lists (one per line, relative to
+    its folder; ``#`` comments)."""
+    return list_files(source, is_volume_name, "volumes", VOLUME_EXTENSIONS)
 
 
 def _raw(path: Path) -> np.ndarray:
@@ -257,16 +262,19 @@ def _intensity(transforms, intensity: str):
     return transforms.NormalizeIntensity(channel_wise=True)
 
 
-def volume_transform(size: tuple[int, int, int], intensity: str = "zscore", scale=(0.67, 1.0), flip: float = 0.5):
+def volume_transform(size: tuple[int, int, int], intensity: str | None = "zscore", scale=(0.67, 1.0),
+                     flip: float = 0.5):
     """Random scaled crop (each axis ``scale`` of the volume), trilinear resize to ``size`` ``(D,
-    H, W)``, left-right flip with probability ``flip``, then the intensity normalisation; MONAI
-    transforms, their random state set per sample by :class:`VolumeFiles`."""
+    H, W)``, left-right flip with probability ``flip``, then the intensity normalisation (None:
+    none, for data normalised already); MONAI transforms, their random state set per sample by
+    :class:`VolumeFiles`. The crop comes first: stored volumes are read by its region alone
+    (:class:`~sparkmim.arrays.ArrayVolumes`)."""
     transforms = _needs("monai.transforms", "3-D augmentation")
     return transforms.Compose([
         transforms.RandScaleCrop(roi_scale=scale[0], max_roi_scale=scale[1], random_size=True),
         transforms.Resize(tuple(size), mode="trilinear"),
         transforms.RandFlip(prob=flip, spatial_axis=2),
-        _intensity(transforms, intensity),
+        *([] if intensity is None else [_intensity(transforms, intensity)]),
         transforms.EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
 

@@ -175,8 +175,11 @@ class Window:
         self.norm_sum.zero_()
         self.norm_steps.zero_()
         self.micro_batches, self.images, self.started = 0, 0, time.perf_counter()
+        self.steps, self.data_seconds = 0, 0.0
 
-    def add(self, stats: StepStats, images: int) -> None:
+    def add(self, stats: StepStats, images: int, data_seconds: float = 0.0) -> None:
+        self.steps += 1
+        self.data_seconds += data_seconds
         self.loss_sum += stats.loss_sum
         self.micro_batches += stats.micro_batches
         finite = torch.isfinite(stats.grad_norm)

@@ -27,7 +27,7 @@ from ..released import is_spark_style, load_reference, reference_moments
 from ..visualize import reconstruction_grid, save_grid
 from ..weights import atomic_write, export_backbone
 from .capture import CapturedStep
-from .folder import check_free_space, check_run_dir, resume_checkpoint, take_run_dir
+from .folder import check_free_space, check_run_dir, checkpoint_bytes, resume_checkpoint, take_run_dir
 from .loop import NonFiniteLossError, StepStats, apply_schedule, train_step
 from .memory import available_memory, check_memory, step_memory
 from .metrics import Metrics, Window
@@ -38,6 +38,7 @@ from .setup import (
     crop_from_plans,
     resolve_device,
     resolve_precision,
+    width_from_encoder,
 )
 
 __all__ = ["pretrain", "Run", "LOW_LR", "COARSE_GRID"]
@@ -46,6 +47,8 @@ __all__ = ["pretrain", "Run", "LOW_LR", "COARSE_GRID"]
 LOW_LR = 1e-4
 # a mask grid of fewer patches than this (3 x 3) is called too coarse at start: the paper masks a 7 x 7 grid
 COARSE_GRID = 9
+# a run that waits for data longer than this share of its step time says so, once
+SLOW_DATA = 0.2
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -76,13 +79,16 @@ class Run:
         if cfg.resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             cfg = replace_config(cfg, resume="auto")  # torchrun restarted the workers: continue the run
         cfg, self.crop_taken = crop_from_plans(cfg)
-        self.cfg, self.info, self.device, self.main = cfg, info, device, info.main
+        self.info, self.device, self.main = info, device, info.main
         self.modality = modality_for(cfg.model)  # images or volumes: decided here, once
         self.modality.check(cfg)
-        self.modality.user_data(cfg)  # no data at all: said before anything is built
+        self.source = self.modality.data_source(cfg)  # what --data is: decided here, once
+        cfg, self.channels_taken = self._channels_from_data(cfg)  # volumes take any count: no second check
+        self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.lock = None
-        problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main else None)  # all ranks fail alike
+        # all ranks fail alike; a benchmark writes nothing, so any folder will do
+        problem = broadcast_object(check_run_dir(self.run_dir, cfg) if self.main and not cfg.benchmark else None)
         if problem:
             raise ConfigError(problem)
         self._build()
@@ -98,6 +104,14 @@ class Run:
                 self.close()  # the folder's lock, first of all
                 raise
 
+    def _channels_from_data(self, cfg: PretrainConfig) -> tuple[PretrainConfig, int | None]:
+        """The data set's channel count (an nnU-Net dataset's, a cache's) where the user gave none;
+        a count the user gave is kept (and refused by the reader if it differs)."""
+        found = self.modality.data_channels(self.source)
+        if found is None or found == cfg.in_chans or "in_chans" in given_options(cfg):
+            return cfg, None
+        return replace_config(cfg, in_chans=found), found
+
     def _claim_folder(self) -> None:
         """Rank 0 reads the images the reconstruction grids show (a data set none of whose files
         can be read fails here, before anything is written), then takes the run folder and holds
@@ -107,7 +121,8 @@ class Run:
         if self.main:
             try:
                 self.vis_images, self.vis_names = self._display_images()
-                self.lock = take_run_dir(self.run_dir, self.cfg)
+                if not self.cfg.benchmark:  # a benchmark writes nothing
+                    self.lock = take_run_dir(self.run_dir, self.cfg)
             except (ConfigError, DataError) as e:
                 problem = e
         message = broadcast_object(None if problem is None else str(problem))
@@ -126,13 +141,17 @@ class Run:
         self.channels_last = self.memory_format != torch.contiguous_format
         self.dtype = torch.float64 if self.precision == "fp64" else None
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.modality).to(self.device, self.dtype)
+        auto_width = width_from_encoder(cfg, self.modality)
+        self.model = build_model(cfg, self.modality, auto_width).to(self.device, self.dtype)
+        if auto_width:  # recorded as a number, so that the run's files rebuild this model
+            self.cfg = cfg = replace_config(cfg, decoder_width=self.model.decoder_width)
+        self.width_taken = self.model.decoder_width if auto_width else None
         # parameters without a gradient (e.g. a timm head's norm) are left out of training, so DDP
         # need not search the graph for them each step; they are still exported unchanged
         self.unused = self.model.unused_parameters()
         for name in self.unused or ():
             self.model.get_parameter(name).requires_grad_(False)
-        self.dataset, self.mean, self.std, self.missing = self.modality.pretrain_data(cfg)
+        self.dataset, self.mean, self.std, self.missing = self.modality.pretrain_data(cfg, self.source)
         if self.main and cfg.data != DEMO_DATA:
             self.modality.warn_if_small(cfg, self.dataset.paths)
         self._fit_batch_to_data()
@@ -261,25 +280,26 @@ class Run:
 
     def _prepare(self) -> None:
         cfg = self.cfg
-        if self.main:
+        self.checkpoint_bytes = checkpoint_bytes(self.model)
+        if self.main and not cfg.benchmark:
             atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(_yaml(cfg)))
             if self.bad.files:  # the list as of the checkpoint (a resume finds later ones again)
                 atomic_write(self.run_dir / "bad_images.txt", lambda tmp: BadFiles.write(tmp, self.bad.files.items()))
             else:
                 (self.run_dir / "bad_images.txt").unlink(missing_ok=True)
-            self.checkpoint_bytes = check_free_space(self.run_dir, self.model, cfg.keep_last)
+            check_free_space(self.run_dir, self.model, cfg.keep_last)
         self.ddp = self._wrap_ddp()
         self.step = self._step_function()
         loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                          pin_memory=self.device.type == "cuda")
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
                                                   collate_fn=self.dataset.collate, drop_last=True, **loader_kw)
-        self.metrics = Metrics(self.run_dir, cfg.tensorboard) if self.main else None
+        self.metrics = Metrics(self.run_dir, cfg.tensorboard) if self.main and not cfg.benchmark else None
         self.window = Window(self.device)
         if self.resumed_window:
             self.window.load_state_dict(self.resumed_window, losses=self.main)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.step_images = 0
+        self.step_images, self.data_seconds, self.slow_data_said, self.windows = 0, 0.0, False, 0
 
     def _step_function(self):
         """The engine's step: :func:`train_step`, or with ``--capture`` the same step recorded once as
@@ -323,9 +343,12 @@ class Run:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
-        """The remaining epochs; then the encoder weights are exported. Returns the summary."""
+        """The remaining epochs; then the encoder weights are exported. Returns the summary (with
+        ``--benchmark N``, the figures of N steps instead: :meth:`benchmark`)."""
         started = time.perf_counter()
         self._announce()
+        if self.cfg.benchmark:
+            return self.benchmark(self.cfg.benchmark)
         self._sync_bad_files()  # files listed but missing, or met while picking the display images
         if self.state.step == 0:
             self._visualise("epoch0000_start")
@@ -368,6 +391,9 @@ class Run:
                           "checkpoint_mib": round(mib), "checkpoints_mib": round(mib * self.cfg.keep_last),
                           "step_memory_mib": round(self.step_memory.total / 2**20),
                           **({"crop_from_plans": self.crop_taken} if self.crop_taken else {}),
+                          **({"in_chans_from_data": self.channels_taken} if self.channels_taken else {}),
+                          **({"decoder_width_from_encoder": self.width_taken} if self.width_taken else {}),
+                          "data": {"kind": self.source.kind, "path": str(self.source)},
                           "run_dir": str(self.run_dir)}), flush=True)
 
     def _warn_if_coarse(self) -> None:
@@ -391,6 +417,51 @@ class Run:
                       f"224 px: the masked patches are guessed from very little context; use a larger crop "
                       f"({crops}){hint}", stacklevel=3)
 
+    def benchmark(self, steps: int) -> dict:
+        """Run ``steps`` training steps (no checkpoint, grid or log) and measure them, the first
+        one left out (it starts the data-loading workers): images per second, the share of step
+        time spent waiting for data, and the time the whole schedule would take at that pace."""
+        cfg, state = self.cfg, self.state
+        wanted, done, seconds, images, waiting = min(steps, self.total_steps), 0, 0.0, 0, 0.0
+        self.model.train()
+        epoch = state.epoch
+        while done < wanted:
+            self.sampler.set_epoch(epoch)
+            batches = enumerate(self.loader)
+            for _ in range(min(self.sampler.batches_per_epoch() // cfg.accum_steps, wanted - done)):
+                started = time.perf_counter()
+                apply_schedule(self.optimizer, self.schedule, state.step)
+                self.step(self._micro_batches(batches))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the step's own time, not its launch
+                if done > 0:
+                    seconds += time.perf_counter() - started
+                    images += self.step_images * self.info.world
+                    waiting += self.data_seconds
+                self.step_images, self.data_seconds = 0, 0.0
+                state.step += 1
+                done += 1
+            epoch += 1
+        timed = max(done - 1, 1)
+        step_s = seconds / timed if seconds else float("nan")
+        result = {"event": "benchmark", "model": cfg.model, "device": str(self.device), "precision": self.precision,
+                  "steps": done, "timed_steps": done - 1, "batch": cfg.batch_size, "workers": cfg.workers,
+                  "img_per_s": round(images / seconds, 2) if seconds else None, "step_s": round(step_s, 4),
+                  "data_wait": round(waiting / seconds, 3) if seconds else None,
+                  "run_steps": self.total_steps, "estimated_run_h": round(step_s * self.total_steps / 3600, 2)}
+        if self.main:
+            self._warn_if_waiting(result["data_wait"])
+        return result
+
+    def _warn_if_waiting(self, share: float | None) -> None:
+        """Say once when more than a fifth of the step time goes to waiting for data."""
+        if share is None or share <= SLOW_DATA or self.slow_data_said:
+            return
+        self.slow_data_said = True
+        stored = self.source.kind in ("cache", "nnunet-preprocessed")  # read by region already
+        warnings.warn(f"{share:.0%} of the step time went to waiting for data: raise --workers (now "
+                      f"{self.cfg.workers}){'' if stored else self.modality.slow_data_hint}", stacklevel=3)
+
     def _epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
         skip = state.batch if epoch == state.epoch else 0
@@ -411,7 +482,9 @@ class Run:
         """The step's micro-batches on the device, each with its masks and the seed of stochastic
         layers: pure functions of (seed, step, micro-batch), so a resumed run draws the same."""
         for micro in range(self.cfg.accum_steps):
-            index, (images, bad) = next(batches)
+            waited = time.perf_counter()
+            index, (images, bad) = next(batches)  # the only place the run waits for data
+            self.data_seconds += time.perf_counter() - waited
             self.bad.add(bad)
             self.state.batch = index + 1
             images = images.to(self.device, self.dtype, non_blocking=True)
@@ -426,8 +499,8 @@ class Run:
     def _after_step(self, stats: StepStats) -> None:
         cfg, state = self.cfg, self.state
         self.nonfinite |= stats.nonfinite
-        self.window.add(stats, self.step_images)
-        self.step_images = 0
+        self.window.add(stats, self.step_images, self.data_seconds)
+        self.step_images, self.data_seconds = 0, 0.0
         state.step += 1
         state.images_seen += self.effective_batch
         if state.first_loss is None and state.step == 1:
@@ -461,11 +534,16 @@ class Run:
         state, window = self.state, self.window
         state.last_loss = self._mean_loss(window.loss_sum, window.micro_batches)
         self._sync_bad_files()
-        elapsed = time.perf_counter() - window.started
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        data_wait = min(1.0, window.data_seconds / elapsed)
         record = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss, "grad_norm": window.grad_norm(),
                   "lr": self.schedule.lr(state.step - 1), "weight_decay": self.schedule.weight_decay(state.step - 1),
-                  "img_per_s": window.images * self.info.world / max(elapsed, 1e-9), "bad_images": len(self.bad),
-                  "images_seen": state.images_seen}
+                  "img_per_s": window.images * self.info.world / elapsed, "data_wait": round(data_wait, 3),
+                  "eta_s": round(elapsed / max(window.steps, 1) * (self.total_steps - state.step), 1),
+                  "bad_images": len(self.bad), "images_seen": state.images_seen}
+        self.windows += 1
+        if self.main and self.windows > 1:  # the first window starts the data-loading workers
+            self._warn_if_waiting(data_wait)
         if self.metrics is not None:
             self.metrics.log(record)
         window.reset()

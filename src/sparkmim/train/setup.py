@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..backbones import create_backbone, feature_modules_for
-from ..config import ConfigError, PretrainConfig, given_options, replace_config
+from ..config import ConfigError, PretrainConfig, chosen_options, given_options, replace_config
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
 from ..masking import shown_size
@@ -27,7 +27,8 @@ from ..weights import (
     weights_architecture,
 )
 
-__all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer", "crop_from_plans"]
+__all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer", "crop_from_plans",
+           "width_from_encoder"]
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -66,9 +67,18 @@ def crop_from_plans(cfg: PretrainConfig) -> tuple[PretrainConfig, dict | None]:
     return replace_config(cfg, input_depth=depth, input_size=side), taken
 
 
-def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
+def width_from_encoder(cfg: PretrainConfig, modality: Modality) -> bool:
+    """Whether a new run's decoder takes the encoder's deepest width (:class:`~sparkmim.model.SparK`
+    with ``decoder_width=None``): for volumes, unless a recipe or the user set the width; the
+    paper's 768, set for 2-D ResNets and ConvNeXts, makes a decoder of hundreds of millions of
+    parameters on 3-D maps."""
+    return modality.deepest_decoder_width and "decoder_width" not in chosen_options(cfg)
+
+
+def build_model(cfg: PretrainConfig, modality: Modality, width_from_encoder: bool = False) -> SparK:
     """The backbone by name (random init), optional strict ``--init`` weights, wrapped in SparK;
-    the crop of ``modality`` is checked against the encoder's total stride."""
+    the crop of ``modality`` is checked against the encoder's total stride. ``width_from_encoder``:
+    the decoder's width is the encoder's deepest (:func:`width_from_encoder`), not the config's."""
     if cfg.init == "pretrained":  # the backbone's own published weights; the decoder starts fresh
         try:
             with _quiet_hub():
@@ -97,8 +107,8 @@ def build_model(cfg: PretrainConfig, modality: Modality) -> SparK:
     encoder = SparseEncoder(backbone, modules or feature_modules_for(cfg.model), in_chans=cfg.in_chans,
                             sparse_impl=cfg.sparse_impl)
     _check_input_fits(cfg, modality, encoder.patch_size)
-    model = SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm,
-                  hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
+    model = SparK(encoder, mask_ratio=cfg.mask_ratio, decoder_width=None if width_from_encoder else cfg.decoder_width,
+                  densify_norm=cfg.densify_norm, hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
                   norm_pix=cfg.norm_pix)
     if whole:
         report = load_reference(model, init, input_size=cfg.input_size)
