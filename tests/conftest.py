@@ -9,9 +9,10 @@ from PIL import Image
 from sparkmim.backbones import TESTED_TIMM as TIMM_ZOO
 from sparkmim.backbones import TESTED_TIMM_SLOW as TIMM_ZOO_SLOW
 from sparkmim.backbones import TESTED_TORCHVISION as TORCHVISION_ZOO
+from sparkmim.backbones import TESTED_TORCHVISION_SLOW as TORCHVISION_SLOW
 
 P = 32  # total stride of every zoo model
-__all__ = ["P", "TIMM_ZOO", "TIMM_ZOO_SLOW", "TORCHVISION_ZOO", "write_noise_images", "fresh", "buffers",
+__all__ = ["P", "TIMM_ZOO", "TIMM_ZOO_SLOW", "TORCHVISION_ZOO", "TORCHVISION_SLOW", "write_noise_images", "fresh", "buffers",
            "projected_run", "loss_and_gradients"]
 
 

@@ -109,6 +109,8 @@ def _worker_pids(agent_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.slow  # 27 s; resuming a checkpoint of two ranks is checked by default
+# (test_a_two_rank_checkpoint_resumes_on_one_process), the restart by torchrun here
 def test_a_killed_rank_fails_the_round_and_torchrun_restarts_from_the_last_checkpoint(folder, two_rank_run,
                                                                                        tmp_path):
     out, log = tmp_path / "faulty", tmp_path / "faulty.log"

@@ -19,6 +19,7 @@ from torch import nn
 from conftest import (
     TIMM_ZOO,
     TIMM_ZOO_SLOW,
+    TORCHVISION_SLOW,
     TORCHVISION_ZOO,
     assert_fast_form_stays_on_the_meta_device,
     buffers,
@@ -75,7 +76,9 @@ ISOLATED = {IMAGE_GRID: [(0, 2), (1, 1), (0, 0), (1, 2), (0, 1), (1, 0)],
 
 CASES = [Case(f"timm-{n}", "timm", n, IMAGE_GRID, (32, 32), no_isolation=REFLECT if n == "resnetblur18" else None,
               slow=n in TIMM_ZOO_SLOW) for n, _ in TIMM_ZOO]
-CASES += [Case(f"tv-{n}", "torchvision", n, IMAGE_GRID, (32, 32)) for n in TORCHVISION_ZOO]
+# torchvision's ConvNeXt (20 s over the property tests) is slow: timm's ConvNeXt runs by default
+# torchvision's VGG, EfficientNet and RegNet share their operations with timm's of the default set
+CASES += [Case(f"tv-{n}", "torchvision", n, IMAGE_GRID, (32, 32), slow=n in TORCHVISION_SLOW) for n in TORCHVISION_ZOO]
 # MONAI's EfficientNet: an activation module run by the stem and the head, "same" padding as separate layers
 # (slow: a minute; tests/test_features.py checks the discovery rules on a small model of that pattern)
 CASES += [Case("monai2d-efficientnet-b0", "monai2d", "efficientnet-b0", IMAGE_GRID, (32, 32), slow=True)]
@@ -83,7 +86,7 @@ CASES += [
     Case("3d-custom", "3d", "custom", VOLUME_GRID, (8, 16, 16), forms=BOTH),
     Case("3d-custom-next", "3d", "custom-next", VOLUME_GRID, (8, 16, 16), scales=3, forms=BOTH),
     Case("3d-monai-resnet10", "3d", "monai-resnet10", VOLUME_GRID, (16, 16, 16), forms=BOTH),
-    Case("3d-monai-segresnet", "3d", "monai-segresnet", VOLUME_GRID, (8, 8, 8), forms=BOTH),
+    Case("3d-monai-segresnet", "3d", "monai-segresnet", VOLUME_GRID, (8, 8, 8), forms=BOTH, slow=True),
     Case("3d-monai-dynunet", "3d", "monai-dynunet", VOLUME_GRID, (16, 16, 16), scales=5, forms=BOTH,
          no_isolation=ONE_SITE_INSTANCE_NORM),
     # nnU-Net's ResEnc and plain networks (narrow; the encoder's stages 1-5 are decoded)
@@ -217,7 +220,11 @@ def test_p1_no_leakage(zoo, impl):
     assert len(g1) > 0 and g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+# eval mode (running statistics) is run with -m slow: train mode, where batch statistics could leak, by default
+TRAIN_EVAL = [pytest.param(True, id="train"), pytest.param(False, id="eval", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("train", TRAIN_EVAL)
 def test_p2_dense_equivalence(zoo, impl, train):
     """With every patch visible the sparse encoder is the original model: features, gradients,
     running statistics."""
@@ -274,7 +281,7 @@ def assert_fast_equals_reference(enc, x, masks, train):
         torch.testing.assert_close(bf[k], br[k], **TOL, msg=lambda m, k=k: f"buffer {k}: {m}")
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("train", TRAIN_EVAL)
 def test_fast_equals_reference(zoo, train):
     """The fast form (visible tiles only, with halos across patch borders) gives the reference
     form's (dense, then mask) features, loss, gradients and running statistics, on a non-square

@@ -13,13 +13,19 @@ from .nnunet import create_nnunet
 
 __all__ = ["create_timm", "create_torchvision", "create_monai", "create_nnunet", "TESTED_NNUNET", "create_backbone",
            "feature_modules_for", "is_video_model", "TESTED_MONAI", "TESTED_TORCHVISION_VIDEO", "stochastic_depth_rates",
-           "norm_kind", "strip_classifier", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION"]
+           "norm_kind", "strip_classifier", "TESTED_TIMM", "TESTED_TIMM_SLOW", "TESTED_TORCHVISION",
+           "TESTED_TORCHVISION_SLOW"]
 
 # Backbones whose sparse encoder is tested for no leakage, isolation, dense equivalence and strict
 # weight loading (tests/test_encoder_zoo.py): (timm name, family). Other sizes of a family share its layers.
 # run with -m slow (heavier, or families already covered by the default set)
 TESTED_TIMM_SLOW = {"vgg11", "mobileone_s0", "xception41", "ghostnetv2_100", "inception_next_tiny", "poolformer_s12",
-                 "repvit_m1", "mobilenetv4_conv_small", "resnet50_gn", "regnetz_b16", "fastvit_t8"}
+                 "repvit_m1", "mobilenetv4_conv_small", "resnet50_gn", "regnetz_b16", "fastvit_t8",
+                 # the heaviest of the default suite (10-25 s each over the property tests)
+                 "res2net50_14w_8s", "densenet121", "tf_efficientnetv2_b0", "resnetv2_50x1_bit",
+                 # families whose operations another default model holds (the default suite: under 10 min on 2 cores)
+                 "mixnet_s", "mobilenetv2_050", "rexnet_100", "repvgg_a0", "hrnet_w18_small", "dpn68",
+                 "ghostnet_050", "skresnet18"}
 TESTED_TIMM = [
     ("resnet18", "ResNet"),
     ("resnet26d", "ResNet-D"),
@@ -67,6 +73,7 @@ TESTED_TIMM = [
 ]
 
 TESTED_TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vgg11"]
+TESTED_TORCHVISION_SLOW = {"convnext_tiny", "vgg11", "efficientnet_b0", "regnet_y_400mf"}  # run with -m slow
 
 
 
