@@ -343,12 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.config import MODES, EvalConfig
 
-    v = sub.add_parser("evaluate", help="k-NN, linear probe or fine-tuning accuracy on a labelled image folder",
-                       description="Evaluate backbone weights on a labelled folder (one sub-folder per class). "
+    v = sub.add_parser("evaluate", help="k-NN, linear probe, fine-tuning accuracy or segmentation Dice on labelled data",
+                       description="Evaluate backbone weights on a labelled folder (one sub-folder per class; for "
+                                   "segment, images and label maps). "
                                    "--weights takes several sources (random, pretrained, sparkmim runs or exported "
                                    "files), evaluated the same way and shown in one table; results.json goes to --out.")
     v.add_argument("mode", choices=MODES, help="knn: weighted k-NN on pooled features; linear: BatchNorm + linear "
-                                               "head on frozen features; finetune: full fine-tuning")
+                                               "head on frozen features; finetune: full fine-tuning; segment: "
+                                               "fine-tune a U-Net on label maps, Dice per class")
     add_config_arguments(v, EvalConfig, skip=("mode",))
     v.set_defaults(func=_evaluate)
 

@@ -11,7 +11,7 @@ from ..config import ConfigError, NormStats, opt, parse_intensity, validate
 
 __all__ = ["EvalConfig", "MODES", "RUN_SETTINGS", "settings_from_runs"]
 
-Mode = Literal["knn", "linear", "finetune"]
+Mode = Literal["knn", "linear", "finetune", "segment"]
 MODES = typing.get_args(Mode)
 
 
@@ -19,9 +19,12 @@ MODES = typing.get_args(Mode)
 class EvalConfig:
     """Options of ``sparkmim evaluate``; each is a ``--flag`` of the same name."""
 
-    mode: Mode = opt("knn", "knn, linear or finetune")
-    data: str = opt("", "labelled image folder (volumes for 3-D models): one sub-folder per class")
-    val: str | None = opt(None, "validation folder with the same class sub-folders (default: a seeded split of --data)")
+    mode: Mode = opt("knn", "knn, linear, finetune or segment")
+    data: str = opt("", "labelled image folder (volumes for 3-D models): one sub-folder per class; segment: an "
+                        "nnU-Net raw dataset (imagesTr/, labelsTr/) or a folder with images/ and labels/ of the same "
+                        "file names")
+    val: str | None = opt(None, "validation folder with the same class sub-folders, or for segment the same layout "
+                                "as --data (default: a seeded split of --data)")
     val_fraction: float = opt(0.2, "fraction of each class held out for validation when --val is not given",
                               gt=0.0, lt=1.0)
     train_fraction: float = opt(1.0, "fraction of each class of the training part that is used (few-label runs)",
@@ -39,10 +42,12 @@ class EvalConfig:
     crop_ratio: float = opt(0.875, "evaluation images are resized to input_size / crop_ratio, then centre-cropped",
                              gt=0.0, le=1.0)
     norm_stats: NormStats = opt("imagenet", "normalisation: 'imagenet' or 'data' (computed from the training images)")
-    batch_size: int = opt(64, "images per batch", ge=1)
+    batch_size: int = opt(0, "samples per batch (0: 64; segment: 2 crops of volumes, 8 of images)", ge=0)
     workers: int = opt(2, "data-loading worker processes", ge=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     seed: int = opt(0, "seed of the split, the random initialisation, the head and the data order")
+    seeds: str = opt("", "segment: comma-separated seeds of the initialisation, head and crops, each a run of "
+                         "its own; the table gives their mean and spread (default: --seed)")
     out: str = opt("runs/eval", "run folder: results.json and the per-epoch history")
     progress: bool = opt(True, "show progress bars")
     stage: str = opt("last", "knn and linear: whose pooled features are used: 'last' (the last feature map), 'all' "
@@ -55,11 +60,13 @@ class EvalConfig:
     temperature: float = opt(0.07, "k-NN: temperature of the exp(similarity / T) vote weights")
     # linear probe and fine-tuning
     epochs: int = opt(0, "training epochs (0: 100 for linear, 20 for finetune)", ge=0)
-    lr: float = opt(0.0, "peak lr (0: 1e-3 for linear; finetune: base_lr x batch / 256)")
+    lr: float = opt(0.0, "peak lr (0: 1e-3 for linear; finetune: base_lr x batch / 256; segment: 1e-3 with adamw "
+                         "or lamb, 1e-2 with sgd)")
     base_lr: float = opt(4e-3, "finetune: lr = base_lr x batch / 256 when --lr is 0")
-    optimizer: Literal["adamw", "lamb"] = opt("adamw", "finetune: adamw or lamb")
+    optimizer: Literal["adamw", "lamb", "sgd"] = opt("adamw", "finetune and segment: adamw or lamb; sgd (Nesterov, "
+                                                              "momentum 0.99, as nnU-Net trains) for segment")
     weight_decay: float = opt(0.05, "finetune weight decay (linear probe: none)")
-    warmup_epochs: float = opt(2.0, "linear lr warm-up epochs, then cosine decay")
+    warmup_epochs: float = opt(2.0, "linear lr warm-up epochs, then cosine decay (segment: a tenth of the steps)")
     label_smoothing: float = opt(0.1, "finetune: label smoothing")
     layer_decay: float = opt(0.7, "finetune: layer-wise lr decay (1: off)")
     mixup: float = opt(0.0, "finetune: mixup alpha (0: off)")
@@ -71,6 +78,13 @@ class EvalConfig:
     crop_scale_min: float = opt(0.35, "finetune: RandomResizedCrop minimum area fraction (volumes: fraction of "
                                       "each axis)", gt=0.0, le=1.0)
     hflip: float = opt(0.5, "finetune: horizontal-flip probability (0 for digits and text)", ge=0.0, le=1.0)
+    # segmentation
+    labels: int = opt(0, "segment: train on the first N labelled cases of the training part, in name order "
+                         "(few-label curves; 0: all)", ge=0)
+    steps: int = opt(0, "segment: training steps (0: 300)", ge=0)
+    decoder_width: int = opt(0, "segment: width of the light U-Net decoder of backbones other than nnU-Net's (0: "
+                                "the deepest feature map's width)", ge=0)
+    overlap: float = opt(0.5, "segment, volumes: overlap of the sliding windows of validation", ge=0.0, lt=1.0)
 
     def __post_init__(self):
         validate(self)
@@ -81,6 +95,21 @@ class EvalConfig:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"k must be comma-separated positive integers, got '{self.k}'", ["k"]) from None
+        try:
+            self.seed_list()
+        except ValueError:
+            raise ConfigError(f"seeds must be comma-separated integers, got '{self.seeds}'", ["seeds"]) from None
+        if self.mode == "finetune" and self.optimizer == "sgd":
+            raise ConfigError("finetune uses adamw or lamb; sgd is for segment", ["optimizer"])
+
+    def seed_list(self) -> list[int]:
+        """The seeds of ``--seeds``, or ``[seed]``."""
+        seeds = [int(v) for v in str(self.seeds).split(",") if v.strip()]
+        return seeds or [self.seed]
+
+    def batch(self, volumes: bool) -> int:
+        """The batch size: ``batch_size``, or the mode's default."""
+        return self.batch_size or ((2 if volumes else 8) if self.mode == "segment" else 64)
 
     def stages(self, count: int) -> list[int]:
         """The stage numbers (1 = the finest of ``count`` feature maps) that ``stage`` names."""

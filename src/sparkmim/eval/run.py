@@ -47,6 +47,10 @@ def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, 
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every weight source of ``cfg`` and write ``results.json`` in ``cfg.out``."""
     device = resolve_device(cfg.device)
+    if cfg.mode == "segment":
+        from .segment import segment
+
+        return segment(cfg, device)
     sources = cfg.sources
     modality = modality_for(cfg.model)
     modality.check(cfg)
@@ -63,7 +67,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(json.dumps({"event": "start", "mode": cfg.mode, "model": cfg.model, "classes": len(classes),
                       "train_images": len(train_samples), "val_images": len(val_samples),
                       "sources": [label for label, _ in sources], "device": str(device)}), flush=True)
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader_kw = dict(batch_size=cfg.batch(False), num_workers=cfg.workers, pin_memory=device.type == "cuda")
     for label, source in sources:
         started = time.perf_counter()
         backbone, report = build_backbone(cfg, source, cfg.seed)

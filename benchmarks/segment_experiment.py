@@ -1,0 +1,104 @@
+"""Does SparK pre-training help 3-D segmentation with few labels? A CPU-sized experiment.
+
+1. Generate the task (benchmarks/seg_shapes.py): tubes (label 1) among blobs and plates of the
+   same intensity in textured, noisy 64^3 volumes; unlabelled volumes for pre-training, labelled
+   ones for fine-tuning, a fixed validation set.
+2. Pre-train a narrow nnU-Net ResEnc (plans file written here: 4 stages, widths 8-64, total stride
+   8, so a 32^3 crop is a 4 x 4 x 4 mask grid) with SparK: hierarchical, single-scale
+   (``--hierarchical false``) and zero-out masking (``--sparse false``).
+3. ``sparkmim evaluate segment`` per label count and seed, sources random and the three runs.
+
+    python benchmarks/segment_experiment.py --work /tmp/segexp --labels 4,8,16,32 --seeds 0,1,2
+
+Each step is skipped when its output exists, so a rerun continues. JSON lines; every
+``results.json`` stays under WORK/eval/. ``--steps`` (fine-tuning) and ``--epochs``
+(pre-training) size the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def plans(path: Path) -> Path:
+    """A narrow residual-encoder plans file in nnU-Net 2.4+'s layout."""
+    n = 4
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "arch_kwargs": {"n_stages": n, "features_per_stage": [8, 16, 32, 64],
+                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * n,
+                            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                            "n_blocks_per_stage": [1, 2, 2, 2], "n_conv_per_stage_decoder": [1] * (n - 1),
+                            "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    data = {"dataset_name": "Dataset900_Shapes", "plans_name": "nnUNetResEncNarrow",
+            "configurations": {"3d_fullres": {"data_identifier": "narrow_3d_fullres", "batch_size": 2,
+                                              "patch_size": [32, 32, 32], "spacing": [1.0, 1.0, 1.0],
+                                              "architecture": arch}},
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2]}
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print(json.dumps({"event": "run", "cmd": " ".join(cmd)}), flush=True)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/segexp")
+    p.add_argument("--unlabelled", type=int, default=200)
+    p.add_argument("--labels", default="4,8,16,32")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=40, help="pre-training epochs over the unlabelled volumes")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    p.add_argument("--variants", default="spark,single,zeroout")
+    a = p.parse_args(argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    top = max(int(v) for v in a.labels.split(","))
+    if not (data / "val" / "dataset.json").is_file():
+        run([sys.executable, str(HERE / "seg_shapes.py"), "--out", str(data), "--size", "64", "--unlabelled",
+             str(a.unlabelled), "--labelled", str(top), "--val", "16"], work / "generate.log")
+    model = f"nnunet:{plans(work / 'plans.json')}"
+    variants = {"spark": [], "single": ["--hierarchical", "false"], "zeroout": ["--sparse", "false"]}
+    runs = {}
+    for name in a.variants.split(","):
+        out = work / "runs" / name
+        runs[name] = out
+        if not (out / "encoder.safetensors").is_file():
+            run(["sparkmim", "pretrain", "--data", str(data / "unlabelled"), "--model", model, "--in-chans", "1",
+                 "--input-size", "32", "--batch-size", "8", "--epochs", str(a.epochs), "--warmup-epochs",
+                 str(max(1, a.epochs // 10)), "--decoder-width", "64", "--workers", "2", "--device", "cpu",
+                 "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
+                 *variants[name]], work / f"pretrain-{name}.log")
+    weights = ",".join(["random", *(f"{n}={runs[n]}" for n in runs)])
+    for labels in (int(v) for v in a.labels.split(",")):
+        out = work / "eval" / f"labels-{labels}"
+        if (out / "done").is_file():
+            continue
+        run(["sparkmim", "evaluate", "segment", "--data", str(data / "train"), "--val", str(data / "val"),
+             "--model", model, "--in-chans", "1", "--input-size", "32", "--labels", str(labels), "--seeds", a.seeds,
+             "--steps", str(a.steps), "--weights", weights, "--workers", "0", "--device", "cpu", "--progress",
+             "false", "--out", str(out)], work / f"eval-{labels}.log")
+        (out / "done").write_text("")
+        res = json.loads((out / "results.json").read_text())
+        for s in res["summary"]:
+            print(json.dumps({"event": "result", "labels": labels, **s}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
