@@ -3,7 +3,8 @@
 # against the eager step, the step matrix for ResNet-50 and ConvNeXt-S at batch 128 / 224 px,
 # where a fast bf16 step spends its time, depthwise layers on the canvas or the halo, and the
 # 3-D encoder in both forms against the dense model. Each part has its own time limit so one
-# slow part cannot eat the lease; SECTIONS picks parts (default: all, about 6 minutes on an H200).
+# slow part cannot eat the lease; SECTIONS picks parts (default: all, about 6 minutes on an H200,
+# plus up to 4 for 'data': the 3-D loader feeding ResEnc-L at 160^3 with 16 workers).
 # JSON lines go to $OUT/session.jsonl. monai travels as a wheel in .whl/ (pure Python):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1 \
 #     dynamic-network-architectures==0.4.4 einops
@@ -14,7 +15,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-SECTIONS="${SECTIONS:-check capture step canvas 3d}"
+SECTIONS="${SECTIONS:-check capture step canvas 3d data}"
 OUT_DIR="${OUT:-runs/device-session}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/session.jsonl"
@@ -58,6 +59,10 @@ if has 3d; then
     part 120 python3 benchmarks/encoder3d.py --model nnunet:resenc_l --device cuda --size 160 --batch $b \
       --rounds 3 --warmup 1 --precision bf16
   done
+fi
+if has data; then  # the 3-D input pipeline feeding a GPU: ResEnc-L at 160^3 from the cache, 16 workers
+  part 240 python3 benchmarks/volume_loader.py --volumes 2 --seconds 8 --methods cache,nnunet \
+    --run-model nnunet:resenc_l --run-crop 160 --run-batch 2 --run-workers 16 --run-steps 20 --run-device cuda
 fi
 python3 benchmarks/table.py "$LOG" 2>/dev/null | head -40
 grep '"encoder3d"' "$LOG" | cut -c1-60,200-400

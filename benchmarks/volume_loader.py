@@ -45,6 +45,9 @@ def parse(argv=None):
     p.add_argument("--run-model", default="monai:resnet18")
     p.add_argument("--run-crop", type=int, default=96)
     p.add_argument("--run-steps", type=int, default=12)
+    p.add_argument("--run-workers", type=int, default=2)
+    p.add_argument("--run-batch", type=int, default=2)
+    p.add_argument("--run-device", default="auto")
     p.add_argument("--workdir", help="keep the generated files here (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -152,12 +155,13 @@ def main(argv=None) -> list[dict]:
         emit({"method": "nnunet", **rate(ArrayVolumes(volumes, volume_transform(crop, None)), args.seconds)})
     if args.run_steps:
         done = subprocess.run([sys.executable, "-m", "sparkmim", "pretrain", "--data", str(cache), "--model",
-                               args.run_model, "--input-size", str(args.run_crop), "--batch-size", "2", "--workers", "2",
+                               args.run_model, "--input-size", str(args.run_crop), "--batch-size", str(args.run_batch),
+                               "--workers", str(args.run_workers), "--device", args.run_device,
                                "--intensity", "window:-1000:400", "--epochs", "1000", "--benchmark", str(args.run_steps),
                                "--progress", "false", "--out", str(work / "run")], capture_output=True, text=True)
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         bench = next((line for line in lines if line.get("event") == "benchmark"), None)
-        emit({"method": f"pretrain {args.run_model} {args.run_crop}^3 on the cache, 2 workers",
+        emit({"method": f"pretrain {args.run_model} {args.run_crop}^3 on the cache, {args.run_workers} workers",
               **(bench or {"error": done.stderr[-500:]})})
     if tmp is not None:
         tmp.cleanup()
