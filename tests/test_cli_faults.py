@@ -130,6 +130,7 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow  # 10-13 s of whole runs; the default suite stays under ten minutes
 def test_a_cluster_of_unreadable_files_is_counted_once_per_file(tmp_path):
     """13 readable images and, in one sub-folder, 2 truncated JPEGs (13 %): the run finishes over
     2 epochs, bad_images counts 2 distinct files, each announced on one line once and listed in
@@ -244,6 +245,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint(images, tmp_path, cli):
     assert export.returncode == 0 and json.loads(export.stdout.splitlines()[-1])["checkpoint"].endswith("04.pth")
 
 
+@pytest.mark.slow  # 10-13 s of whole runs; the default suite stays under ten minutes
 def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(images, tmp_path):
     out = tmp_path / "run"
     line = one_line_error(sparkmim("pretrain", *TINY, "--data", images, "--out", out,

@@ -174,7 +174,7 @@ def test_unreadable_volumes_are_listed_by_the_cache_and_by_the_run(tmp_path, cap
 
 _NNUNET_PREPROCESS = """
 from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
-extract_fingerprints([1], num_processes=1, check_dataset_integrity=True)
+extract_fingerprints([1], num_processes=1, check_dataset_integrity=False)
 plan_experiments([1])
 preprocess([1], configurations=("3d_fullres",), num_processes=(1,))
 """
