@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=40, help="pre-training epochs over the unlabelled volumes")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    p.add_argument("--lr", default="1e-3", help="pre-training peak lr (the demos' value; base_lr x 8 / 256 is far too low)")
     p.add_argument("--variants", default="spark,single,zeroout")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
         runs[name] = out
         if not (out / "encoder.safetensors").is_file():
             run(["sparkmim", "pretrain", "--data", str(data / "unlabelled"), "--model", model, "--in-chans", "1",
-                 "--input-size", "32", "--batch-size", "8", "--epochs", str(a.epochs), "--warmup-epochs",
+                 "--input-size", "32", "--batch-size", "8", "--lr", a.lr, "--epochs", str(a.epochs), "--warmup-epochs",
                  str(max(1, a.epochs // 10)), "--decoder-width", "64", "--workers", "2", "--device", "cpu",
                  "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
                  *variants[name]], work / f"pretrain-{name}.log")
