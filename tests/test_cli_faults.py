@@ -437,6 +437,7 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_killed_run_leaves_no_lock(
     assert summary_of(cli("pretrain", *TINY, "--data", images, "--out", out))["steps"] == 2
 
 
+@pytest.mark.slow  # a whole run of 10-25 s; the default suite stays under ten minutes on two cores
 def test_two_runs_started_at_once_into_one_folder_never_mix(images, tmp_path):
     """Two identical runs into one new folder at the same time: one finishes; the other is refused
     in one line (the folder is in use, or already holds the first run); nothing is moved aside."""

@@ -80,6 +80,7 @@ def two_rank_run(folder, tmp_path_factory):
 FAULT_RUN = {**BASE, "batch_size": 2, "epochs": 3, "sync_bn": True, "keep_last": 3}
 
 
+@pytest.mark.slow  # a whole run of 10-25 s; the default suite stays under ten minutes on two cores
 def test_a_two_rank_checkpoint_resumes_on_one_process(folder, two_rank_run, tmp_path):
     out = tmp_path / "shrink"
     out.mkdir()

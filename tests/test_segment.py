@@ -75,17 +75,26 @@ def test_pairs_are_found_and_a_label_map_of_another_shape_is_refused_naming_both
         find_cases(root, volumes=False)
 
 
-def test_a_small_run_learns_and_seeds_are_reproducible(tmp_path):
-    """resnet10t with the light U-Net decoder on squares and discs: 80 steps reach a Dice far
-    above chance on held-out images; the same seed gives the same numbers, another seed others."""
+def _small_run(tmp_path):
     root = _pairs(tmp_path / "d", count=8)
-    common = dict(mode="segment", data=str(root), model="resnet10t", input_size=64, batch_size=4, lr=3e-3,
-                  val_fraction=0.25, progress=False, workers=0, device="cpu")
+    return dict(mode="segment", data=str(root), model="resnet10t", input_size=64, batch_size=4, lr=3e-3,
+                val_fraction=0.25, progress=False, workers=0, device="cpu")
+
+
+def test_seeds_are_reproducible(tmp_path):
+    """resnet10t with the light U-Net decoder: the same seed gives the same losses and Dice,
+    another seed others."""
+    common = _small_run(tmp_path)
     rows = segment(EvalConfig(**common, steps=3, seeds="0,0,1", out=str(tmp_path / "r")), torch.device("cpu"))["results"]
     assert [r["seed"] for r in rows] == [0, 0, 1]
     assert rows[0]["dice_per_class"] == rows[1]["dice_per_class"] and rows[0]["loss_per_step"] == rows[1]["loss_per_step"]
     assert rows[2]["loss_per_step"] != rows[0]["loss_per_step"]
-    res = segment(EvalConfig(**common, steps=80, seeds="0", out=str(tmp_path / "o")), torch.device("cpu"))
+
+
+@pytest.mark.slow  # 20 s of training
+def test_a_small_run_learns(tmp_path):
+    """80 steps on squares and discs reach a Dice far above chance on held-out images."""
+    res = segment(EvalConfig(**_small_run(tmp_path), steps=80, seeds="0", out=str(tmp_path / "o")), torch.device("cpu"))
     assert all(r["dice"] > 0.5 for r in res["results"]), [r["dice"] for r in res["results"]]  # chance: about 0.1
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert saved["summary"][0]["seeds"] == 1 and (tmp_path / "o" / "slices-random.png").is_file()

@@ -184,6 +184,7 @@ def _metric_lines(out: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in ("img_per_s", "data_wait", "eta_s")} for line in lines]
 
 
+@pytest.mark.slow  # a whole run of 10-25 s; the default suite stays under ten minutes on two cores
 def test_a_resume_mid_window_logs_what_the_uninterrupted_run_logs(folder, tmp_path):
     """The loss and gradient-norm sums of the metric line in progress are kept in the checkpoint:
     resumed at step 4 of the window 4-6, the run logs lines 6 and 8 (and loss_last) exactly as
