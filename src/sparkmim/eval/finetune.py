@@ -117,15 +117,7 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
                 x, y = mixup(x, y)
             for g in opt.param_groups:
                 g["lr"] = sched.lr(step) * g.get("lr_scale", 1.0)
-            loss = criterion(model(x), y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"fine-tuning loss is {value} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
+            value = optimizer_step(model, opt, criterion(model(x), y), step, "fine-tuning", cfg.clip_grad)
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{value:.3f}", acc=f"{history[-1]:.1f}" if history else "-")
@@ -134,6 +126,20 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
               flush=True)
     bar.close()
     return history
+
+
+def optimizer_step(model: nn.Module, opt, loss: Tensor, step: int, what: str, clip: float = 0.0) -> float:
+    """One optimiser step on ``loss`` (its gradient norm clipped to ``clip`` when above 0); the
+    loss's value. ``FloatingPointError`` for a loss that is not finite, before any update."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} loss is {value} at step {step}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return value
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -40,6 +40,7 @@ from ..encoder import SparseEncoder
 from ..optim import Schedule
 from ..weights import load_encoder_weights
 from .config import EvalConfig
+from .finetune import optimizer_step
 
 __all__ = ["find_cases", "split_cases", "SegmentationNet", "dice_ce_loss", "dice_per_class", "segment",
            "build_network", "format_segment_table"]
@@ -284,13 +285,7 @@ def _train_one(network: nn.Module, train, cfg: EvalConfig, crop, volumes: bool, 
         y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)
         for g in opt.param_groups:
             g["lr"] = sched.lr(step)
-        loss = dice_ce_loss(network(x), y)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"segmentation loss is {value} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        value = optimizer_step(network, opt, dice_ce_loss(network(x), y), step, "segmentation")
         losses.append(round(value, 5))
         bar.update()
         bar.set_postfix(loss=f"{value:.3f}")
