@@ -135,6 +135,13 @@ def ladder(patch: tuple[int, ...], through: Sequence[tuple[int, ...]] = ()) -> l
     return steps
 
 
+def deepest_width(channels: int, patch: tuple[int, ...], factors: Sequence[tuple[int, ...]] = ()) -> int:
+    """The decoder width of an encoder whose deepest map has ``channels``: that width rounded up
+    so that it halves evenly once per block of :func:`ladder`."""
+    step = 2 ** (len(ladder(patch, factors)) - 1)
+    return -(-channels // step) * step
+
+
 class LightDecoder(nn.Module):
     """UNet-style decoder of appendix A: blocks that double the resolution, width halving each
     time, then a 1x1 head.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .backbones import norm_kind
 from .config import LossOn
-from .decoder import Densify, LightDecoder, ladder
+from .decoder import Densify, LightDecoder, deepest_width
 from .encoder import SparseEncoder
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
 from .masking import MaskPyramid, check_mask_ratio, grid_of, num_visible, random_visible
@@ -105,8 +105,7 @@ class SparK(nn.Module):
         self.densify_norm = default_densify_norm(encoder) if densify_norm == "auto" else densify_norm
         self.spatial_dims = encoder.spatial_dims
         if decoder_width is None:  # the deepest map's width, rounded up so that it halves evenly per block
-            step = 2 ** (len(ladder(self.patch_size, encoder.factors)) - 1)
-            decoder_width = -(-encoder.channels[-1] // step) * step
+            decoder_width = deepest_width(encoder.channels[-1], self.patch_size, encoder.factors)
         self.decoder_width = decoder_width
         # the decoder's ladder passes through every feature map's sites per patch; one densify per
         # used scale, coarsest first, feeds the block whose input sits at its map's sites per patch

@@ -35,7 +35,7 @@ from ..backbones import create_backbone, feature_modules_for
 from ..checkpoint import weights_state
 from ..config import ConfigError
 from ..data import IMAGE_EXTENSIONS, DataError, default_stats, load_image
-from ..decoder import _CONV, LightDecoder, ladder
+from ..decoder import _CONV, LightDecoder, deepest_width
 from ..encoder import SparseEncoder
 from ..optim import Schedule
 from ..weights import load_encoder_weights
@@ -153,8 +153,7 @@ class SegmentationNet(nn.Module):
         super().__init__()
         self.encoder = SparseEncoder(backbone, feature_modules, in_chans=in_chans, check=False)
         enc = self.encoder
-        steps = 2 ** (len(ladder(enc.patch_size, enc.factors)) - 1)  # the width halves per block
-        width = width or -(-enc.channels[-1] // steps) * steps
+        width = width or deepest_width(enc.channels[-1], enc.patch_size, enc.factors)
         self.decoder = LightDecoder(width, out_channels=num_classes, patch_size=enc.patch_size, factors=enc.factors)
         conv = _CONV[enc.spatial_dims]
         self.levels = [self.decoder.factors.index(f) for f in enc.factors]
