@@ -86,20 +86,31 @@ def main(argv=None) -> None:
                  str(max(1, a.epochs // 10)), "--decoder-width", "64", "--workers", "2", "--device", "cpu",
                  "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
                  *variants[name]], work / f"pretrain-{name}.log")
-    weights = ",".join(["random", *(f"{n}={runs[n]}" for n in runs)])
+    sources = {"random": "random", **{n: f"{n}={runs[n]}" for n in runs}}
     for labels in (int(v) for v in a.labels.split(",")):
-        out = work / "eval" / f"labels-{labels}"
-        if (out / "done").is_file():
+        have = _done_sources(work / "eval", labels)
+        missing = [name for name in sources if name not in have]
+        if not missing:
             continue
+        out = work / "eval" / f"labels-{labels}-{'-'.join(missing)}"
         run(["sparkmim", "evaluate", "segment", "--data", str(data / "train"), "--val", str(data / "val"),
              "--model", model, "--in-chans", "1", "--input-size", "32", "--labels", str(labels), "--seeds", a.seeds,
-             "--steps", str(a.steps), "--weights", weights, "--workers", "0", "--device", "cpu", "--progress",
-             "false", "--out", str(out)], work / f"eval-{labels}.log")
+             "--steps", str(a.steps), "--weights", ",".join(sources[n] for n in missing), "--workers", "0",
+             "--device", "cpu", "--progress", "false", "--out", str(out)], work / f"eval-{out.name}.log")
         (out / "done").write_text("")
         res = json.loads((out / "results.json").read_text())
         for s in res["summary"]:
             print(json.dumps({"event": "result", "labels": labels, **s}), flush=True)
 
+
+def _done_sources(root: Path, labels: int) -> set[str]:
+    """The weight sources already evaluated at ``labels`` (each source is seeded on its own, so
+    a source evaluated in an earlier call gives the same figures as in a later one)."""
+    done = set()
+    for res in root.glob(f"labels-{labels}*/results.json"):
+        if (res.parent / "done").is_file() and json.loads(res.read_text())["config"]["labels"] == labels:
+            done.update(s["weights"] for s in json.loads(res.read_text())["summary"])
+    return done
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from sparkmim.backbones import create_backbone
 from sparkmim.data import DataError
 from sparkmim.eval import EvalConfig
 from sparkmim.eval.segment import build_network, dice_ce_loss, dice_per_class, find_cases, segment
+from sparkmim.modality import IMAGES
 from sparkmim.weights import save_encoder_weights
 
 
@@ -63,7 +64,7 @@ def test_dice_ce_loss_equals_monais():
 
 def test_pairs_are_found_and_a_label_map_of_another_shape_is_refused_naming_both(tmp_path):
     root = _pairs(tmp_path / "d", count=3, mask_dir="masks")
-    cases = find_cases(root, volumes=False)
+    cases = find_cases(root, IMAGES)
     assert [c[0] for c in cases] == ["c0", "c1", "c2"] and all(c[2].parent.name == "masks" for c in cases)
     Image.fromarray(np.zeros((32, 64), np.uint8)).save(root / "masks" / "c1.png")
     cfg = EvalConfig(mode="segment", data=str(root), model="resnet10t", input_size=64, steps=1, out=str(tmp_path / "o"),
@@ -72,7 +73,7 @@ def test_pairs_are_found_and_a_label_map_of_another_shape_is_refused_naming_both
         segment(cfg, torch.device("cpu"))
     (root / "images" / "c3.png").write_bytes((root / "images" / "c0.png").read_bytes())
     with pytest.raises(DataError, match="have no label map of the same name.*c3.png"):
-        find_cases(root, volumes=False)
+        find_cases(root, IMAGES)
 
 
 def _small_run(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import DEMO_DATA, ConfigError, flag_of
@@ -220,6 +221,23 @@ class Modality:
         """One labelled sample read from ``path`` and transformed."""
         raise NotImplementedError
 
+    # -- segmentation (evaluate segment) ----------------------------------------------------------
+    segment_batch: int  # crops per fine-tuning step unless --batch-size is given
+
+    def read_labelled(self, files: tuple[Path, ...], label_file: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (C, *S) float32, normalised as the encoder was pre-trained; label map (*S))``
+        of one segmentation case: its channel files and its label file, as stored."""
+        raise NotImplementedError
+
+    def predict_case(self, network, x: torch.Tensor, crop: tuple[int, ...], stride: tuple[int, ...],
+                     overlap: float) -> torch.Tensor:
+        """The logits of ``network`` for one whole case ``x`` (1, C, *S)."""
+        raise NotImplementedError
+
+    def display_slice(self, image: np.ndarray, truth: np.ndarray, pred: np.ndarray):
+        """The 2-D ``(image (C, H, W), truth, prediction)`` a picture shows of one case."""
+        raise NotImplementedError
+
     # -- reconstructions --------------------------------------------------------------------------
     def reconstruct_transform(self, cfg, size: int, mean, std, patch: tuple[int, ...]):
         """How ``sparkmim reconstruct`` prepares a sample (normalised as in the run), and the
@@ -301,6 +319,33 @@ class Images(Modality):
 
     def load(self, path, channels: int, transform):
         return transform(load_image(path, channels))
+
+    segment_batch = 8
+
+    def read_labelled(self, files, label_file, cfg):
+        from PIL import Image
+
+        pil = load_image(files[0], cfg.in_chans)
+        image = np.asarray(pil, dtype=np.float32).reshape(pil.height, pil.width, -1).transpose(2, 0, 1) / 255.0
+        mean, std = default_stats(cfg.in_chans)
+        image = (image - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+        with Image.open(label_file) as m:
+            label = np.asarray(m)
+        if label.ndim == 3:
+            raise DataError(f"label map {label_file} has {label.shape[2]} colour channels: a label map is one "
+                            f"channel of integer labels (0 = background)")
+        return image, label
+
+    def predict_case(self, network, x, crop, stride, overlap):
+        import torch.nn.functional as F
+
+        size = x.shape[2:]  # the whole image, padded up to a multiple of the encoder's stride
+        pad = [(-n) % s for n, s in zip(size, stride)]
+        xp = F.pad(x, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+        return network(xp)[(..., *(slice(0, n) for n in size))]
+
+    def display_slice(self, image, truth, pred):
+        return image, truth, pred
 
     def reconstruct_transform(self, cfg, size: int, mean, std, patch):
         from torchvision.transforms import v2
@@ -462,6 +507,25 @@ class Volumes(Modality):
         if hasattr(transform, "set_random_state"):  # MONAI's own generator, seeded from torch's
             transform.set_random_state(seed=int(torch.randint(2**31, (1,))))
         return transform(read_volume(path, channels))
+
+    segment_batch = 2
+
+    def read_labelled(self, files, label_file, cfg):
+        from .volumes import _intensity, _needs, read_sample, read_volume
+
+        image = read_sample(files, cfg.in_chans)
+        label = read_volume(label_file, 1)[0]
+        transforms = _needs("monai.transforms", "3-D evaluation")
+        return np.asarray(_intensity(transforms, cfg.intensity)(image), dtype=np.float32), label
+
+    def predict_case(self, network, x, crop, stride, overlap):
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(x, crop, 1, network, overlap=overlap, mode="gaussian")
+
+    def display_slice(self, image, truth, pred):
+        k = int(np.argmax((truth > 0).reshape(truth.shape[0], -1).sum(1)))  # the most foreground
+        return image[:, k], truth[k], pred[k]
 
     def reconstruct_transform(self, cfg, size: int, mean, std, patch):
         from .volumes import read_volume, volume_eval_transform

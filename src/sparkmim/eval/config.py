@@ -107,9 +107,9 @@ class EvalConfig:
         seeds = [int(v) for v in str(self.seeds).split(",") if v.strip()]
         return seeds or [self.seed]
 
-    def batch(self, volumes: bool) -> int:
-        """The batch size: ``batch_size``, or the mode's default."""
-        return self.batch_size or ((2 if volumes else 8) if self.mode == "segment" else 64)
+    def batch(self, modality=None) -> int:
+        """The batch size: ``batch_size``, or the mode's default (segmentation: the modality's)."""
+        return self.batch_size or (modality.segment_batch if self.mode == "segment" else 64)
 
     def stages(self, count: int) -> list[int]:
         """The stage numbers (1 = the finest of ``count`` feature maps) that ``stage`` names."""

@@ -82,14 +82,14 @@ def finetune(backbone: nn.Module, train_ds, val_ds, num_classes: int, cfg: EvalC
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)  # timm's mixup draws from numpy (worker processes seed theirs: _seed_worker)
     model = build_classifier(backbone, num_classes, feature_modules_for(cfg.model)).to(device)
-    bs = min(cfg.batch(False), len(train_ds))
+    bs = min(cfg.batch(), len(train_ds))
     if bs % 2 and (cfg.mixup > 0 or cfg.cutmix > 0):
         bs -= 1  # mixup pairs samples within a batch
     gen = torch.Generator().manual_seed(seed)
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, drop_last=True, generator=gen,
                                                worker_init_fn=_seed_worker, **loader_kw)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch(False), **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch(), **loader_kw)
     epochs = cfg.train_epochs()
     steps_per_epoch = len(train_loader)
     peak = cfg.lr or cfg.base_lr * bs / 256

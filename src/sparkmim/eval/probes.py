@@ -55,7 +55,7 @@ def linear_probe(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor,
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     epochs = cfg.train_epochs()
-    bs = min(cfg.batch(False), train_f.shape[0])
+    bs = min(cfg.batch(), train_f.shape[0])
     steps_per_epoch = max(1, train_f.shape[0] // bs)
     sched = Schedule(cfg.lr or 1e-3, epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                      warmup_start_ratio=0.0, final_lr_ratio=0.0, wd=0.0, wd_end=0.0)

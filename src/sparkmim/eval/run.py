@@ -67,7 +67,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(json.dumps({"event": "start", "mode": cfg.mode, "model": cfg.model, "classes": len(classes),
                       "train_images": len(train_samples), "val_images": len(val_samples),
                       "sources": [label for label, _ in sources], "device": str(device)}), flush=True)
-    loader_kw = dict(batch_size=cfg.batch(False), num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader_kw = dict(batch_size=cfg.batch(), num_workers=cfg.workers, pin_memory=device.type == "cuda")
     for label, source in sources:
         started = time.perf_counter()
         backbone, report = build_backbone(cfg, source, cfg.seed)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..backbones import create_backbone, feature_modules_for
 from ..checkpoint import weights_state
 from ..config import ConfigError
-from ..data import IMAGE_EXTENSIONS, DataError, default_stats, load_image
+from ..data import DataError
 from ..decoder import _CONV, LightDecoder, deepest_width
 from ..encoder import SparseEncoder
 from ..optim import Schedule
@@ -57,10 +57,10 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def find_cases(root: str | Path, volumes: bool) -> list[tuple[str, tuple[Path, ...], Path]]:
+def find_cases(root: str | Path, modality) -> list[tuple[str, tuple[Path, ...], Path]]:
     """``(name, image files (one per channel), label file)`` of each labelled case under ``root``,
     sorted by name: an nnU-Net raw dataset, or ``images/`` + ``labels/`` (or ``masks/``) pairs."""
-    from ..volumes import is_nnunet_dataset, is_volume_name
+    from ..volumes import is_nnunet_dataset
 
     root = Path(root)
     if not root.is_dir():
@@ -83,11 +83,10 @@ def find_cases(root: str | Path, volumes: bool) -> list[tuple[str, tuple[Path, .
     if not images.is_dir() or labels is None:
         raise DataError(f"{root} is no segmentation data set: give an nnU-Net raw dataset (dataset.json, imagesTr/, "
                         f"labelsTr/) or a folder with images/ and labels/ holding files of the same names")
-    accept = is_volume_name if volumes else (lambda n: n.lower().endswith(IMAGE_EXTENSIONS))
-    by_stem = {_stem(p): p for p in labels.iterdir() if p.is_file() and accept(p.name)}
+    by_stem = {_stem(p): p for p in labels.iterdir() if p.is_file() and modality.is_sample_file(p)}
     cases, unlabelled = [], []
     for p in sorted(images.iterdir()):
-        if not p.is_file() or not accept(p.name):
+        if not p.is_file() or not modality.is_sample_file(p):
             continue
         if _stem(p) in by_stem:
             cases.append((_stem(p), (p,), by_stem[_stem(p)]))
@@ -97,8 +96,7 @@ def find_cases(root: str | Path, volumes: bool) -> list[tuple[str, tuple[Path, .
         raise DataError(f"{len(unlabelled)} image(s) in {images} have no label map of the same name in {labels}, "
                         f"e.g. {unlabelled[0]}")
     if not cases:
-        noun = "volumes" if volumes else "images"
-        raise DataError(f"no {noun} with label maps in {images} and {labels}")
+        raise DataError(f"no {modality.name} with label maps in {images} and {labels}")
     return cases
 
 
@@ -112,28 +110,10 @@ def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
-def _read_case(case, volumes: bool, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+def _read_case(case, modality, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
     """``(image (C, *S) float32, normalised; label (*S) int64)`` of one case; shapes checked."""
     name, files, label_file = case
-    if volumes:
-        from ..volumes import _intensity, _needs, read_sample, read_volume
-
-        image = read_sample(files, cfg.in_chans)
-        label = read_volume(label_file, 1)[0]
-        transforms = _needs("monai.transforms", "3-D evaluation")
-        image = np.asarray(_intensity(transforms, cfg.intensity)(image), dtype=np.float32)
-    else:
-        pil = load_image(files[0], cfg.in_chans)
-        image = np.asarray(pil, dtype=np.float32).reshape(pil.height, pil.width, -1).transpose(2, 0, 1) / 255.0
-        mean, std = default_stats(cfg.in_chans)
-        image = (image - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
-        from PIL import Image
-
-        with Image.open(label_file) as m:
-            label = np.asarray(m)
-        if label.ndim == 3:
-            raise DataError(f"label map {label_file} has {label.shape[2]} colour channels: a label map is one "
-                            f"channel of integer labels (0 = background)")
+    image, label = modality.read_labelled(files, label_file, cfg)
     if tuple(label.shape) != tuple(image.shape[1:]):
         raise DataError(f"label map {label_file} is {tuple(label.shape)}, its image {files[0]} is "
                         f"{tuple(image.shape[1:])}: a label map must have its image's shape")
@@ -238,28 +218,18 @@ def _crop(image: np.ndarray, label: np.ndarray, size: tuple[int, ...], rng: np.r
 
 
 @torch.no_grad()
-def _predict(network: nn.Module, image: np.ndarray, crop: tuple[int, ...], stride: tuple[int, ...], volumes: bool,
+def _predict(network: nn.Module, image: np.ndarray, crop: tuple[int, ...], stride: tuple[int, ...], modality,
              overlap: float, device) -> Tensor:
     """The label map predicted for one whole case."""
-    x = torch.from_numpy(image)[None].to(device)
-    if volumes:
-        from monai.inferers import sliding_window_inference
-
-        logits = sliding_window_inference(x, crop, 1, network, overlap=overlap, mode="gaussian")
-    else:  # the whole image, padded up to a multiple of the encoder's stride
-        size = x.shape[2:]
-        pad = [(-n) % s for n, s in zip(size, stride)]
-        xp = F.pad(x, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
-        logits = network(xp)[(..., *(slice(0, n) for n in size))]
+    logits = modality.predict_case(network, torch.from_numpy(image)[None].to(device), crop, stride, overlap)
     return logits.argmax(1)[0].cpu()
 
 
-def _train_one(network: nn.Module, train, cfg: EvalConfig, crop, volumes: bool, device, seed: int, label: str):
+def _train_one(network: nn.Module, train, cfg: EvalConfig, crop, batch: int, device, seed: int, label: str):
     """Fine-tune ``network`` on ``train`` ``[(image, label)]``; the loss of each step."""
     from tqdm import tqdm
 
     steps = cfg.steps or 300
-    batch = cfg.batch(volumes)
     if cfg.optimizer == "sgd":
         peak = cfg.lr or 1e-2
         opt = torch.optim.SGD(network.parameters(), lr=peak, momentum=0.99, nesterov=True,
@@ -292,11 +262,11 @@ def _train_one(network: nn.Module, train, cfg: EvalConfig, crop, volumes: bool, 
     return losses
 
 
-def _validate(network, val, num_classes, crop, stride, volumes, cfg, device):
+def _validate(network, val, num_classes, crop, stride, modality, cfg, device):
     network.eval()
     per_case, preds = [], []
     for image, truth in val:
-        pred = _predict(network, image, crop, stride, volumes, cfg.overlap, device)
+        pred = _predict(network, image, crop, stride, modality, cfg.overlap, device)
         per_case.append(dice_per_class(pred, torch.from_numpy(truth), num_classes))
         preds.append(pred.numpy())
     table = np.asarray(per_case, dtype=np.float64)
@@ -307,7 +277,7 @@ def _validate(network, val, num_classes, crop, stride, volumes, cfg, device):
     return per_class, (float(np.mean(known)) if known else None), preds
 
 
-def _picture(path: Path, val, preds, volumes: bool, count: int = 3) -> None:
+def _picture(path: Path, val, preds, modality, count: int = 3) -> None:
     """A few validation slices: image, truth, prediction (the slice with the most foreground)."""
     import matplotlib
 
@@ -317,9 +287,7 @@ def _picture(path: Path, val, preds, volumes: bool, count: int = 3) -> None:
     count = min(count, len(val))
     fig, axes = plt.subplots(count, 3, figsize=(9, 3 * count), squeeze=False)
     for row, ((image, truth), pred) in enumerate(zip(val[:count], preds[:count])):
-        if volumes:
-            k = int(np.argmax((truth > 0).reshape(truth.shape[0], -1).sum(1)))
-            image, truth, pred = image[:, k], truth[k], pred[k]
+        image, truth, pred = modality.display_slice(image, truth, pred)
         top = int(max(truth.max(), pred.max(), 1))
         for col, (shown, title) in enumerate([(image[0], "image"), (truth, "truth"), (pred, "prediction")]):
             ax = axes[row][col]
@@ -339,11 +307,10 @@ def segment(cfg: EvalConfig, device) -> dict:
 
     modality = modality_for(cfg.model)
     modality.check(cfg)
-    volumes = modality.spatial_dims == 3
     crop = modality.input_shape(cfg)
-    cases = find_cases(cfg.data, volumes)
+    cases = find_cases(cfg.data, modality)
     if cfg.val:
-        train_cases, val_cases = cases, find_cases(cfg.val, volumes)
+        train_cases, val_cases = cases, find_cases(cfg.val, modality)
     else:
         train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)
     if cfg.labels:
@@ -351,8 +318,8 @@ def segment(cfg: EvalConfig, device) -> dict:
             raise ConfigError(f"--labels {cfg.labels}: the training part holds {len(train_cases)} labelled cases",
                               ["labels"])
         train_cases = train_cases[: cfg.labels]
-    train = [_read_case(c, volumes, cfg) for c in train_cases]
-    val = [_read_case(c, volumes, cfg) for c in val_cases]
+    train = [_read_case(c, modality, cfg) for c in train_cases]
+    val = [_read_case(c, modality, cfg) for c in val_cases]
     num_classes = int(max(int(lab.max()) for _, lab in train + val)) + 1
     if num_classes < 2:
         raise DataError("the label maps hold background (0) only: nothing to segment")
@@ -373,15 +340,15 @@ def segment(cfg: EvalConfig, device) -> dict:
                 raise ConfigError(f"the crop {'x'.join(map(str, crop))} must be a multiple of the encoder's stride "
                                   f"{'x'.join(map(str, stride))} (--input-size, --input-depth)", ["input_size"])
             network = network.to(device)
-            losses = _train_one(network, train, cfg, crop, volumes, device, seed, label)
-            per_class, mean, preds = _validate(network, val, num_classes, crop, stride, volumes, cfg, device)
+            losses = _train_one(network, train, cfg, crop, cfg.batch(modality), device, seed, label)
+            per_class, mean, preds = _validate(network, val, num_classes, crop, stride, modality, cfg, device)
             row = {"weights": label, "source": source, "seed": seed, **report, "dice": mean,
                    "dice_per_class": per_class, "loss_first": losses[0], "loss_last": losses[-1],
                    "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps({"event": "result", **row}), flush=True)
             results["results"].append({**row, "loss_per_step": losses})
             if seed == cfg.seed_list()[0]:
-                _picture(out / f"slices-{label}.png", val, preds, volumes)
+                _picture(out / f"slices-{label}.png", val, preds, modality)
             results["summary"] = _summary(results["results"])
             text = json.dumps(results, indent=1)
             atomic_write(out / "results.json", lambda tmp, text=text: tmp.write_text(text))
