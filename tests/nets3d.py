@@ -148,7 +148,7 @@ def build3d(name):
     if name == "monai-segresnet":
         nets = _monai()
         m = nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1, 1, 1))
-        return m.double(), 1, [f"down_layers.{i}" for i in range(4)]
+        return m.double(), 1, feature_modules_for("monai:segresnet")
     if name.startswith("nnunet-small-"):  # nnU-Net's network of a preset at narrow widths
         pytest.importorskip("dynamic_network_architectures")
         from sparkmim.backbones import create_nnunet

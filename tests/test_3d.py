@@ -202,3 +202,40 @@ def test_channels_last_3d_changes_no_number(impl):
     assert g0.keys() == g1.keys() and len(g0) > 10
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-9, atol=1e-12, msg=lambda s, k=k: f"{k}: {s}")
+
+
+# the product's MONAI networks at narrow widths (constructor arguments), and the strides of their
+# feature maps from each architecture's definition: a U-Net's stage at the input's resolution
+# (SegResNet's first down layer, DynUNet's input block) is not among them
+_NARROW_MONAI = {
+    "resnet10": (dict(widen_factor=0.125, conv1_t_size=3), [(2,) * 3, (4,) * 3, (8,) * 3, (16,) * 3]),
+    "segresnet": (dict(init_filters=8), [(2,) * 3, (4,) * 3, (8,) * 3]),
+    "dynunet": (dict(filters=[4, 8, 8, 16, 16]), [(2,) * 3, (4,) * 3, (8,) * 3, (16,) * 3]),
+}
+
+
+@pytest.mark.parametrize("name", list(_NARROW_MONAI))
+def test_each_monai_network_builds_spark_and_feeds_every_map_to_the_decoder(name):
+    pytest.importorskip("monai")
+    from sparkmim.backbones import TESTED_MONAI, create_backbone, feature_modules_for
+
+    assert name in TESTED_MONAI
+    kwargs, strides = _NARROW_MONAI[name]
+    torch.manual_seed(0)
+    backbone = create_backbone(f"monai:{name}", in_chans=1, **kwargs)
+    model = SparK(SparseEncoder(backbone, feature_modules_for(f"monai:{name}")), decoder_width=16)
+    assert list(model.encoder.strides) == strides
+    assert sorted(model.levels) == list(range(len(strides)))  # every map has its decoder level
+    side = 2 * strides[-1][0]
+    loss = model(torch.randn(2, 1, side, side, side), generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.densify.parameters() if p.requires_grad)
+
+
+def test_a_feature_module_at_the_input_resolution_is_refused_naming_it():
+    pytest.importorskip("monai")
+    from sparkmim.backbones import create_backbone
+
+    backbone = create_backbone("monai:segresnet", in_chans=1, init_filters=8)
+    with pytest.raises(ValueError, match=r"feature module 'down_layers.0' is at the input's resolution"):
+        SparseEncoder(backbone, [f"down_layers.{i}" for i in range(4)])

@@ -86,8 +86,8 @@ CASES += [
     Case("3d-custom", "3d", "custom", VOLUME_GRID, (8, 16, 16), forms=BOTH),
     Case("3d-custom-next", "3d", "custom-next", VOLUME_GRID, (8, 16, 16), scales=3, forms=BOTH),
     Case("3d-monai-resnet10", "3d", "monai-resnet10", VOLUME_GRID, (16, 16, 16), forms=BOTH),
-    Case("3d-monai-segresnet", "3d", "monai-segresnet", VOLUME_GRID, (8, 8, 8), forms=BOTH, slow=True),
-    Case("3d-monai-dynunet", "3d", "monai-dynunet", VOLUME_GRID, (16, 16, 16), scales=5, forms=BOTH,
+    Case("3d-monai-segresnet", "3d", "monai-segresnet", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH, slow=True),
+    Case("3d-monai-dynunet", "3d", "monai-dynunet", VOLUME_GRID, (16, 16, 16), forms=BOTH,
          no_isolation=ONE_SITE_INSTANCE_NORM),
     # nnU-Net's ResEnc and plain networks (narrow; the encoder's stages 1-5 are decoded)
     Case("3d-nnunet-small-resenc_l", "3d", "nnunet-small-resenc_l", VOLUME_GRID, (8, 8, 8), scales=3, forms=BOTH,

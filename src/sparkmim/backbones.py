@@ -127,13 +127,14 @@ _MONAI = {
     "resnet34": ("resnet34", "n_input_channels", None),
     "resnet50": ("resnet50", "n_input_channels", None),
     "densenet121": ("DenseNet121", "in_channels", None),
-    "segresnet": ("SegResNet", "in_channels", [f"down_layers.{i}" for i in range(4)]),
+    # of a U-Net, the encoder's stages after its first stride (a stage at the input's resolution
+    # has no decoder level)
+    "segresnet": ("SegResNet", "in_channels", [f"down_layers.{i}" for i in range(1, 4)]),
     # nnU-Net-style: 3x3x3 kernels, strides 1, 2, 2, 2, 2, instance norm
-    "dynunet": ("DynUNet", "in_channels", ["input_block", "downsamples.0", "downsamples.1", "downsamples.2",
-                                           "bottleneck"]),
+    "dynunet": ("DynUNet", "in_channels", ["downsamples.0", "downsamples.1", "downsamples.2", "bottleneck"]),
 }
 _DYNUNET = dict(kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4, norm_name="instance")
-TESTED_MONAI = list(_MONAI)  # tests/test_3d.py (ResNet-10, SegResNet, DynUNet at small widths; ResNet-50, DenseNet-121 slow)
+TESTED_MONAI = list(_MONAI)  # tests/test_3d.py builds SparK from ResNet-10, SegResNet and DynUNet at narrow widths; test_properties.py (ResNet-50, DenseNet-121 slow)
 TESTED_TORCHVISION_VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"]  # tests/test_3d.py, slow
 
 

@@ -230,6 +230,10 @@ def _specs_of_named(probe: _Probe, names: Sequence[str], size: int, min_stride: 
             shown = "x".join(map(str, probe.shape(size)))
             raise ValueError(f"feature module '{n}' output {shape} is not a map of a {shown} probe (at least 2 sites "
                              f"along each axis, dividing the probe)")
+        if all(a == 1 for a in s):
+            raise ValueError(f"feature module '{n}' is at the input's resolution (stride 1): SparK's decoder and "
+                             f"a segmentation decoder take strided maps only; list the stages after the first "
+                             f"stride")
         expected = s
         specs.append(FeatureSpec(n, s, shape[1]))
     return specs
