@@ -8,6 +8,10 @@
    (``--hierarchical false``) and zero-out masking (``--sparse false``).
 3. ``sparkmim evaluate segment`` per label count and seed, sources random and the three runs.
 
+``--model monai:resnet10 --crop 64`` does the same for a MONAI ResNet-10 (total stride 16, so a
+64^3 crop is a 4 x 4 x 4 grid) with sparkmim's light U-Net decoder, under WORK/runs/resnet10-*
+and WORK/resnet10-eval/.
+
     python benchmarks/segment_experiment.py --work /tmp/segexp --labels 4,8,16,32 --seeds 0,1,2
 
 Each step is skipped when its output exists, so a rerun continues. JSON lines; every
@@ -66,7 +70,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     p.add_argument("--lr", default="1e-3", help="pre-training peak lr (the demos' value; base_lr x 8 / 256 is far too low)")
     p.add_argument("--variants", default="spark,single,zeroout")
+    p.add_argument("--model", default="nnunet", help="nnunet (the narrow ResEnc of WORK/plans.json) or another 3-D "
+                   "backbone with the light decoder, e.g. monai:resnet10 (total stride 16: use --crop 64)")
+    p.add_argument("--crop", type=int, default=32, help="crop side for pre-training and fine-tuning (the mask grid is "
+                   "crop / total stride per axis)")
+    p.add_argument("--decoder-width", type=int, default=64, help="SparK's decoder, and the segmentation decoder of "
+                   "a backbone that is not nnU-Net's")
+    p.add_argument("--table", action="store_true", help="print the Dice table of WORK's results (markdown) and stop")
     a = p.parse_args(argv)
+    if a.table:
+        return print(table(Path(a.work)))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
@@ -74,33 +87,58 @@ def main(argv=None) -> None:
     if not (data / "val" / "dataset.json").is_file():
         run([sys.executable, str(HERE / "seg_shapes.py"), "--out", str(data), "--size", "64", "--unlabelled",
              str(a.unlabelled), "--labelled", str(top), "--val", "16"], work / "generate.log")
-    model = f"nnunet:{plans(work / 'plans.json')}"
+    nnunet = a.model == "nnunet"
+    model = f"nnunet:{plans(work / 'plans.json')}" if nnunet else a.model
+    tag = "" if nnunet else a.model.split(":")[-1] + "-"  # the narrow ResEnc keeps the first run's paths
+    crop = ["--input-size", str(a.crop)]
     variants = {"spark": [], "single": ["--hierarchical", "false"], "zeroout": ["--sparse", "false"]}
     runs = {}
     for name in a.variants.split(","):
-        out = work / "runs" / name
+        out = work / "runs" / f"{tag}{name}"
         runs[name] = out
         if not (out / "encoder.safetensors").is_file():
             run(["sparkmim", "pretrain", "--data", str(data / "unlabelled"), "--model", model, "--in-chans", "1",
-                 "--input-size", "32", "--batch-size", "8", "--lr", a.lr, "--epochs", str(a.epochs), "--warmup-epochs",
-                 str(max(1, a.epochs // 10)), "--decoder-width", "64", "--workers", "2", "--device", "cpu",
+                 *crop, "--batch-size", "8", "--lr", a.lr, "--epochs", str(a.epochs), "--warmup-epochs",
+                 str(max(1, a.epochs // 10)), "--decoder-width", str(a.decoder_width), "--workers", "2", "--device", "cpu",
                  "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
-                 *variants[name]], work / f"pretrain-{name}.log")
+                 *variants[name]], work / f"pretrain-{tag}{name}.log")
     sources = {"random": "random", **{n: f"{n}={runs[n]}" for n in runs}}
     for labels in (int(v) for v in a.labels.split(",")):
-        have = _done_sources(work / "eval", labels)
+        have = _done_sources(work / f"{tag}eval", labels)
         missing = [name for name in sources if name not in have]
         if not missing:
             continue
-        out = work / "eval" / f"labels-{labels}-{'-'.join(missing)}"
+        out = work / f"{tag}eval" / f"labels-{labels}-{'-'.join(missing)}"
         run(["sparkmim", "evaluate", "segment", "--data", str(data / "train"), "--val", str(data / "val"),
-             "--model", model, "--in-chans", "1", "--input-size", "32", "--labels", str(labels), "--seeds", a.seeds,
+             "--model", model, "--in-chans", "1", *crop, "--labels", str(labels), "--seeds", a.seeds,
+             *([] if nnunet else ["--decoder-width", str(a.decoder_width)]),
              "--steps", str(a.steps), "--weights", ",".join(sources[n] for n in missing), "--workers", "0",
-             "--device", "cpu", "--progress", "false", "--out", str(out)], work / f"eval-{out.name}.log")
+             "--device", "cpu", "--progress", "false", "--out", str(out)], work / f"{tag}eval-{out.name}.log")
         (out / "done").write_text("")
         res = json.loads((out / "results.json").read_text())
         for s in res["summary"]:
             print(json.dumps({"event": "result", "labels": labels, **s}), flush=True)
+
+
+def table(work: Path) -> str:
+    """Mean foreground Dice (%) per network, label count and source: per seed; mean +- sample s.d."""
+    order = ["random", "spark", "single", "zeroout"]
+    lines = ["| network | labelled | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
+    for root in sorted(work.glob("*eval")):
+        found: dict[int, dict[str, dict]] = {}
+        for res in root.glob("labels-*/results.json"):
+            data = json.loads(res.read_text())
+            for s in data["summary"]:
+                found.setdefault(data["config"]["labels"], {})[s["weights"]] = s
+        network = "narrow nnU-Net ResEnc" if root.name == "eval" else f"monai:{root.name.removesuffix('-eval')}"
+        for labels in sorted(found):
+            cells = []
+            for name in order:
+                s = found[labels].get(name)
+                cells.append("" if s is None else " / ".join(f"{100 * v:.1f}" for v in s["dice_per_seed"])
+                             + f"; {100 * s['dice_mean']:.1f} +- {100 * s['dice_std']:.1f}")
+            lines.append(f"| {network} | {labels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _done_sources(root: Path, labels: int) -> set[str]:

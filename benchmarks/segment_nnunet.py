@@ -81,14 +81,20 @@ def train_one(a) -> None:
     import torch
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
-    class nnUNetTrainer_sparkmimShort(nnUNetTrainer):
+    base = nnUNetTrainer_warmup if a.warmup_epochs else nnUNetTrainer
+
+    class nnUNetTrainer_sparkmimShort(base):
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device | None = None):  # nnU-Net records these by name
             super().__init__(plans, configuration, fold, dataset_json, device or torch.device("cpu"))
             self.num_epochs = a.epochs
             self.num_iterations_per_epoch = a.iterations
             self.num_val_iterations_per_epoch = max(1, a.iterations // 5)
+            self.initial_lr = a.lr
+            if a.warmup_epochs:  # nnU-Net's warm-up trainer: the lr rises linearly, then its poly decay
+                self.warmup_duration_whole_net = a.warmup_epochs
 
         def on_train_start(self):
             super().on_train_start()
@@ -115,6 +121,9 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="spark", help="the experiment's runs (WORK/runs/NAME) to hand to nnU-Net")
     p.add_argument("--epochs", type=int, default=4, help="nnU-Net epochs (its default: 1000)")
     p.add_argument("--iterations", type=int, default=50, help="steps per nnU-Net epoch (its default: 250)")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="train with nnU-Net's own nnUNetTrainer_warmup "
+                   "(linear lr warm-up of the whole network over this many epochs; its default: 50 of 1000)")
+    p.add_argument("--lr", type=float, default=1e-2, help="nnU-Net's initial lr (its default: 1e-2)")
     p.add_argument("--repeats", type=int, default=1, help="trainings per source (nnU-Net's training is not seeded)")
     p.add_argument("--train-one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -144,16 +153,18 @@ def main(argv=None) -> None:
         sources[name] = ckpt
     for repeat in range(a.repeats):
         for name, ckpt in sources.items():
-            results = base / "results" / f"labels{a.labels}-e{a.epochs}x{a.iterations}" / f"{name}-{repeat}"
+            schedule = f"labels{a.labels}-e{a.epochs}x{a.iterations}" + (f"-warmup{a.warmup_epochs}" if a.warmup_epochs else "") + (f"-lr{a.lr:g}" if a.lr != 1e-2 else "")
+            results = base / "results" / schedule / f"{name}-{repeat}"
             summary = (results / "Dataset900_Shapes" / "nnUNetTrainer_sparkmimShort__nnUNetResEncNarrow__3d_fullres"
                        / "fold_0" / "validation" / "summary.json")
             if not summary.is_file():
                 run([sys.executable, __file__, "--epochs", str(a.epochs), "--iterations", str(a.iterations),
-                     "--train-one", str(ckpt or "-")], base / f"train-{results.parent.name}-{name}-{repeat}.log",
+                     "--warmup-epochs", str(a.warmup_epochs), "--lr", str(a.lr), "--train-one", str(ckpt or "-")], base / f"train-{results.parent.name}-{name}-{repeat}.log",
                     dict(env, nnUNet_results=str(results)))
             dice = json.loads(summary.read_text())["foreground_mean"]["Dice"]
             print(json.dumps({"event": "result", "source": name, "repeat": repeat, "labels": a.labels,
-                              "epochs": a.epochs, "iterations": a.iterations, "dice": dice,
+                              "epochs": a.epochs, "iterations": a.iterations,
+                              "warmup_epochs": a.warmup_epochs, "lr": a.lr, "dice": dice,
                               "summary": str(summary)}), flush=True)
 
 if __name__ == "__main__":
