@@ -131,3 +131,28 @@ def test_the_nnunet_network_gets_the_encoder_the_nnunet_export_holds(tmp_path):
     mine = trained.encoder.state_dict()
     assert all(torch.equal(v, mine[k]) for k, v in ours.encoder.state_dict().items())
     assert ours.decoder.seg_layers[-1].weight.shape[0] == 3
+
+
+def test_evaluate_takes_channels_from_the_run_of_the_same_model_else_from_the_data_set(tmp_path, monkeypatch):
+    """``evaluate`` without --in-chans: a run of the model given with --model gives its channels
+    and crop (config.yaml); a run of another model gives none; then an nnU-Net dataset's
+    ``channel_names`` give the channels."""
+    import yaml
+
+    import sparkmim.eval.run
+    from sparkmim.cli import main
+
+    seen = []
+    monkeypatch.setattr(sparkmim.eval.run, "evaluate", seen.append)
+    data = tmp_path / "Dataset001_X"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2", "2": "FLAIR", "3": "T1c"},
+                                                   "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "nnunet:a.json", "in_chans": 2, "input_size": 48}))
+    base = ["evaluate", "segment", "--data", str(data), "--weights", f"random,spark={run}", "--out", str(tmp_path / "o")]
+    assert main([*base, "--model", "nnunet:a.json"]) == 0
+    assert main([*base, "--model", "nnunet:b.json"]) == 0
+    assert main([*base, "--model", "nnunet:b.json", "--in-chans", "1"]) == 0
+    assert [(c.in_chans, c.input_size) for c in seen] == [(2, 48), (4, EvalConfig.input_size), (1, EvalConfig.input_size)]

@@ -202,11 +202,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .eval.run import evaluate
 
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
-    if "model" not in values:  # the model (and its input) of the run being evaluated, unless given
-        from_run = {k: v for k, v in settings_from_runs(values.get("weights", "")).items() if k not in values}
+    run = settings_from_runs(values.get("weights", ""))
+    # the model (and its input) of the run being evaluated, unless given; another --model takes none
+    if run and values.get("model", run.get("model")) == run.get("model"):
+        from_run = {k: v for k, v in run.items() if k not in values}
         if from_run:
             print(json.dumps({"event": "settings", "note": "taken from the run's config.yaml", **from_run}), flush=True)
         values.update(from_run)
+    if "in_chans" not in values and values.get("data"):  # else the channels the data set declares
+        from .eval.config import data_channels
+
+        declared = data_channels(values["data"])
+        if declared:
+            print(json.dumps({"event": "settings", "note": "channels from the data set", "in_chans": declared}),
+                  flush=True)
+            values["in_chans"] = declared
     evaluate(EvalConfig(**values))
     return 0
 

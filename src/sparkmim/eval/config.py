@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..config import ConfigError, NormStats, opt, parse_intensity, validate
 
-__all__ = ["EvalConfig", "MODES", "RUN_SETTINGS", "settings_from_runs"]
+__all__ = ["EvalConfig", "MODES", "RUN_SETTINGS", "settings_from_runs", "data_channels"]
 
 Mode = Literal["knn", "linear", "finetune", "segment"]
 MODES = typing.get_args(Mode)
@@ -177,3 +177,16 @@ def settings_from_runs(weights: str) -> dict:
         raise ConfigError(f"the runs in weights were pre-trained with different models ({', '.join(sorted(models))}); "
                           f"name the one to evaluate with model", ["weights", "model"])
     return next(iter(found.values()), {})
+
+
+def data_channels(data: str) -> int | None:
+    """The channel count a labelled data set declares (an nnU-Net raw dataset's ``dataset.json``),
+    or None."""
+    from ..inputs import data_input
+    from ..modality import VOLUMES
+
+    try:
+        source = data_input(data)
+    except (ValueError, OSError):  # not a data set sparkmim recognises: the evaluation says why
+        return None
+    return VOLUMES.data_channels(source)
