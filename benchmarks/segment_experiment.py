@@ -76,6 +76,7 @@ def main(argv=None) -> None:
                    "crop / total stride per axis)")
     p.add_argument("--decoder-width", type=int, default=64, help="SparK's decoder, and the segmentation decoder of "
                    "a backbone that is not nnU-Net's")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--table", action="store_true", help="print the Dice table of WORK's results (markdown) and stop")
     a = p.parse_args(argv)
     if a.table:
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
         if not (out / "encoder.safetensors").is_file():
             run(["sparkmim", "pretrain", "--data", str(data / "unlabelled"), "--model", model, "--in-chans", "1",
                  *crop, "--batch-size", "8", "--lr", a.lr, "--epochs", str(a.epochs), "--warmup-epochs",
-                 str(max(1, a.epochs // 10)), "--decoder-width", str(a.decoder_width), "--workers", "2", "--device", "cpu",
+                 str(max(1, a.epochs // 10)), "--decoder-width", str(a.decoder_width), "--workers", "2", "--device", a.device,
                  "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
                  *variants[name]], work / f"pretrain-{tag}{name}.log")
     sources = {"random": "random", **{n: f"{n}={runs[n]}" for n in runs}}
@@ -113,7 +114,7 @@ def main(argv=None) -> None:
              "--model", model, "--in-chans", "1", *crop, "--labels", str(labels), "--seeds", a.seeds,
              *([] if nnunet else ["--decoder-width", str(a.decoder_width)]),
              "--steps", str(a.steps), "--weights", ",".join(sources[n] for n in missing), "--workers", "0",
-             "--device", "cpu", "--progress", "false", "--out", str(out)], work / f"{tag}eval-{out.name}.log")
+             "--device", a.device, "--progress", "false", "--out", str(out)], work / f"{tag}eval-{out.name}.log")
         (out / "done").write_text("")
         res = json.loads((out / "results.json").read_text())
         for s in res["summary"]:

@@ -106,7 +106,7 @@ def train_one(a) -> None:
     trainer = nnUNetTrainer_sparkmimShort(plans=plans,
                                           configuration="3d_fullres", fold=0,
                                           dataset_json=json.loads((pre / "dataset.json").read_text()),
-                                          device=torch.device("cpu"))
+                                          device=torch.device(a.device))
     if a.train_one != "-":
         trainer.initialize()
         load_pretrained_weights(trainer.network, a.train_one, verbose=False)
@@ -125,6 +125,7 @@ def main(argv=None) -> None:
                    "(linear lr warm-up of the whole network over this many epochs; its default: 50 of 1000)")
     p.add_argument("--lr", type=float, default=1e-2, help="nnU-Net's initial lr (its default: 1e-2)")
     p.add_argument("--repeats", type=int, default=1, help="trainings per source (nnU-Net's training is not seeded)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--train-one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.train_one:
@@ -159,7 +160,8 @@ def main(argv=None) -> None:
                        / "fold_0" / "validation" / "summary.json")
             if not summary.is_file():
                 run([sys.executable, __file__, "--epochs", str(a.epochs), "--iterations", str(a.iterations),
-                     "--warmup-epochs", str(a.warmup_epochs), "--lr", str(a.lr), "--train-one", str(ckpt or "-")], base / f"train-{results.parent.name}-{name}-{repeat}.log",
+                     "--warmup-epochs", str(a.warmup_epochs), "--lr", str(a.lr), "--device", a.device,
+                     "--train-one", str(ckpt or "-")], base / f"train-{results.parent.name}-{name}-{repeat}.log",
                     dict(env, nnUNet_results=str(results)))
             dice = json.loads(summary.read_text())["foreground_mean"]["Dice"]
             print(json.dumps({"event": "result", "source": name, "repeat": repeat, "labels": a.labels,
