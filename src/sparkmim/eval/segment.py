@@ -60,12 +60,12 @@ def _stem(path: Path) -> str:
 def find_cases(root: str | Path, modality) -> list[tuple[str, tuple[Path, ...], Path]]:
     """``(name, image files (one per channel), label file)`` of each labelled case under ``root``,
     sorted by name: an nnU-Net raw dataset, or ``images/`` + ``labels/`` (or ``masks/``) pairs."""
-    from ..volumes import is_nnunet_dataset
+    from ..inputs import data_input
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"labelled data folder {root} does not exist")
-    if is_nnunet_dataset(root):
+    if data_input(str(root)).kind == "nnunet-raw":  # what a folder is, decided where every --data is
         from ..volumes import read_nnunet_dataset
 
         files, _ = read_nnunet_dataset(root)
