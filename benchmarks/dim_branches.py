@@ -10,10 +10,13 @@ whether it holds images or volumes, in one of these spellings:
 * ``rank``: a tensor rank compared with 4 or 5 (``x.dim() == 4``, ``arr.ndim == 5``);
 * ``int_or_tuple``: a scale asked whether it is a tuple (``isinstance(factor, tuple)``);
 * ``flag``: a ``volumes`` boolean tested or passed on;
-* ``derive``: the modality worked out again from a model or its name (``spatial_dims_for(...)``,
-  ``spatial_dims_of(...)``, ``model.spatial_dims`` read outside the model and the encoder).
+* ``derive``: the modality worked out again from a model, its name or a tensor's rank
+  (``spatial_dims_for(...)``, ``spatial_dims_of(...)``, ``model.spatial_dims`` read outside the
+  model and the encoder, ``MODALITIES[...]`` looked up by a number of dims).
 
-The last line is the total. The same script on two commits gives the before and after counts.
+Every file is counted. Sites in the modules whose job is to decide the modality (``HOMES``) are
+marked ``"home": true`` and counted apart (``in_homes``); ``total_sites`` counts them all. The
+last line is the total. The same script on two commits gives the before and after counts.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ PATTERNS = {
     "int_or_tuple": re.compile(rf"isinstance\({SCALE},\s*tuple\)"),
     "flag": re.compile(r"\bif (not )?(self\.)?volumes\b|\bvolumes=volumes\b|\bif volumes else\b|"
                        r"\bvolumes\s*=\s*(spatial|model|rec|self|cfg)"),
-    "derive": re.compile(r"spatial_dims_(for|of)\(|(?<!self)\bmodel\.spatial_dims\b|\.encoder\.spatial_dims\b"),
+    "derive": re.compile(r"spatial_dims_(for|of)\(|(?<!self)\bmodel\.spatial_dims\b|\.encoder\.spatial_dims\b|"
+                         r"\bMODALITIES\["),
 }
-# where deriving the modality is the job itself (the value decided once, the model's own field)
-DERIVE_HOMES = {"features.py", "backbones.py", "modality.py"}
+# where deciding the modality is the job itself (the value decided once, the model's own field)
+HOMES = {"features.py", "backbones.py", "modality.py"}
 
 
 def code_lines(path: Path) -> dict[int, str]:
@@ -58,10 +62,10 @@ def sites(root: Path):
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         for number, line in code_lines(path).items():
-            kinds = [k for k, p in PATTERNS.items() if p.search(line)
-                     and not (k == "derive" and path.name in DERIVE_HOMES)]
+            kinds = [k for k, p in PATTERNS.items() if p.search(line)]
             if kinds:
-                yield {"file": rel, "line": number, "kinds": kinds, "code": " ".join(line.split())}
+                yield {"file": rel, "line": number, "kinds": kinds, "code": " ".join(line.split()),
+                       "home": path.name in HOMES}
 
 
 def main() -> None:
@@ -81,7 +85,8 @@ def main() -> None:
     for s in found:
         for k in s["kinds"]:
             kinds[k] = kinds.get(k, 0) + 1
-    print(json.dumps({"total_sites": len(found), "files": len(per_file), "by_kind": kinds}))
+    print(json.dumps({"total_sites": len(found), "in_homes": sum(s["home"] for s in found),
+                      "outside_homes": sum(not s["home"] for s in found), "files": len(per_file), "by_kind": kinds}))
 
 
 if __name__ == "__main__":

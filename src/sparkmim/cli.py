@@ -26,48 +26,44 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
     return 0
 
 
-def _load_run(path: str, read: object = None):
-    """(checkpoint path, checkpoint state, its config) for a run directory or checkpoint file
-    (``read``: what was already read from that file)."""
-    from .checkpoint import CheckpointManager
-    from .config import PretrainConfig
+def _run_checkpoint(source, command: str):
+    """The training checkpoint of a run folder or checkpoint ``source`` (:mod:`sparkmim.sources`);
+    another kind of file is refused, saying what it is."""
+    from .checkpoint import RunCheckpoint
+    from .sources import RunFolder, kind_of
 
-    src = Path(path)
-    if src.is_dir():
-        found = CheckpointManager(src).latest_readable()  # skips an unreadable newest one with a warning
-        if found is None:
-            raise FileNotFoundError(f"no readable checkpoint-*.pth in {src}")
-        ckpt, state = found
-    else:
-        ckpt, state = src, CheckpointManager.load(src, state=read)
-    return ckpt, state, PretrainConfig(**{**state["config"], "init": None})
+    if isinstance(source, RunFolder):
+        return source.checkpoint()
+    if not isinstance(source, RunCheckpoint):
+        raise ValueError(f"{command} needs a run folder or one of its checkpoint-*.pth files; {source.path} is "
+                         f"{kind_of(source)}")
+    return source
 
 
 def _export(args: argparse.Namespace) -> int:
     from .backbones import create_backbone
-    from .data import default_stats
-    from .weights import encoder_weights, export_backbone, export_paths, load_encoder_weights
+    from .sources import EncoderWeights, ReleasedRun, read_source
+    from .weights import export_backbone, export_paths, load_encoder_weights
 
-    read = _read_export_source(args.run)
-    if _is_released(read):
-        return _export_released(args, Path(args.run), read)
-    ckpt, state, cfg = _load_run(args.run, read)
+    source = read_source(args.run)
+    if isinstance(source, (ReleasedRun, EncoderWeights)):
+        return _export_file(args, source)
+    ckpt = _run_checkpoint(source, "export")
+    cfg = ckpt.pretrain_config()
     if args.nnunet:
-        return _export_nnunet(args, ckpt, state, cfg)
+        return _export_nnunet(args, ckpt, cfg)
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans)
-    load_encoder_weights(backbone, encoder_weights(state["model"]), strict=True)
+    load_encoder_weights(backbone, ckpt.backbone_weights(), strict=True)
     fmt = args.format
-    out = Path(args.out) if args.out else ckpt.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    out = Path(args.out) if args.out else ckpt.path.parent / f"encoder.{'safetensors' if fmt == 'safetensors' else 'pth'}"
     replaced = [str(p) for p in export_paths(backbone, out) if p.exists()]
     for path in replaced:
-        warnings.warn(f"replacing the existing {path} with the weights of {ckpt}", stacklevel=1)
-    default_mean, default_std = default_stats(cfg.in_chans)
-    timm_folder = export_backbone(backbone, out, mean=state.get("norm_mean", default_mean),
-                                  std=state.get("norm_std", default_std), input_size=cfg.input_size,
-                                  architecture=cfg.model)
+        warnings.warn(f"replacing the existing {path} with the weights of {ckpt.path}", stacklevel=1)
+    mean, std = ckpt.stats()
+    timm_folder = export_backbone(backbone, out, mean=mean, std=std, input_size=cfg.input_size, architecture=cfg.model)
     fresh = create_backbone(cfg.model, in_chans=cfg.in_chans)  # freshly built original model: must load strictly
     report = load_encoder_weights(fresh, out, strict=True)
-    print(json.dumps({"event": "export", "checkpoint": str(ckpt), "weights": str(out), "model": cfg.model,
+    print(json.dumps({"event": "export", "checkpoint": str(ckpt.path), "weights": str(out), "model": cfg.model,
                       "matched": len(report["matched"]), "missing": report["missing"],
                       "unexpected": report["unexpected"], "shape_mismatch": report["shape_mismatch"],
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder), "replaced": replaced}),
@@ -75,68 +71,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_export_source(path: str):
-    """What a file given to ``export`` holds, read once; None for a run folder or a file named as
-    sparkmim names its checkpoints (read later, as a checkpoint)."""
-    import fnmatch
-
-    from .checkpoint import CHECKPOINT_PATTERN
-    from .weights import read_file
-
-    p = Path(path)
-    return None if not p.is_file() or fnmatch.fnmatch(p.name, CHECKPOINT_PATTERN) else read_file(p)
-
-
-def _is_released(state) -> bool:
-    """Whether ``state`` is one of the paper's released files: a ``_withdecoder_..._spark_style.pth``
-    or an encoder-only state dict (``_timm_style.pth``)."""
-    import torch
-
-    from .released import is_spark_style
-
-    plain_weights = isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
-    return is_spark_style(state) or plain_weights
-
-
-def _export_released(args: argparse.Namespace, path: Path, state: dict) -> int:
-    """``export FILE`` of a released file: its encoder with the backbone's own keys (ConvNeXt keys
-    renamed to timm's), loaded strictly into a fresh model, written as sparkmim exports are."""
+def _export_file(args: argparse.Namespace, source) -> int:
+    """``export FILE`` of a released file or of encoder weights: the backbone's weights with its
+    own keys (ConvNeXt keys renamed to timm's), loaded strictly into a fresh model, written as
+    sparkmim exports are."""
     from .backbones import create_backbone
     from .data import default_stats
-    from .released import is_spark_style
-    from .weights import backbone_weights, export_backbone, load_encoder_weights
+    from .sources import ReleasedRun
+    from .weights import export_backbone, load_encoder_weights
 
-    arch = state.get("arch") if is_spark_style(state) else None
-    model = args.model or arch
+    released = isinstance(source, ReleasedRun)
+    model = args.model or (source.architecture if released else None)
     if model is None:
-        raise ValueError(f"{path} is an encoder-only weights file: name its backbone, e.g. --model resnet50")
+        raise ValueError(f"{source.path} is an encoder-only weights file: name its backbone, e.g. --model resnet50")
     backbone = create_backbone(model, in_chans=3)
-    report = load_encoder_weights(backbone, backbone_weights(state), strict=True)
-    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.encoder.safetensors")
+    report = load_encoder_weights(backbone, source.backbone_weights(), strict=True)
+    out = Path(args.out) if args.out else source.path.with_name(f"{source.path.stem}.encoder.safetensors")
     mean, std = default_stats(3)
-    timm_folder = export_backbone(backbone, out, mean=mean, std=std, input_size=int(state.get("input_size", 224)),
-                                  architecture=model)
-    print(json.dumps({"event": "export", "source": str(path), "kind": "reference SparK checkpoint" if arch else
-                      "encoder weights", "weights": str(out), "model": model, "matched": len(report["matched"]),
+    timm_folder = export_backbone(backbone, out, mean=mean, std=std,
+                                  input_size=source.input_size if released else 224, architecture=model)
+    print(json.dumps({"event": "export", "source": str(source.path), "kind": "reference SparK checkpoint" if released
+                      else "encoder weights", "weights": str(out), "model": model, "matched": len(report["matched"]),
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
     return 0
 
 
-def _export_nnunet(args: argparse.Namespace, ckpt: Path, state: dict, cfg) -> int:
+def _export_nnunet(args: argparse.Namespace, ckpt, cfg) -> int:
     """``export --nnunet PLANS``: a checkpoint nnU-Net v2's ``-pretrained_weights`` loads."""
     from .nnunet import nnunet_checkpoint
-    from .weights import encoder_weights, load_plain
+    from .weights import load_plain
 
     if not cfg.model.startswith("nnunet:"):
         raise ValueError(f"the run pre-trained {cfg.model}, not one of nnU-Net's networks: --nnunet exports runs of "
                          f"--model nnunet:PRESET or nnunet:PLANS.json")
-    out = Path(args.out) if args.out else ckpt.parent / f"nnunet-{args.configuration}.pth"
+    out = Path(args.out) if args.out else ckpt.path.parent / f"nnunet-{args.configuration}.pth"
     if out.exists():
-        warnings.warn(f"replacing the existing {out} with the weights of {ckpt}", stacklevel=1)
-    report = nnunet_checkpoint(encoder_weights(state["model"]), args.nnunet, args.configuration, cfg.in_chans, out,
-                               source={"checkpoint": str(ckpt), "model": cfg.model, "epoch": int(state.get("epoch", 0))})
+        warnings.warn(f"replacing the existing {out} with the weights of {ckpt.path}", stacklevel=1)
+    report = nnunet_checkpoint(ckpt.backbone_weights(), args.nnunet, args.configuration, cfg.in_chans, out,
+                               source={"checkpoint": str(ckpt.path), "model": cfg.model, "epoch": ckpt.progress.epoch})
     written = load_plain(out, "nnU-Net checkpoint")["network_weights"]  # read back as plain data
-    print(json.dumps({"event": "export", "format": "nnunet", "checkpoint": str(ckpt), "weights": str(out),
+    print(json.dumps({"event": "export", "format": "nnunet", "checkpoint": str(ckpt.path), "weights": str(out),
                       "model": cfg.model, "plans": str(args.nnunet), "configuration": args.configuration,
                       "keys": len(written), "from_run": len(report["from_run"]),
                       "nnunet_init": len(report["nnunet_init"]), "seg_layers_skipped_by_nnunet": len(report["seg_layers"]),
@@ -157,20 +131,20 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import DataError, default_stats
+    from .data import DataError
     from .modality import modality_for
+    from .sources import read_source
     from .train.setup import build_model
     from .visualize import compose_rows, grid_rows, save_grid
 
-    ckpt, state, cfg = _load_run(args.checkpoint)
+    ckpt = _run_checkpoint(read_source(args.checkpoint), "reconstruct")
+    cfg = ckpt.pretrain_config()
     modality = modality_for(cfg.model)
     model = build_model(cfg, modality)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(ckpt.model)
     model.eval()
     size = args.size or cfg.input_size
-    mean, std = state.get("norm_mean"), state.get("norm_std")
-    if mean is None:
-        mean, std = default_stats(cfg.in_chans)
+    mean, std = ckpt.stats()
     # images: the short side resized to size, the aspect kept; volumes: resized whole; normalised as in the run
     tf, load = modality.reconstruct_transform(cfg, size, mean, std, model.patch_size)
 
@@ -191,7 +165,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         rows += tiles
         labels += names or []
     out = save_grid(compose_rows(rows, labels or None), args.out)
-    print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt), "images": len(args.images), "grid": str(out)}))
+    print(json.dumps({"event": "reconstruct", "checkpoint": str(ckpt.path), "images": len(args.images), "grid": str(out)}))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import weights_state
+from .sources import backbone_weights_of
 from .weights import (
     KeyMismatchError,
     atomic_write,
@@ -72,7 +72,7 @@ def to_torchvision(weights, arch: str, strict: bool = True) -> tuple[nn.Module, 
     fresh initialisation; with ``strict`` any other missing, unexpected or mis-shaped key raises."""
     import torchvision
 
-    state = weights if isinstance(weights, dict) else weights_state(weights)
+    state = weights if isinstance(weights, dict) else backbone_weights_of(weights)
     if _is_timm_convnext(state):
         state = timm_convnext_to_torchvision(state)
     model = torchvision.models.get_model(arch, weights=None)

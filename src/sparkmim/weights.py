@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["KeyMismatchError", "WriteError", "CheckpointError", "UnsafeFileError", "load_plain", "ENCODER_PREFIX",
-           "atomic_write", "state_bytes", "save_encoder_weights", "read_file", "backbone_weights", "read_weights", "weights_architecture",
+           "atomic_write", "state_bytes", "save_encoder_weights", "read_file", "read_weights", "weights_architecture",
            "key_report", "mismatches",
            "mismatch_message", "load_encoder_weights", "encoder_weights", "is_timm_model", "export_paths",
            "export_backbone", "save_timm_folder"]
@@ -195,26 +195,11 @@ def read_file(path: str | Path) -> object:
     return load_plain(path, "weights file")
 
 
-def backbone_weights(state) -> dict[str, Tensor]:
-    """The backbone's weights, with its own keys, in what a weights file holds: a state dict, a
-    ``state_dict`` or ``model`` entry (as many training scripts write; a sparkmim checkpoint
-    gives its encoder's), or one of the paper's released files (the encoder of a
-    ``_withdecoder_..._spark_style.pth``, a ``_timm_style.pth``; ConvNeXt keys renamed to timm's)."""
-    from .released import is_spark_style, reference_encoder
-
-    if is_spark_style(state):
-        return reference_encoder(state["module"])
-    for entry in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(entry), dict):
-            inner = state[entry]
-            return encoder_weights(inner) if any(k.startswith(ENCODER_PREFIX) for k in inner) else inner
-    return reference_encoder(state) if isinstance(state, dict) else state
-
-
 def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """The backbone's state dict in a ``.safetensors`` file or a plain-data torch file
-    (:func:`backbone_weights`)."""
-    return backbone_weights(read_file(path))
+    """The backbone's weights in whatever ``path`` is (:func:`sparkmim.sources.read_source`)."""
+    from .sources import backbone_weights_of  # the reader of user files stands above this module
+
+    return backbone_weights_of(path)
 
 
 def key_report(model: nn.Module, state: dict[str, Tensor]) -> dict[str, list[str]]:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..backbones import create_backbone, feature_modules_for
-from ..checkpoint import weights_state
 from ..config import ConfigError
 from ..devices import resolve_device
 from ..encoder import SparseEncoder
 from ..modality import modality_for
+from ..sources import backbone_weights_of
 from ..weights import atomic_write, load_encoder_weights
 from .config import EvalConfig
 from .data import LabelledSamples, build_splits
@@ -40,7 +40,7 @@ def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, 
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path)
     if source == "random":
         return backbone, None
-    report = load_encoder_weights(backbone, weights_state(source), strict=True)
+    report = load_encoder_weights(backbone, backbone_weights_of(source), strict=True)
     return backbone, {"matched": len(report["matched"])}
 
 

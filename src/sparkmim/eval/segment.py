@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import create_backbone, feature_modules_for
-from ..checkpoint import weights_state
 from ..config import ConfigError
 from ..data import DataError
 from ..decoder import _CONV, LightDecoder, deepest_width
 from ..encoder import SparseEncoder
 from ..optim import Schedule
+from ..sources import backbone_weights_of
 from ..weights import load_encoder_weights
 from .config import EvalConfig
 from .finetune import optimizer_step
@@ -162,7 +162,7 @@ def build_network(cfg: EvalConfig, source: str, seed: int, num_classes: int) -> 
         if source == "pretrained":
             raise ConfigError(f"{cfg.model} has no published pretrained weights", ["weights"])
         if source != "random":
-            state, keys = nnunet_state(weights_state(source), network)  # what the nnU-Net export holds
+            state, keys = nnunet_state(backbone_weights_of(source), network)  # what the nnU-Net export holds
             network.load_state_dict(state, strict=True)
             report = {"keys_matched": len(keys["from_run"])}
         stride = tuple(math.prod(s[i] for s in stage_strides(cfg.model.split(":", 1)[1])) for i in range(3))
@@ -170,7 +170,7 @@ def build_network(cfg: EvalConfig, source: str, seed: int, num_classes: int) -> 
         return network, report
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, pretrained=source == "pretrained")
     if source not in ("random", "pretrained"):
-        report = {"keys_matched": len(load_encoder_weights(backbone, weights_state(source), strict=True)["matched"])}
+        report = {"keys_matched": len(load_encoder_weights(backbone, backbone_weights_of(source), strict=True)["matched"])}
     network = SegmentationNet(backbone, feature_modules_for(cfg.model), cfg.in_chans, num_classes, cfg.decoder_width)
     return network, report
 

@@ -14,10 +14,16 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CHECKPOINT_PATTERN, CheckpointManager, checkpoint_paths, checkpoint_step
+from ..checkpoint import (
+    CHECKPOINT_PATTERN,
+    CheckpointManager,
+    RunCheckpoint,
+    checkpoint_paths,
+    checkpoint_step,
+)
 from ..config import ConfigError, PretrainConfig
-from ..released import is_spark_style
-from ..weights import load_plain, state_bytes
+from ..sources import ReleasedRun, RunFolder, kind_of, read_source
+from ..weights import state_bytes
 
 __all__ = ["RUN_FILES", "FolderLock", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
            "checkpoint_bytes"]
@@ -167,25 +173,34 @@ def _in_use(run_dir: Path, holder: str) -> str:
     return f"{run_dir} is in use by another {holder}: wait for it to end, or choose another --out"
 
 
-def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from and its state: the newest readable one for ``auto`` (None
-    when there is none), else the named one. Refuses another per-device batch or accumulation
-    (the data order and the schedule are counted in their batches)."""
+def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool):
+    """What to resume from: for ``auto`` the newest readable checkpoint of the run folder (None
+    when there is none), else what ``--resume`` names (:func:`~sparkmim.sources.read_source`): a
+    training checkpoint, a run folder (its newest readable checkpoint) or one of the paper's
+    released runs (:class:`~sparkmim.sources.ReleasedRun`); encoder weights are refused (they start
+    a run with ``--init``). Refuses another per-device batch or accumulation (the data order and
+    the schedule are counted in their batches)."""
     if cfg.resume == "auto":
         found = ckpts.latest_readable(cfg)
         if found is None and main:
             print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
                   flush=True)
     else:
-        state = load_plain(cfg.resume, "checkpoint")
-        if is_spark_style(state):  # one of the paper's released checkpoints: the run continues it
-            return Path(cfg.resume), state
-        found = Path(cfg.resume), CheckpointManager.load(cfg.resume, cfg, state=state)
+        found = read_source(cfg.resume)
+        if isinstance(found, ReleasedRun):  # one of the paper's released checkpoints: the run continues it
+            return found
+        if isinstance(found, RunFolder):
+            found = found.checkpoint(cfg)
+        elif not isinstance(found, RunCheckpoint):
+            raise ConfigError(f"--resume {cfg.resume} holds {kind_of(found)}, not a training checkpoint: start a run "
+                              f"from them with --init {cfg.resume}", ["resume", "init"])
+        else:
+            found.check_settings(cfg)
     if found is not None:
-        saved = found[1].get("config", {})
+        saved = found.config
         was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))
         if was != (cfg.batch_size, cfg.accum_steps):
-            raise ConfigError(f"cannot resume {found[0]} with batch_size {cfg.batch_size} x accum_steps "
+            raise ConfigError(f"cannot resume {found.path} with batch_size {cfg.batch_size} x accum_steps "
                               f"{cfg.accum_steps}: the run was started with batch_size {was[0]} x accum_steps "
                               f"{was[1]}; resume with --batch-size {was[0]} --accum-steps {was[1]}, or start a "
                               f"new --out")

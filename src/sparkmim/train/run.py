@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointManager, RunState
+from ..checkpoint import CheckpointManager, RunCheckpoint, RunState
 from ..config import DEMO_DATA, ConfigError, PretrainConfig, flag_of, given_options, replace_config
 from ..data import BadFiles, DataError, EpochSampler
 from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object
 from ..masking import MaskPyramid, grid_of, num_visible, seed_for
 from ..modality import modality_for
 from ..optim import Schedule
-from ..released import is_spark_style, load_reference, reference_moments
+from ..released import load_reference, reference_moments
+from ..sources import ReleasedRun
 from ..visualize import reconstruction_grid, save_grid
 from ..weights import atomic_write, export_backbone
 from .capture import CapturedStep
@@ -229,19 +230,18 @@ class Run:
         found = resume_checkpoint(self.cfg, self.ckpts, self.main) if self.cfg.resume else None
         if found is None:
             return False
-        path, saved = found
-        if is_spark_style(saved):
-            return self._resume_reference(path, saved)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scaler.load_state_dict(saved["scaler"])
-        self.resumed_window = saved.get("window")  # the sums of the metric line in progress (older checkpoints: none)
-        self.state = RunState.from_checkpoint(saved, self.info.world, self.cfg.batch_size, self.effective_batch)
+        if isinstance(found, ReleasedRun):
+            return self._resume_reference(found.path, found.state)
+        self.model.load_state_dict(found.model)
+        self.optimizer.load_state_dict(found.optimizer)
+        self.scaler.load_state_dict(found.scaler)
+        self.resumed_window = found.window  # the sums of the metric line in progress (older checkpoints: none)
+        self.state = found.progress.for_world(self.info.world, self.cfg.batch_size, self.effective_batch)
         finished = self.state.epoch >= self.cfg.epochs
         if self.main:
-            print(json.dumps({"event": "resume", "checkpoint": str(path), "epoch": self.state.epoch,
+            print(json.dumps({"event": "resume", "checkpoint": str(found.path), "epoch": self.state.epoch,
                               "step": self.state.step, "world": self.info.world,
-                              "checkpoint_world": saved.get("world", 1)}), flush=True)
+                              "checkpoint_world": found.progress.world}), flush=True)
             Metrics.truncate(self.run_dir, self.state.step)  # lines logged after the checkpoint come again
             if finished:
                 print(json.dumps({"event": "resume", "note": f"the run in {self.run_dir} had already finished "
@@ -581,11 +581,9 @@ class Run:
         self.state.bad_files = dict(self.bad.files)
         window = self._window_state()
         if self.main:
-            self.ckpts.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "scaler": self.scaler.state_dict(), "window": window,
-                             **self.state.to_checkpoint(),
-                             "config": self.cfg.to_dict(), "norm_mean": list(self.mean), "norm_std": list(self.std)},
-                            self.state.step)
+            self.ckpts.save(RunCheckpoint(None, self.model.state_dict(), self.optimizer.state_dict(),
+                                          self.scaler.state_dict(), self.state, self.cfg.to_dict(), window,
+                                          list(self.mean), list(self.std)))
         barrier()  # no rank runs ahead of a checkpoint being written
 
     def _visualise(self, tag: str) -> None:

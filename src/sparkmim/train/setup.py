@@ -18,14 +18,9 @@ from ..masking import shown_size
 from ..modality import Modality
 from ..model import SparK
 from ..optim import default_betas, hold_on_device, lamb, param_groups
-from ..released import is_spark_style, load_reference
-from ..weights import (
-    KeyMismatchError,
-    backbone_weights,
-    load_encoder_weights,
-    read_file,
-    weights_architecture,
-)
+from ..released import load_reference
+from ..sources import ReleasedRun, kind_of, read_source
+from ..weights import KeyMismatchError, load_encoder_weights
 
 __all__ = ["resolve_device", "resolve_precision", "autocast_for", "build_model", "build_optimizer", "crop_from_plans",
            "width_from_encoder"]
@@ -93,15 +88,14 @@ def build_model(cfg: PretrainConfig, modality: Modality, width_from_encoder: boo
                           "(timm's or torchvision's loader)", "model": cfg.model}), flush=True)
     else:
         backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
-    init = read_file(cfg.init) if cfg.init and cfg.init != "pretrained" else None
-    whole = init is not None and is_spark_style(init)  # a reference SparK model: loaded once SparK is built
-    arch = init.get("arch") if whole else None
-    if isinstance(arch, str) and arch != cfg.model.removeprefix("timm:"):
-        raise ConfigError(f"--init {cfg.init} is a SparK checkpoint of {arch}, the run's backbone is {cfg.model}: use "
-                          f"--model {arch}", ["init", "model"])
+    init = read_source(cfg.init) if cfg.init and cfg.init != "pretrained" else None
+    whole = isinstance(init, ReleasedRun)  # a reference SparK model: loaded once SparK is built
+    if whole and init.architecture and init.architecture != cfg.model.removeprefix("timm:"):
+        raise ConfigError(f"--init {cfg.init} is a SparK checkpoint of {init.architecture}, the run's backbone is "
+                          f"{cfg.model}: use --model {init.architecture}", ["init", "model"])
     if init is not None and not whole:
-        report = _load_init(backbone, backbone_weights(init), cfg)
-        print(json.dumps({"event": "init", "weights": cfg.init, "kind": "encoder weights",
+        report = _load_init(backbone, init, cfg)
+        print(json.dumps({"event": "init", "weights": cfg.init, "kind": kind_of(init),
                           "matched_keys": len(report["matched"])}), flush=True)
     modules = [m.strip() for m in cfg.feature_modules.split(",") if m.strip()] if cfg.feature_modules else None
     encoder = SparseEncoder(backbone, modules or feature_modules_for(cfg.model), in_chans=cfg.in_chans,
@@ -111,8 +105,8 @@ def build_model(cfg: PretrainConfig, modality: Modality, width_from_encoder: boo
                   densify_norm=cfg.densify_norm, hierarchical=cfg.hierarchical, sparse=cfg.sparse, pos_embed=cfg.pos_embed, loss_on=cfg.loss_on,
                   norm_pix=cfg.norm_pix)
     if whole:
-        report = load_reference(model, init, input_size=cfg.input_size)
-        print(json.dumps({"event": "init", "weights": cfg.init, "arch": init.get("arch"),
+        report = load_reference(model, init.state, input_size=cfg.input_size)
+        print(json.dumps({"event": "init", "weights": cfg.init, "arch": init.architecture,
                           "kind": "reference SparK model (encoder, densify, mask tokens, decoder)",
                           "loaded_keys": len(report["loaded"]), "left_out": report["left_out"],
                           "kept_at_init": report["kept"]}), flush=True)
@@ -136,13 +130,14 @@ def _quiet_hub():
         hub_logging.set_verbosity(level)
 
 
-def _load_init(backbone, weights: dict, cfg: PretrainConfig) -> dict:
-    """``--init FILE``'s weights loaded strictly into ``backbone``; weights of another architecture
-    are refused saying first, where the file tells, which architecture they are, then the keys."""
+def _load_init(backbone, init, cfg: PretrainConfig) -> dict:
+    """The backbone weights of ``--init``'s source loaded strictly into ``backbone``; weights of
+    another architecture are refused saying first, where the file tells, which architecture they
+    are, then the keys."""
     try:
-        return load_encoder_weights(backbone, weights, strict=True)
+        return load_encoder_weights(backbone, init.backbone_weights(), strict=True)
     except KeyMismatchError as e:
-        arch = weights_architecture(cfg.init)
+        arch = init.architecture
         if arch is not None and arch != cfg.model:
             first = (f"--init {cfg.init} holds {arch} weights and the model is {cfg.model}: use --model {arch}, or "
                      f"weights of {cfg.model}")
