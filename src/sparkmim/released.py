@@ -32,7 +32,7 @@ from .weights import ENCODER_PREFIX, KeyMismatchError, load_plain
 
 __all__ = ["REFERENCE_BUFFERS", "is_spark_style", "is_reference_convnext", "convnext_key", "reference_key",
            "reference_encoder", "map_reference", "check_reference_config", "load_reference", "read_reference",
-           "optimizer_names", "reference_moments"]
+           "optimizer_names", "reference_moments", "continue_reference"]
 
 REFERENCE_BUFFERS = ("imn_m", "imn_s", "norm_black")  # constants of the reference model, not weights
 _ENCODER = "sparse_encoder.sp_cnn."
@@ -205,6 +205,22 @@ def reference_moments(state: dict, model: nn.Module) -> tuple[dict[str, tuple[Te
         moments[ours] = (m, v)
     steps = [int(group.get("step", 0)) for group in optimizer.get("param_groups", [])]
     return moments, max(steps, default=0)
+
+
+def continue_reference(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                       input_size: int | None = None) -> dict:
+    """Load a released run into ``model`` and ``optimizer`` to continue it: the whole SparK model
+    (:func:`load_reference`), the LAMB moments of each parameter and the optimiser's step count
+    (:func:`reference_moments`). What was loaded, for the resume event."""
+    report = load_reference(model, state, input_size=input_size)
+    moments, optimizer_steps = reference_moments(state, model)
+    params = dict(model.named_parameters())
+    for name, (m, v) in moments.items():
+        p = params[name]
+        optimizer.state[p] = {"exp_avg": m.to(p.device, p.dtype), "exp_avg_sq": v.to(p.device, p.dtype)}
+    for group in optimizer.param_groups:
+        group["step"] = float(optimizer_steps)
+    return {"loaded_keys": len(report["loaded"]), "optimizer_moments": len(moments), "optimizer_steps": optimizer_steps}
 
 
 def read_reference(path: str | Path) -> dict:

@@ -23,7 +23,7 @@ from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier,
 from ..masking import MaskPyramid, grid_of, num_visible, seed_for
 from ..modality import modality_for
 from ..optim import Schedule
-from ..released import load_reference, reference_moments
+from ..released import continue_reference
 from ..sources import ReleasedRun
 from ..visualize import reconstruction_grid, save_grid
 from ..weights import atomic_write, export_backbone
@@ -260,21 +260,12 @@ class Run:
             raise ConfigError(f"{path} ended its run at epoch {epoch}; --epochs {cfg.epochs} leaves nothing to "
                               f"continue: give more epochs (e.g. --epochs {epoch + 100}), or --init {path} to start a "
                               f"new schedule from its weights", ["epochs", "resume"])
-        report = load_reference(self.model, saved, input_size=cfg.input_size)
-        moments, optimizer_steps = reference_moments(saved, self.model)
-        params = dict(self.model.named_parameters())
-        for name, (m, v) in moments.items():
-            p = params[name]
-            self.optimizer.state[p] = {"exp_avg": m.to(p.device, p.dtype), "exp_avg_sq": v.to(p.device, p.dtype)}
-        for group in self.optimizer.param_groups:
-            group["step"] = float(optimizer_steps)
+        loaded = continue_reference(self.model, self.optimizer, saved, input_size=cfg.input_size)
         step = epoch * self.steps_per_epoch
         self.state = RunState(epoch=epoch, step=step, images_seen=step * self.effective_batch, world=self.info.world)
         if self.main:
             print(json.dumps({"event": "resume", "checkpoint": str(path), "kind": "reference SparK run",
-                              "arch": saved.get("arch"), "epoch": epoch, "step": step,
-                              "loaded_keys": len(report["loaded"]), "optimizer_moments": len(moments),
-                              "optimizer_steps": optimizer_steps,
+                              "arch": saved.get("arch"), "epoch": epoch, "step": step, **loaded,
                               "lr_now": self.schedule.lr(step), "peak_lr": self.peak_lr}), flush=True)
         return False
 
