@@ -1,4 +1,6 @@
 import copy
+import inspect
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,49 @@ def loss_and_gradients(model, loss_fn):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- the whole_run marker ---------------------------------------------------------------------------
+# A test runs a whole pre-training run when its body, a fixture it requests or a helper of its
+# module starts one: sparkmim.pretrain(...), Run(...), or a call or list whose first item is the
+# command "pretrain" or "demo" (main([...]), a subprocess; one refused before its first step counts too).
+_STARTS_A_RUN = re.compile(r"\bpretrain\(|[\[(]\s*[\"'](pretrain|demo)[\"']|\bRun\(")
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _runners(module) -> set[str]:
+    """Names of the module's own functions (helpers and fixtures) that start a run, directly or
+    through another such function of the module."""
+    funcs = {name: _source(f) for name, f in vars(module).items()
+             if inspect.isfunction(f) and getattr(f, "__module__", None) == module.__name__}
+    found = {name for name, src in funcs.items() if _STARTS_A_RUN.search(src)}
+    while True:
+        more = {name for name, src in funcs.items() if name not in found
+                and any(re.search(rf"\b{re.escape(r)}\b", src) for r in found)}
+        if not more:
+            return found
+        found |= more
+
+
+def starts_a_run(item) -> bool:
+    """Whether a collected test runs a whole pre-training run (see _STARTS_A_RUN)."""
+    module = getattr(item, "module", None)
+    func = getattr(item, "function", None)
+    if module is None or func is None:
+        return False
+    runners = _runners(module)
+    src = _source(func)
+    return bool(_STARTS_A_RUN.search(src)) or any(re.search(rf"\b{re.escape(r)}\b", src) for r in runners) \
+        or any(name in runners for name in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if starts_a_run(item):
+            item.add_marker(pytest.mark.whole_run)

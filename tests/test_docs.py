@@ -61,3 +61,38 @@ def test_the_package_map_names_every_module_in_import_order():
             if order.index(needed) > order.index(unit):
                 late.append(f"{module} imports {needed}, listed after it")
     assert not late, late
+
+
+def test_the_whole_run_marker_follows_a_run_through_helpers_and_fixtures():
+    """conftest marks a test whole_run when it, a helper of its module or a fixture it requests
+    starts a pre-training run; unit tests stay unmarked (a hand-made module as the oracle)."""
+    import types
+
+    from conftest import starts_a_run
+
+    source = (
+        "def helper(tmp):\n    return main(['pretrain', '--out', tmp])\n"
+        "def indirect(tmp):\n    return helper(tmp)\n"
+        "def finished_run(tmp_path):\n    return sparkmim.pretrain(out=tmp_path)\n"
+        "def test_direct():\n    main(['demo'])\n"
+        "def test_helper():\n    indirect('x')\n"
+        "def test_fixture(finished_run):\n    pass\n"
+        "def test_unit():\n    assert flag_of('lr') == '--lr' and Runner() is not None\n"
+        "def test_subprocess():\n    cli(\"pretrain\", '--data', 'd')\n"
+    )
+    path = ROOT / "tests" / "_marker_probe.py"
+    path.write_text(source)
+    try:
+        module = types.ModuleType("_marker_probe")
+        module.__file__ = str(path)
+        exec(compile(source, str(path), "exec"), module.__dict__)
+        import sys
+
+        sys.modules["_marker_probe"] = module
+        marked = {name for name in ("test_direct", "test_helper", "test_fixture", "test_unit", "test_subprocess")
+                  if starts_a_run(types.SimpleNamespace(module=module, function=getattr(module, name),
+                                                        fixturenames=["finished_run"] if name == "test_fixture" else []))}
+    finally:
+        path.unlink()
+        sys.modules.pop("_marker_probe", None)
+    assert marked == {"test_direct", "test_helper", "test_fixture", "test_subprocess"}

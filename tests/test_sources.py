@@ -145,3 +145,21 @@ def test_what_a_user_file_is_is_decided_in_one_place():
     deciding = {str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
                 if path.name != "released.py" and _deciders_called(ast.parse(path.read_text()))}
     assert deciding == {"sources.py"}
+
+
+def test_resume_from_a_run_folder_takes_its_newest_readable_checkpoint(files, tmp_path):
+    from sparkmim.checkpoint import CheckpointManager
+    from sparkmim.train.folder import resume_checkpoint
+
+    paths, _ = files
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (3, 6):
+        state = _checkpoint_state(_weights(step)) | {"step": step}
+        torch.save(state, run / f"checkpoint-{step:08d}.pth")
+    (run / "checkpoint-00000009.pth").write_bytes(b"truncated")
+    cfg = PretrainConfig(model="resnet10t", resume=str(run), batch_size=4, input_size=64)
+    with pytest.warns(UserWarning, match="checkpoint-00000009.pth"):
+        found = resume_checkpoint(cfg, CheckpointManager(tmp_path / "elsewhere"), main=True)
+    assert found.path == run / "checkpoint-00000006.pth" and found.progress.step == 6
+    assert torch.equal(found.backbone_weights()["conv1.0.weight"], _weights(6)["conv1.0.weight"])

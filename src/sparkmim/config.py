@@ -121,7 +121,8 @@ class PretrainConfig:
     norm_pix: bool = _model(True, "target: each patch's pixels normalised by the patch's mean and std (the paper); "
                                   "false: the normalised image's pixels")
     init: str | None = _model(None, "weights to start from: a file of the backbone's weights (.safetensors or "
-                                    ".pth with the original model's keys, the paper's _timm_style files), one of the "
+                                    ".pth with the original model's keys, the paper's _timm_style files), another "
+                                    "run's folder or checkpoint (its encoder), one of the "
                                     "paper's _withdecoder_..._spark_style.pth files (the whole model), or "
                                     "'pretrained' (the backbone's own published weights, downloaded by timm or "
                                     "torchvision)")
@@ -165,7 +166,9 @@ class PretrainConfig:
     vis_every_epochs: int = _out(10, "reconstruction grid every N epochs, and at start and end (0: only at start "
                                      "and end)", ge=0)
     tensorboard: bool = _out(True, "write TensorBoard logs (needs the tensorboard package)")
-    resume: str | None = _out(None, "checkpoint to resume from, or 'auto' for the newest readable one in --out")
+    resume: str | None = _out(None, "checkpoint to resume from (a run folder: its newest readable one; one of "
+                                    "the paper's _spark_style.pth files continues that run), or 'auto' for the "
+                                    "newest readable one in --out")
     overwrite: bool = _out(False, "start afresh in an --out that holds another run, moving that run aside to "
                                   "OUT.old-<time> (without it such a folder is refused)")
     progress: bool = _out(True, "show a progress bar")
