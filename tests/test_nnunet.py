@@ -95,15 +95,11 @@ def new_name(kind: str) -> str:
 
 def test_bad_plans_are_refused_in_one_line_naming_what_is_wrong(tmp_path):
     plans = plans_dict("plain")
-    plans["configurations"]["2d"] = {"architecture": {**plans["configurations"]["3d_fullres"]["architecture"]}}
-    plans["configurations"]["2d"]["architecture"]["arch_kwargs"] = {
-        **plans["configurations"]["2d"]["architecture"]["arch_kwargs"], "conv_op": "torch.nn.modules.conv.Conv2d"}
     plans["configurations"]["evil"] = {"architecture": {**plans["configurations"]["3d_fullres"]["architecture"],
                                                         "network_class_name": "os.system"}}
     path = tmp_path / "nnUNetPlans.json"
     path.write_text(json.dumps(plans))
-    cases = [(f"{path}:2d", "sparkmim pre-trains nnU-Net's 3-D configurations"),
-             (f"{path}:3d_lowres", r"has no configuration '3d_lowres' \(it has 3d_fullres, 3d_cascade_fullres, 2d, evil\)"),
+    cases = [(f"{path}:3d_lowres", r"has no configuration '3d_lowres' \(it has 3d_fullres, 3d_cascade_fullres, evil\)"),
              (f"{path}:evil", "the plans name the network 'os.system'; sparkmim builds only classes of "
                               "dynamic_network_architectures"),
              ("resenc_s", r"unknown nnU-Net network 'resenc_s' \(did you mean nnunet:resenc_m\?\)"),
@@ -112,6 +108,30 @@ def test_bad_plans_are_refused_in_one_line_naming_what_is_wrong(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
             create_nnunet(spec)
         assert "\n" not in str(e.value)
+
+
+def test_a_2d_configuration_is_refused_by_the_rule_between_name_and_network(tmp_path):
+    """nnU-Net's 2d configuration builds a network of 2-D convolutions; an nnU-Net name is read
+    as a model of volumes, so the built network is refused by the same rule as any model whose
+    convolutions do not match its name, before anything is pre-trained."""
+    from sparkmim.config import ConfigError, PretrainConfig
+    from sparkmim.modality import modality_for
+    from sparkmim.train.setup import build_model
+
+    plans = plans_dict("plain")
+    arch = json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"]))
+    arch["arch_kwargs"] |= {"conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                            "kernel_sizes": [[3, 3]] * 4, "strides": [[1, 1], [2, 2], [2, 2], [2, 2]]}
+    plans["configurations"]["2d"] = {"data_identifier": "nnUNetPlans_2d", "batch_size": 12, "patch_size": [64, 64],
+                                     "spacing": [1.0, 1.0], "architecture": arch}
+    path = tmp_path / "nnUNetPlans.json"
+    path.write_text(json.dumps(plans))
+    network = create_nnunet(f"{path}:2d")  # nnU-Net's own 2-D network, built as nnU-Net builds it
+    assert isinstance(network.encoder.stages[0][0].convs[0].conv, torch.nn.Conv2d)
+    cfg = PretrainConfig(model=f"nnunet:{path}:2d", in_chans=1, input_size=32, input_depth=32, device="cpu")
+    with pytest.raises(ConfigError, match=r"builds a 2-D network \(its first convolution is Conv2d\), and sparkmim "
+                                          r"takes .* as a model of volumes \(3-D\)"):
+        build_model(cfg, modality_for(cfg.model))
 
 
 def test_an_anisotropic_plan_decodes_every_stage(tmp_path):

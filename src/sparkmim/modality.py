@@ -78,6 +78,20 @@ class Modality:
                 raise ConfigError(f"--{option.replace('_', '-')} is not for {self.name}: {cfg.model} takes "
                                   f"{self.name}", [option])
 
+    def check_network(self, network, name: str) -> None:
+        """The one rule between a model's name and the network built from it: the modality read
+        from the name (:func:`modality_for`, decided before any model exists) must have the
+        number of spatial dims of the network's first convolution; otherwise
+        :class:`~sparkmim.config.ConfigError` naming both."""
+        from .features import spatial_dims_of
+
+        built = spatial_dims_of(network)
+        if built != self.spatial_dims:
+            raise ConfigError(f"{name} builds a {built}-D network (its first convolution is Conv{built}d), and "
+                              f"sparkmim takes {name} as a model of {self.name} ({self.spatial_dims}-D): choose a "
+                              f"model of {self.spatial_dims}-D convolutions (for nnU-Net plans a 3-D configuration "
+                              f"such as 3d_fullres)", ["model"])
+
     # -- shapes ---------------------------------------------------------------------------------
     def input_shape(self, cfg) -> tuple[int, ...]:
         """The input of a config with ``input_size`` (and ``input_depth``), one size per axis."""

@@ -168,9 +168,6 @@ def _plans_network(path: Path, configuration: str) -> tuple[type, dict]:
     for op in arch.get("_kw_requires_import", _OPS):
         if op in kwargs:
             kwargs[op] = _locate(kwargs[op], ("torch.nn.",), op)
-    if kwargs.get("conv_op") is not nn.Conv3d:
-        raise ValueError(f"{path} configuration '{configuration}' builds a network of {kwargs.get('conv_op')}; "
-                         f"sparkmim pre-trains nnU-Net's 3-D configurations (3d_fullres, 3d_lowres, ...)")
     return cls, kwargs
 
 

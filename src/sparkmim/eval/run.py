@@ -38,6 +38,7 @@ def build_backbone(cfg: EvalConfig, source: str, seed: int) -> tuple[nn.Module, 
     if source == "pretrained":
         return create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path, pretrained=True), None
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=drop_path)
+    modality_for(cfg.model).check_network(backbone, cfg.model)
     if source == "random":
         return backbone, None
     report = load_encoder_weights(backbone, backbone_weights_of(source), strict=True)

@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..data import DataError
 from ..decoder import _CONV, LightDecoder, deepest_width
 from ..encoder import SparseEncoder
+from ..modality import modality_for
 from ..optim import Schedule
 from ..sources import backbone_weights_of
 from ..weights import load_encoder_weights
@@ -159,6 +160,7 @@ def build_network(cfg: EvalConfig, source: str, seed: int, num_classes: int) -> 
         from ..nnunet import create_nnunet, nnunet_state, stage_strides
 
         network = create_nnunet(cfg.model.split(":", 1)[1], cfg.in_chans, num_classes)
+        modality_for(cfg.model).check_network(network, cfg.model)
         if source == "pretrained":
             raise ConfigError(f"{cfg.model} has no published pretrained weights", ["weights"])
         if source != "random":
@@ -169,6 +171,7 @@ def build_network(cfg: EvalConfig, source: str, seed: int, num_classes: int) -> 
         network.patch_size = stride
         return network, report
     backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, pretrained=source == "pretrained")
+    modality_for(cfg.model).check_network(backbone, cfg.model)
     if source not in ("random", "pretrained"):
         report = {"keys_matched": len(load_encoder_weights(backbone, backbone_weights_of(source), strict=True)["matched"])}
     network = SegmentationNet(backbone, feature_modules_for(cfg.model), cfg.in_chans, num_classes, cfg.decoder_width)
@@ -302,7 +305,6 @@ def _picture(path: Path, val, preds, modality, count: int = 3) -> None:
 
 def segment(cfg: EvalConfig, device) -> dict:
     """``evaluate segment``: every weight source, every seed; ``results.json`` in ``cfg.out``."""
-    from ..modality import modality_for
     from ..weights import atomic_write
 
     modality = modality_for(cfg.model)

@@ -88,6 +88,7 @@ def build_model(cfg: PretrainConfig, modality: Modality, width_from_encoder: boo
                           "(timm's or torchvision's loader)", "model": cfg.model}), flush=True)
     else:
         backbone = create_backbone(cfg.model, in_chans=cfg.in_chans, drop_path=cfg.drop_path)
+    modality.check_network(backbone, cfg.model)
     init = read_source(cfg.init) if cfg.init and cfg.init != "pretrained" else None
     whole = isinstance(init, ReleasedRun)  # a reference SparK model: loaded once SparK is built
     if whole and init.architecture and init.architecture != cfg.model.removeprefix("timm:"):
