@@ -226,6 +226,7 @@ def test_resume_with_another_batch_size_is_refused_and_a_finished_run_says_so(im
     assert summary["loss_first"] == first["loss_first"] and summary["loss_last"] == first["loss_last"]
 
 
+@pytest.mark.slow  # whole runs; tests/test_sources.py holds the skip on hand-written checkpoints
 def test_resume_skips_an_unreadable_newest_checkpoint(images, tmp_path, cli):
     out = tmp_path / "run"
     summary_of(cli("pretrain", *TINY, "--data", images, "--out", out, "--epochs", "2", "--keep-last", "2"))

@@ -36,7 +36,8 @@ def assert_grads_close(actual, expected, rel=1e-10):
 
 
 
-@pytest.mark.parametrize("name", ["timm:resnet18", "timm:convnext_atto", "torchvision:efficientnet_b0"])
+@pytest.mark.parametrize("name", ["timm:resnet18", *[pytest.param(n, marks=pytest.mark.slow)  # 13-22 s each on busy cores
+                                                      for n in ("timm:convnext_atto", "torchvision:efficientnet_b0")]])
 def test_p1_no_leakage_with_drop_path(name):
     """Stochastic depth scales whole samples, so with it on (rate 0.5, train mode, the same random
     numbers for both runs) changing masked pixels still changes no output, gradient or running

@@ -205,7 +205,7 @@ def test_bf16_autocast_runs_the_sparse_layers(name):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("impl", ["fast", pytest.param("reference", marks=pytest.mark.slow)])
 def test_maps_keep_the_images_memory_format(impl):
     """Encoder features, densified maps, every decoder convolution's input and every decoder
     block's output gradient are in the images' memory format (contiguous by default,
@@ -234,7 +234,7 @@ def test_maps_keep_the_images_memory_format(impl):
     torch.testing.assert_close(losses[torch.channels_last], losses[torch.contiguous_format])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_fast_form_is_as_accurate_as_reference_under_bf16_autocast(name):
     """Under bf16 autocast the fast form's features are no further from the float32 result than
     the reference form's (its row-wise statistics, means and gathers keep autocast's precision).
@@ -300,7 +300,7 @@ class _ChannelsLastMlp(torch.nn.Module):
         return self.mlp(torch.nn.functional.gelu(self.norm(x))).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "convnext_atto", "odd"])
+@pytest.mark.parametrize("model_name", ["resnet18", pytest.param("convnext_atto", marks=pytest.mark.slow), "odd"])
 def test_fast_equals_reference_for_odd_channel_counts_in_the_whole_model(model_name):
     """SparK loss and every gradient with sparse_impl fast equal reference, for an input with 5
     channels, odd layer widths and a non-square image (float64)."""

@@ -301,9 +301,13 @@ BY_ID = {c.id: c for c in CASES}
 ON_DEVICES = [(_image("resnet18"), "cuda"), (_image("convnext_atto"), "cuda"), (_image("convnext_atto"), "other"),
               (_image("efficientnet_b0"), "other"), (_image("mobilenetv3_large_100"), "cuda"),
               (BY_ID["3d-custom"], "cuda"), (BY_ID["3d-monai-resnet10"], "cuda")]
+# 35-50 s each on a busy 2-core machine; ConvNeXt's depthwise layers hold the kernel choices by default
+ON_DEVICES_SLOW = {("timm-efficientnet_b0", "other"), ("timm-mobilenetv3_large_100", "cuda")}
 
 
-@pytest.mark.parametrize("case,device", [pytest.param(c, d, id=f"{c.id}-{d}") for c, d in ON_DEVICES])
+@pytest.mark.parametrize("case,device", [pytest.param(c, d, id=f"{c.id}-{d}",
+                                                      marks=[pytest.mark.slow] if (c.id, d) in ON_DEVICES_SLOW else [])
+                                         for c, d in ON_DEVICES])
 def test_fast_with_the_kernel_choices_of_a_gpu_equals_reference(case, device, monkeypatch):
     """The fast form picks some layer kernels by device type (on CPU: depthwise layers on image
     tiles smaller than 4 x 4 on the canvas, one-site convolutions as im2col products). With the

@@ -163,3 +163,15 @@ def test_resume_from_a_run_folder_takes_its_newest_readable_checkpoint(files, tm
         found = resume_checkpoint(cfg, CheckpointManager(tmp_path / "elsewhere"), main=True)
     assert found.path == run / "checkpoint-00000006.pth" and found.progress.step == 6
     assert torch.equal(found.backbone_weights()["conv1.0.weight"], _weights(6)["conv1.0.weight"])
+
+
+def test_a_checkpoint_of_an_older_layout_reads_with_the_defaults_of_its_time(tmp_path):
+    """Checkpoints written before bad_files, loss_last, world, window and the normalisation were
+    saved: the progress they hold, nothing lost, and the default normalisation of their channels."""
+    old = _checkpoint_state(_weights(1))
+    for key in ("bad_images", "bad_files", "loss_last", "world", "window", "norm_mean", "norm_std"):
+        del old[key]
+    torch.save(old, tmp_path / "checkpoint-00000003.pth")
+    checkpoint = read_source(tmp_path / "checkpoint-00000003.pth")
+    assert checkpoint.progress == RunState(epoch=1, batch=0, step=3, images_seen=12, first_loss=1.0)
+    assert checkpoint.window is None and checkpoint.stats() == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -90,6 +90,7 @@ def test_one_python_call_runs_like_the_command(folder, tmp_path):
         sparkmim.pretrain(data=str(folder), epochs=0)
 
 
+@pytest.mark.slow  # a whole run; an older run folder resumes in test_a_run_folder_written_before_the_renovation_...
 def test_a_checkpoint_written_before_bad_files_and_loss_last_were_saved_resumes(folder, tmp_path):
     """The checkpoint format gained ``bad_files`` and ``loss_last``; a checkpoint without them (as
     written by earlier releases) resumes, and the resumed run ends like an uninterrupted one."""
@@ -148,6 +149,7 @@ def test_a_run_folder_written_before_the_renovation_resumes_and_exports(tmp_path
                        saved["model"]["encoder.model.stem.0.weight"])
 
 
+@pytest.mark.slow  # two whole runs of 10-25 s; the default suite stays under ten minutes on two cores
 def test_loss_first_is_the_first_steps_loss_whatever_the_logging_interval(folder, tmp_path):
     """loss_first is the first optimiser step's loss even when no log line falls on that step; every
     log line carries the global gradient norm before clipping."""

@@ -196,7 +196,8 @@ class RunCheckpoint:
             return list(self.norm_mean), list(self.norm_std)
         from .data import default_stats
 
-        return default_stats(int(self.config.get("in_chans", 3)))
+        mean, std = default_stats(int(self.config.get("in_chans", 3)))
+        return list(mean), list(std)
 
     def backbone_weights(self) -> dict[str, Tensor]:
         """The backbone's weights, with its own keys."""
