@@ -104,17 +104,18 @@ def main(argv=None) -> None:
                  "--vis-every-epochs", "0", "--progress", "false", "--tensorboard", "false", "--out", str(out),
                  *variants[name]], work / f"pretrain-{tag}{name}.log")
     sources = {"random": "random", **{n: f"{n}={runs[n]}" for n in runs}}
+    evals = work / (f"{tag}eval" if a.steps == 100 else f"{tag}eval-steps{a.steps}")  # one folder per schedule
     for labels in (int(v) for v in a.labels.split(",")):
-        have = _done_sources(work / f"{tag}eval", labels)
+        have = _done_sources(evals, labels)
         missing = [name for name in sources if name not in have]
         if not missing:
             continue
-        out = work / f"{tag}eval" / f"labels-{labels}-{'-'.join(missing)}"
+        out = evals / f"labels-{labels}-{'-'.join(missing)}"
         run(["sparkmim", "evaluate", "segment", "--data", str(data / "train"), "--val", str(data / "val"),
              "--model", model, "--in-chans", "1", *crop, "--labels", str(labels), "--seeds", a.seeds,
              *([] if nnunet else ["--decoder-width", str(a.decoder_width)]),
              "--steps", str(a.steps), "--weights", ",".join(sources[n] for n in missing), "--workers", "0",
-             "--device", a.device, "--progress", "false", "--out", str(out)], work / f"{tag}eval-{out.name}.log")
+             "--device", a.device, "--progress", "false", "--out", str(out)], work / f"{evals.name}-{out.name}.log")
         (out / "done").write_text("")
         res = json.loads((out / "results.json").read_text())
         for s in res["summary"]:
@@ -125,13 +126,17 @@ def table(work: Path) -> str:
     """Mean foreground Dice (%) per network, label count and source: per seed; mean +- sample s.d."""
     order = ["random", "spark", "single", "zeroout"]
     lines = ["| network | labelled | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
-    for root in sorted(work.glob("*eval")):
+    for root in sorted(work.glob("*eval*")):
+        if not root.is_dir():
+            continue
         found: dict[int, dict[str, dict]] = {}
         for res in root.glob("labels-*/results.json"):
             data = json.loads(res.read_text())
             for s in data["summary"]:
                 found.setdefault(data["config"]["labels"], {})[s["weights"]] = s
-        network = "narrow nnU-Net ResEnc" if root.name == "eval" else f"monai:{root.name.removesuffix('-eval')}"
+        model, _, steps = root.name.partition("eval")
+        network = "narrow nnU-Net ResEnc" if not model else f"monai:{model.removesuffix('-')}"
+        network += f", {steps.removeprefix('-steps')} fine-tuning steps" if steps else ""
         for labels in sorted(found):
             cells = []
             for name in order:
