@@ -25,11 +25,7 @@ TESTED_TIMM_SLOW = {"vgg11", "mobileone_s0", "xception41", "ghostnetv2_100", "in
                  "res2net50_14w_8s", "densenet121", "tf_efficientnetv2_b0", "resnetv2_50x1_bit",
                  # families whose operations another default model holds (the default suite: under 10 min on 2 cores)
                  "mixnet_s", "mobilenetv2_050", "rexnet_100", "repvgg_a0", "hrnet_w18_small", "dpn68",
-                 "ghostnet_050", "skresnet18",
-                 # whose operations another default model holds: tf_efficientnet_b0 (EfficientNet with TF
-                 # padding), convnextv2_atto (ConvNeXt with GRN), regnety_002 (RegNetX with SE),
-                 # seresnext26d_32x4d (ResNet-D with SE and groups), mobilenetv3_small_050 (LCNet's blocks)
-                 "efficientnet_b0", "convnext_atto", "regnetx_002", "resnet26d", "lcnet_050"}
+                 "ghostnet_050", "skresnet18"}
 TESTED_TIMM = [
     ("resnet18", "ResNet"),
     ("resnet26d", "ResNet-D"),
