@@ -4,6 +4,7 @@ weights that were written into it, and an entry point refuses a kind it cannot u
 file is."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,12 @@ def test_a_checkpoint_of_an_older_layout_reads_with_the_defaults_of_its_time(tmp
     checkpoint = read_source(tmp_path / "checkpoint-00000003.pth")
     assert checkpoint.progress == RunState(epoch=1, batch=0, step=3, images_seen=12, first_loss=1.0)
     assert checkpoint.window is None and checkpoint.stats() == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_export_of_a_sparkmim_export_takes_the_model_it_records(files, tmp_path, capsys):
+    paths, expected = files
+    assert main(["export", str(paths["export"]), "--out", str(tmp_path / "again.safetensors")]) == 0
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert event["model"] == "resnet10t" and event["kind"] == "encoder weights"
+    again = read_source(tmp_path / "again.safetensors").backbone_weights()
+    assert all(torch.equal(again[k], v) for k, v in expected["export"].items())

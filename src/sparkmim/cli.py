@@ -77,11 +77,11 @@ def _export_file(args: argparse.Namespace, source) -> int:
     sparkmim exports are."""
     from .backbones import create_backbone
     from .data import default_stats
-    from .sources import ReleasedRun
+    from .sources import ReleasedRun, kind_of
     from .weights import export_backbone, load_encoder_weights
 
     released = isinstance(source, ReleasedRun)
-    model = args.model or (source.architecture if released else None)
+    model = args.model or source.architecture  # a released run's arch, a sparkmim export's recorded model
     if model is None:
         raise ValueError(f"{source.path} is an encoder-only weights file: name its backbone, e.g. --model resnet50")
     backbone = create_backbone(model, in_chans=3)
@@ -90,8 +90,7 @@ def _export_file(args: argparse.Namespace, source) -> int:
     mean, std = default_stats(3)
     timm_folder = export_backbone(backbone, out, mean=mean, std=std,
                                   input_size=source.input_size if released else 224, architecture=model)
-    print(json.dumps({"event": "export", "source": str(source.path), "kind": "reference SparK checkpoint" if released
-                      else "encoder weights", "weights": str(out), "model": model, "matched": len(report["matched"]),
+    print(json.dumps({"event": "export", "source": str(source.path), "kind": kind_of(source), "weights": str(out), "model": model, "matched": len(report["matched"]),
                       "strict_load": "ok", "timm_folder": timm_folder and str(timm_folder)}), flush=True)
     return 0
 
