@@ -29,15 +29,13 @@ def _pretrain(args: argparse.Namespace, recipe: str | None = None) -> int:
 def _run_checkpoint(source, command: str):
     """The training checkpoint of a run folder or checkpoint ``source`` (:mod:`sparkmim.sources`);
     another kind of file is refused, saying what it is."""
-    from .checkpoint import RunCheckpoint
-    from .sources import RunFolder, kind_of
+    from .sources import checkpoint_of, kind_of
 
-    if isinstance(source, RunFolder):
-        return source.checkpoint()
-    if not isinstance(source, RunCheckpoint):
+    found = checkpoint_of(source)
+    if found is None:
         raise ValueError(f"{command} needs a run folder or one of its checkpoint-*.pth files; {source.path} is "
                          f"{kind_of(source)}")
-    return source
+    return found
 
 
 def _export(args: argparse.Namespace) -> int:

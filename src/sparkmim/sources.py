@@ -24,13 +24,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .checkpoint import (
-    CHECKPOINT_PATTERN,
-    CheckpointManager,
-    RunCheckpoint,
-    checkpoint_paths,
-    read_checkpoint,
-)
+from .checkpoint import CHECKPOINT_PATTERN, CheckpointManager, RunCheckpoint, checkpoint_paths
 from .released import is_spark_style, reference_encoder
 from .weights import (
     ENCODER_PREFIX,
@@ -41,8 +35,8 @@ from .weights import (
     weights_architecture,
 )
 
-__all__ = ["RunFolder", "ReleasedRun", "EncoderWeights", "Source", "read_source", "backbone_weights_of", "backbone_state",
-           "kind_of"]
+__all__ = ["RunFolder", "ReleasedRun", "EncoderWeights", "Source", "read_source", "checkpoint_of",
+           "backbone_weights_of", "backbone_state", "kind_of"]
 
 
 @dataclass(frozen=True)
@@ -141,12 +135,24 @@ def read_source(path: str | Path) -> Source:
     named_checkpoint = fnmatch.fnmatch(p.name, CHECKPOINT_PATTERN)
     state = load_plain(p, "checkpoint" if named_checkpoint else "weights file")
     if named_checkpoint or _is_run_checkpoint(state):
-        return RunCheckpoint.from_state(p, read_checkpoint(p, state))
+        return CheckpointManager.load(p, state=state)
     if is_spark_style(state):
         return ReleasedRun(p, state)
     if not isinstance(state, dict):
         raise CheckpointError(f"cannot read weights file {p}: it holds a {type(state).__name__}, not weights")
     return EncoderWeights(p, backbone_state(state), weights_architecture(p))
+
+
+def checkpoint_of(source: Source, cfg=None) -> RunCheckpoint | None:
+    """The training checkpoint a run folder (its newest readable one) or a checkpoint gives; with
+    ``cfg``, one whose architecture settings differ is refused. None for the other kinds."""
+    if isinstance(source, RunFolder):
+        return source.checkpoint(cfg)
+    if isinstance(source, RunCheckpoint):
+        if cfg is not None:
+            source.check_settings(cfg)
+        return source
+    return None
 
 
 def backbone_weights_of(path: str | Path) -> dict[str, Tensor]:

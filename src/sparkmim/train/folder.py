@@ -14,15 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import (
-    CHECKPOINT_PATTERN,
-    CheckpointManager,
-    RunCheckpoint,
-    checkpoint_paths,
-    checkpoint_step,
-)
+from ..checkpoint import CHECKPOINT_PATTERN, CheckpointManager, checkpoint_paths, checkpoint_step
 from ..config import ConfigError, PretrainConfig
-from ..sources import ReleasedRun, RunFolder, kind_of, read_source
+from ..sources import ReleasedRun, checkpoint_of, kind_of, read_source
 from ..weights import state_bytes
 
 __all__ = ["RUN_FILES", "FolderLock", "check_run_dir", "take_run_dir", "resume_checkpoint", "check_free_space",
@@ -186,16 +180,13 @@ def resume_checkpoint(cfg: PretrainConfig, ckpts: CheckpointManager, main: bool)
             print(json.dumps({"event": "resume", "note": f"no checkpoint in {ckpts.run_dir}; starting fresh"}),
                   flush=True)
     else:
-        found = read_source(cfg.resume)
-        if isinstance(found, ReleasedRun):  # one of the paper's released checkpoints: the run continues it
-            return found
-        if isinstance(found, RunFolder):
-            found = found.checkpoint(cfg)
-        elif not isinstance(found, RunCheckpoint):
-            raise ConfigError(f"--resume {cfg.resume} holds {kind_of(found)}, not a training checkpoint: start a run "
-                              f"from them with --init {cfg.resume}", ["resume", "init"])
-        else:
-            found.check_settings(cfg)
+        source = read_source(cfg.resume)
+        if isinstance(source, ReleasedRun):  # one of the paper's released checkpoints: the run continues it
+            return source
+        found = checkpoint_of(source, cfg)
+        if found is None:
+            raise ConfigError(f"--resume {cfg.resume} holds {kind_of(source)}, not a training checkpoint: start a "
+                              f"run from them with --init {cfg.resume}", ["resume", "init"])
     if found is not None:
         saved = found.config
         was = (saved.get("batch_size", cfg.batch_size), saved.get("accum_steps", cfg.accum_steps))
